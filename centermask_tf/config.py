@@ -1,0 +1,336 @@
+"""Typed experiment configuration read from YAML, with dotted command-line overrides.
+
+One `Config` holds five sections (model, data, train, eval, export). Every field is typed and
+validated when the YAML is read; an unknown key or a wrong type raises `ConfigError` naming the
+dotted key and, for typos, the closest valid key.
+
+Example:
+
+    config = load_config("configs/shapes_tiny.yaml", overrides=["model.backbone=resnet50"])
+    config.model.input_size  # 128
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value that cannot be used; the message says which and why."""
+
+
+BACKBONES = (
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "dla34",
+    "mobilenetv3_large",
+    "mobilenetv3_small",
+)
+
+
+def _choice(default, choices):
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+# === Sections ===
+
+
+@dataclass
+class ModelConfig:
+    """The network and its decoding.
+
+    Attributes:
+        backbone: one of `BACKBONES`.
+        weights: backbone initialisation: null (random), "imagenet" (keras.applications
+            backbones only; needs the Keras weight cache or network access) or a path to a
+            weights file for the backbone.
+        width_multiplier: scales every channel count of the backbone and neck (tiny test models
+            use 0.125-0.25; keras.applications MobileNetV3 accepts its own alpha values).
+        num_classes: number of object categories C (heatmap channels).
+        input_size: square training/inference input size in pixels (a multiple of 32).
+        head_conv: channels of each head's 3x3 conv (256 in the paper's DLA-34 setting).
+        shape_size: S, the side of the Local Shape; the Shape head has S*S channels.
+        mask_size: M, the side of box-relative masks (loss targets and exports).
+        saliency: "agnostic" (one channel) or "specific" (C channels, one per class).
+        max_detections: K, peaks kept by decoding.
+        score_threshold: detections below this score are dropped.
+        mask_threshold: mask probability above which a pixel belongs to the instance.
+    """
+
+    backbone: str = _choice("resnet18", BACKBONES)
+    weights: Optional[str] = None
+    width_multiplier: float = 1.0
+    num_classes: int = 80
+    input_size: int = 512
+    head_conv: int = 256
+    shape_size: int = 32
+    mask_size: int = 32
+    saliency: str = _choice("agnostic", ("agnostic", "specific"))
+    max_detections: int = 100
+    score_threshold: float = 0.05
+    mask_threshold: float = 0.4
+
+    def validate(self):
+        if self.input_size % 32:
+            raise ConfigError(
+                f"model.input_size={self.input_size} must be a multiple of 32 "
+                "(every backbone downsamples by 32 before upsampling to stride 4)."
+            )
+        for name in ("num_classes", "head_conv", "shape_size", "mask_size", "max_detections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.width_multiplier <= 0:
+            raise ConfigError(f"model.width_multiplier must be > 0, got {self.width_multiplier}.")
+
+
+@dataclass
+class SplitConfig:
+    """One COCO-format split.
+
+    Attributes:
+        annotations: path to the COCO instances JSON file.
+        images: folder that the JSON's `file_name`s are relative to.
+    """
+
+    annotations: Optional[str] = None
+    images: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is read.
+
+    Attributes:
+        train: the training split.
+        val: the validation split.
+        tfds_data_dir: where the TFDS builder writes prepared datasets.
+        max_instances: target slots per image; objects beyond it are counted and dropped.
+        strict: raise on the first bad sample instead of skipping it with a warning.
+        deterministic: keep element order fixed (slower; for reproducible runs).
+        shuffle_buffer: shuffle buffer size in images.
+        scale_range: random scale augmentation (min, max).
+        flip: random horizontal flip.
+        color_jitter: brightness/contrast/saturation jitter strength (0 disables).
+    """
+
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    tfds_data_dir: str = "work/tfds"
+    max_instances: int = 128
+    strict: bool = False
+    deterministic: bool = False
+    shuffle_buffer: int = 512
+    scale_range: list[float] = field(default_factory=lambda: [0.6, 1.3])
+    flip: bool = True
+    color_jitter: float = 0.4
+
+    def validate(self):
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ConfigError(
+                f"data.scale_range must be [min, max] with 0 < min <= max, got {self.scale_range}."
+            )
+        if self.max_instances < 1:
+            raise ConfigError(f"data.max_instances must be >= 1, got {self.max_instances}.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation.
+
+    Attributes:
+        batch_size: global batch size (split across replicas).
+        epochs: number of epochs.
+        steps_per_epoch: steps per epoch; null = one pass over the training set.
+        optimizer: "adam" or "adamw".
+        learning_rate: base learning rate (reached after warmup).
+        weight_decay: AdamW decoupled weight decay.
+        warmup_steps: linear warmup length.
+        schedule: "step" (x0.1 at each of `decay_epochs`) or "cosine".
+        decay_epochs: epochs at which the step schedule divides the rate by 10.
+        clipnorm: global gradient-norm clipping; null disables.
+        ema_decay: exponential moving average of weights; null disables.
+        mixed_precision: null, "mixed_float16" or "mixed_bfloat16".
+        heatmap_weight: lambda_p.
+        offset_weight: lambda_off.
+        size_weight: lambda_size.
+        mask_weight: lambda_mask.
+        seed: random seed for weights and data order.
+    """
+
+    batch_size: int = 16
+    epochs: int = 140
+    steps_per_epoch: Optional[int] = None
+    optimizer: str = _choice("adam", ("adam", "adamw"))
+    learning_rate: float = 2.5e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    schedule: str = _choice("step", ("step", "cosine"))
+    decay_epochs: list[int] = field(default_factory=lambda: [90, 120])
+    clipnorm: Optional[float] = None
+    ema_decay: Optional[float] = None
+    mixed_precision: Optional[str] = None
+    heatmap_weight: float = 1.0
+    offset_weight: float = 1.0
+    size_weight: float = 0.1
+    mask_weight: float = 1.0
+    seed: int = 0
+
+    def validate(self):
+        if self.mixed_precision not in (None, "mixed_float16", "mixed_bfloat16"):
+            raise ConfigError(
+                "train.mixed_precision must be null, 'mixed_float16' or 'mixed_bfloat16', "
+                f"got {self.mixed_precision!r}."
+            )
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation.
+
+    Attributes:
+        batch_size: images per evaluation batch.
+        every_epochs: run COCO evaluation during training every N epochs (0 disables).
+        max_images: evaluate on at most this many validation images; null = all.
+    """
+
+    batch_size: int = 8
+    every_epochs: int = 10
+    max_images: Optional[int] = None
+
+
+@dataclass
+class ExportConfig:
+    """Exported artifacts.
+
+    Attributes:
+        quantize: default TFLite quantisation: "none", "fp16" or "int8".
+        representative_images: training images used to calibrate int8.
+    """
+
+    quantize: str = _choice("none", ("none", "fp16", "int8"))
+    representative_images: int = 100
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def validate(self) -> "Config":
+        for section in (self.model, self.data, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# === Reading and overriding ===
+
+
+def _unknown_key(dotted: str, valid: list[str]) -> ConfigError:
+    key = dotted.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+    return ConfigError(f"Unknown config key '{dotted}'.{hint}")
+
+
+def _coerce(value: Any, hint: Any, dotted: str, choices=None) -> Any:
+    """Checks `value` against the type hint `hint`, converting only int -> float."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], dotted, choices)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"Config key '{dotted}' must be a mapping, got {value!r}.")
+        return _build(hint, value, dotted)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Config key '{dotted}' must be a list, got {value!r}.")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"Config key '{dotted}' must be true or false, got {value!r}.")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"Config key '{dotted}' must be an integer, got {value!r}.")
+    if not isinstance(value, hint):
+        raise ConfigError(
+            f"Config key '{dotted}' must be of type {hint.__name__}, got {value!r} "
+            f"({type(value).__name__})."
+        )
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+        hint_text = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"Config key '{dotted}' must be one of {', '.join(choices)}; got {value!r}.{hint_text}"
+        )
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise _unknown_key(dotted, list(fields))
+        kwargs[key] = _coerce(value, hints[key], dotted, fields[key].metadata.get("choices"))
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"Override '{override}' must look like section.key=value.")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override '{dotted}': '{part}' is not a section.")
+    # YAML parsing gives numbers, booleans, null and lists the same meaning as in the file.
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def config_from_dict(raw: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Builds and validates a `Config` from a plain dict plus `key=value` overrides."""
+    raw = copy.deepcopy(raw or {})
+    for override in overrides:
+        _apply_override(raw, override)
+    return _build(Config, raw, "").validate()
+
+
+def load_config(path: str | os.PathLike, overrides=()) -> Config:
+    """Reads a YAML config (PyYAML safe_load) and applies dotted overrides."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file '{path}' does not exist; see configs/ for examples.")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {e}")
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections at top level.")
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,273 @@
+"""Backbones that map RGB images in [0, 255] to stride-4 feature maps.
+
+- resnet18 (native) and resnet50/101 (keras.applications), each followed by CenterNet's neck of
+  three 4x4 stride-2 transposed convs (256/128/64 channels).
+- dla34 (native) with CenterNet's IDA-up path to stride 4; plain 3x3 convs stand in for the
+  deformable ones and bilinear upsampling for the (bilinear-initialised) grouped deconvolutions.
+- mobilenetv3_large/small (keras.applications) with a light FPN-style neck (depthwise-separable
+  convs) for edge devices.
+
+`width_multiplier` scales every channel count we own (tiny test models use 0.125-0.25); for
+keras.applications networks it is passed as `alpha` to MobileNetV3 and scales only the neck of
+ResNet-50/101.
+"""
+
+import os
+
+import keras
+
+# Per-channel statistics of the ImageNet-trained weights each family expects.
+_NORMALIZATION = {
+    "resnet18": "torch",
+    "dla34": "torch",
+    "resnet50": "caffe",
+    "resnet101": "caffe",
+    "mobilenetv3_large": "tf",
+    "mobilenetv3_small": "tf",
+}
+_KERAS_APPLICATIONS = {
+    "resnet50": "ResNet50",
+    "resnet101": "ResNet101",
+    "mobilenetv3_large": "MobileNetV3Large",
+    "mobilenetv3_small": "MobileNetV3Small",
+}
+
+
+class BackboneWeightsError(ValueError):
+    """Backbone weights that cannot be loaded; the message says how to provide them."""
+
+
+@keras.saving.register_keras_serializable(package="centermask")
+class ImageNormalization(keras.layers.Layer):
+    """Maps RGB images in [0, 255] to the input range a backbone family expects.
+
+    Args:
+        mode: "torch" ((x/255 - mean) / std, RGB), "caffe" (BGR minus the mean, as
+            keras.applications ResNets expect) or "tf" (x / 127.5 - 1).
+    """
+
+    _MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+    _STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+    _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def __init__(self, mode="torch", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("torch", "caffe", "tf"):
+            raise ValueError(f"ImageNormalization mode must be torch, caffe or tf; got {mode!r}.")
+        self.mode = mode
+
+    def call(self, images):
+        images = keras.ops.cast(images, self.compute_dtype)
+        if self.mode == "tf":
+            return images / 127.5 - 1.0
+        if self.mode == "caffe":
+            return keras.ops.flip(images, axis=-1) - keras.ops.array(self._CAFFE_MEAN_BGR)
+        return (images - keras.ops.array(self._MEAN)) / keras.ops.array(self._STD)
+
+    def get_config(self):
+        config = super().get_config()
+        config["mode"] = self.mode
+        return config
+
+
+def scaled_channels(channels, width_multiplier):
+    """Channels scaled by the width multiplier, rounded to a multiple of 8 (at least 8)."""
+    return max(8, int(round(channels * width_multiplier / 8.0)) * 8)
+
+
+def _conv_bn(x, filters, kernel, stride=1, relu=True, name=None):
+    x = keras.layers.Conv2D(
+        filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _basic_block(x, filters, stride, name, residual=None):
+    """ResNet basic block: two 3x3 convs; `residual` defaults to x (or its projection)."""
+    if residual is None:
+        residual = x
+        if stride != 1 or x.shape[-1] != filters:
+            residual = _conv_bn(x, filters, 1, stride, relu=False, name=f"{name}_proj")
+    y = _conv_bn(x, filters, 3, stride, name=f"{name}_a")
+    y = _conv_bn(y, filters, 3, 1, relu=False, name=f"{name}_b")
+    return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, residual]))
+
+
+def _deconv_neck(x, width_multiplier):
+    """CenterNet's ResNet neck: three 4x4 stride-2 transposed convs, 256/128/64 channels."""
+    for i, channels in enumerate((256, 128, 64)):
+        x = keras.layers.Conv2DTranspose(
+            scaled_channels(channels, width_multiplier),
+            4,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            name=f"neck_deconv{i}",
+        )(x)
+        x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"neck_deconv{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"neck_deconv{i}_relu")(x)
+    return x
+
+
+# === ResNet-18 (native) ===
+
+
+def _resnet18(x, width_multiplier):
+    x = _conv_bn(x, scaled_channels(64, width_multiplier), 7, 2, name="stem")
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+    for stage, (channels, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
+        filters = scaled_channels(channels, width_multiplier)
+        x = _basic_block(x, filters, stride, name=f"stage{stage + 1}_block1")
+        x = _basic_block(x, filters, 1, name=f"stage{stage + 1}_block2")
+    return _deconv_neck(x, width_multiplier)
+
+
+# === DLA-34 (native) with IDA-up ===
+
+
+def _dla_tree(x, levels, filters, stride, level_root, name, children=None):
+    """One DLA aggregation tree (CenterNet's `Tree` with BasicBlocks, no root residual)."""
+    children = [] if children is None else children
+    bottom = keras.layers.MaxPooling2D(stride, stride, name=f"{name}_down")(x) if stride > 1 else x
+    residual = bottom
+    if x.shape[-1] != filters:
+        residual = _conv_bn(bottom, filters, 1, relu=False, name=f"{name}_project")
+    if level_root:
+        children.append(bottom)
+    if levels == 1:
+        x1 = _basic_block(x, filters, stride, f"{name}_tree1", residual=residual)
+        x2 = _basic_block(x1, filters, 1, f"{name}_tree2")
+        merged = keras.layers.Concatenate(name=f"{name}_root_cat")([x2, x1, *children])
+        return _conv_bn(merged, filters, 1, name=f"{name}_root")
+    x1 = _dla_tree(x, levels - 1, filters, stride, False, f"{name}_tree1")
+    children.append(x1)
+    return _dla_tree(x1, levels - 1, filters, 1, False, f"{name}_tree2", children=children)
+
+
+def _ida_up(layers, start, end, filters, name):
+    """Iterative deep aggregation: folds layers[start+1:end] into layers[start]'s resolution."""
+    for i in range(start + 1, end):
+        factor = layers[start].shape[1] // layers[i].shape[1]
+        up = _conv_bn(layers[i], filters, 3, name=f"{name}_proj{i}")
+        if factor > 1:
+            up = keras.layers.UpSampling2D(factor, interpolation="bilinear", name=f"{name}_up{i}")(up)
+        merged = keras.layers.Add(name=f"{name}_add{i}")([up, layers[i - 1]])
+        layers[i] = _conv_bn(merged, filters, 3, name=f"{name}_node{i}")
+
+
+def _dla34(x, width_multiplier):
+    channels = [scaled_channels(c, width_multiplier) for c in (16, 32, 64, 128, 256, 512)]
+    x = _conv_bn(x, channels[0], 7, name="base")
+    x = _conv_bn(x, channels[0], 3, name="level0")
+    x = _conv_bn(x, channels[1], 3, 2, name="level1")
+    levels = []
+    for level, (depth, level_root) in enumerate(((1, False), (2, True), (2, True), (1, True))):
+        x = _dla_tree(x, depth, channels[level + 2], 2, level_root, name=f"level{level + 2}")
+        levels.append(x)  # strides 4, 8, 16, 32
+
+    # DLAUp: aggregate from the deepest level down, keeping each stage's result.
+    outputs = [levels[-1]]
+    for i in range(len(levels) - 1):
+        start = len(levels) - i - 2
+        _ida_up(levels, start, len(levels), levels[start].shape[-1], name=f"dla_up{i}")
+        outputs.insert(0, levels[-1])
+    # Final IDAUp over strides 4, 8, 16 to one stride-4 map.
+    final = outputs[:3]
+    _ida_up(final, 0, len(final), final[0].shape[-1], name="ida_up")
+    return final[-1]
+
+
+# === keras.applications backbones ===
+
+
+def _application(name, input_size, weights, width_multiplier):
+    fn = getattr(keras.applications, _KERAS_APPLICATIONS[name])
+    kwargs = dict(include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
+    if name.startswith("mobilenetv3"):
+        kwargs.update(alpha=width_multiplier, include_preprocessing=False)
+    try:
+        return fn(**kwargs)
+    except Exception as e:  # keras.utils.get_file raises a bare Exception when offline
+        if weights != "imagenet":
+            raise
+        raise BackboneWeightsError(
+            f"Could not load ImageNet weights for {name} ({e}). Without network access, "
+            f"download the keras.applications '{_KERAS_APPLICATIONS[name]}' no-top weights file "
+            "on a connected machine, then either copy it into ~/.keras/models/ or set "
+            "model.weights: /path/to/that_file.h5 (or --set model.weights=/path/to/file.h5). "
+            "model.weights: null trains from scratch, as the paper does."
+        ) from e
+
+
+def _feature_taps(app, input_size, strides):
+    """The last layer output of `app` at each of `strides` (by static spatial size)."""
+    taps = {}
+    for layer in app.layers:
+        shape = layer.output.shape
+        if len(shape) == 4 and shape[1] and input_size % shape[1] == 0:
+            taps[input_size // shape[1]] = layer.output
+    missing = [s for s in strides if s not in taps]
+    if missing:
+        raise ValueError(f"{app.name} has no feature map at strides {missing}.")
+    return [taps[s] for s in strides]
+
+
+def _mobilenet_neck(features, width_multiplier):
+    """FPN-style top-down path from stride 32 to 4 with depthwise-separable convs."""
+    channels = scaled_channels(96, width_multiplier)
+    *lateral, top = features
+    x = _conv_bn(top, channels, 1, name="neck_top")
+    for level, feature in zip((16, 8, 4), reversed(lateral)):
+        x = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"neck_up{level}")(x)
+        side = _conv_bn(feature, channels, 1, relu=False, name=f"neck_lateral{level}")
+        x = keras.layers.Add(name=f"neck_add{level}")([x, side])
+        x = keras.layers.SeparableConv2D(
+            channels, 3, padding="same", use_bias=False, name=f"neck_sep{level}"
+        )(x)
+        x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"neck_sep{level}_bn")(x)
+        x = keras.layers.ReLU(name=f"neck_sep{level}_relu")(x)
+    return x
+
+
+# === Entry point ===
+
+
+def build_backbone(name, input_size, width_multiplier=1.0, weights=None):
+    """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to stride-4 features.
+
+    Args:
+        name: one of `centermask_tf.config.BACKBONES`.
+        input_size: N, a multiple of 32.
+        width_multiplier: channel scale (see the module docstring).
+        weights: None, "imagenet" (keras.applications backbones) or a weights file path.
+    """
+    if name not in _NORMALIZATION:
+        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(_NORMALIZATION)}.")
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise BackboneWeightsError(f"model.weights: file '{weights}' does not exist.")
+    if weights == "imagenet" and name not in _KERAS_APPLICATIONS:
+        raise BackboneWeightsError(
+            f"model.weights=imagenet: keras.applications has no ImageNet weights for {name}. "
+            "Set model.weights: null to train from scratch (as the paper does), or to the path "
+            f"of a .weights.h5 file saved from this backbone (`backbone.save_weights`)."
+        )
+
+    images = keras.Input((input_size, input_size, 3), name="images")
+    x = ImageNormalization(_NORMALIZATION[name], name="normalize")(images)
+    if name == "resnet18":
+        features = _resnet18(x, width_multiplier)
+    elif name == "dla34":
+        features = _dla34(x, width_multiplier)
+    else:
+        app = _application(name, input_size, weights, width_multiplier)
+        if name.startswith("mobilenetv3"):
+            taps = _feature_taps(app, input_size, (4, 8, 16, 32))
+            extractor = keras.Model(app.inputs, taps, name=f"{name}_features")
+            features = _mobilenet_neck(extractor(x), width_multiplier)
+        else:
+            features = _deconv_neck(app(x), width_multiplier)
+    backbone = keras.Model(images, features, name=f"{name}_backbone")
+    if weights not in (None, "imagenet") and name not in _KERAS_APPLICATIONS:
+        backbone.load_weights(weights)
+    return backbone

@@ -1,0 +1,33 @@
+"""The CenterMask functional network: backbone -> stride-4 features -> five parallel heads."""
+
+import keras
+
+from centermask_tf.model.backbones import build_backbone
+from centermask_tf.model.heads import HEAD_NAMES, build_heads
+
+OUTPUT_STRIDE = 4
+
+
+def build_model(config) -> keras.Model:
+    """A functional `keras.Model` from images to the five raw head outputs.
+
+    Args:
+        config: a `ModelConfig` (or a full `Config`, whose `.model` is used).
+
+    Returns:
+        A model from float RGB images `[B, N, N, 3]` in [0, 255] (N = `input_size`) to a dict of
+        float32 logits/regressions at stride 4 (N/4 x N/4):
+        `heatmap [B, N/4, N/4, C]`, `offset [.., 2]` (dy, dx), `size [.., 2]` (h, w in output
+        pixels), `shape [.., S*S]`, `saliency [.., 1 or C]`.
+    """
+    config = getattr(config, "model", config)
+    backbone = build_backbone(
+        config.backbone, config.input_size, config.width_multiplier, config.weights
+    )
+    heads = build_heads(
+        config.num_classes, config.shape_size, config.head_conv, config.saliency == "specific"
+    )
+    images = keras.Input((config.input_size, config.input_size, 3), name="images")
+    features = backbone(images)
+    outputs = {name: heads[name](features) for name in HEAD_NAMES}
+    return keras.Model(images, outputs, name=f"centermask_{config.backbone}")

@@ -1,0 +1,33 @@
+"""centermask_tf: CenterMask instance segmentation for TensorFlow / Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="centermask_tf",
+    version="0.1.0",
+    description=(
+        "CenterMask (CVPR 2020) single-shot instance segmentation in TensorFlow/Keras: "
+        "train with model.fit, serve with TF Serving, ship with TFLite."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["centermask_tf", "centermask_tf.*"]),
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<4",
+        "tensorflow-datasets>=4.9.10,<5",
+        # tfds imports importlib_resources on its download/build path under Python 3.11.
+        "importlib-resources>=6",
+        "pycocotools>=2.0.11,<3",
+        "numpy>=1.26,<3",
+        "pyyaml>=6.0,<7",
+        "ai-edge-litert>=2.3,<3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        "plots": ["matplotlib>=3.8,<4"],
+    },
+    entry_points={"console_scripts": ["centermask=centermask_tf.cli:main"]},
+)
