@@ -267,6 +267,12 @@ def _coerce(value: Any, hint: Any, dotted: str, choices=None) -> Any:
         return [_coerce(v, item, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"Config key '{dotted}' must be true or false, got {value!r}.")
     if hint is int and isinstance(value, bool):

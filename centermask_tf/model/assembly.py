@@ -143,6 +143,27 @@ def assemble_box_masks(shape_logits, boxes, saliency_logits, mask_size, classes=
     return tf.sigmoid(local) * tf.sigmoid(crop)
 
 
+@tf.function(reduce_retracing=True)
+def paste_masks(box_masks, boxes, height, width):
+    """Pastes box-relative mask probabilities onto an image (bilinear, 0 outside the box).
+
+    Args:
+        box_masks: `[B, K, M, M]` probabilities, e.g. from `assemble_box_masks`.
+        boxes: `[B, K, 4]` (ymin, xmin, ymax, xmax) in the target image's pixels.
+        height, width: size of the target image.
+
+    Returns:
+        `[B, K, height, width]` probabilities.
+    """
+    box_masks = tf.cast(box_masks, tf.float32)
+    cells = box_masks.shape[-1]
+    ymin, xmin, ymax, xmax = tf.unstack(tf.cast(boxes, tf.float32), axis=-1)
+    rows, inside_y = _paste_axis((ymin + ymax) / 2.0, ymax - ymin, height, cells)
+    cols, inside_x = _paste_axis((xmin + xmax) / 2.0, xmax - xmin, width, cells)
+    pasted = tf.matmul(tf.matmul(rows, box_masks), cols, transpose_b=True)
+    return pasted * inside_y[..., :, None] * inside_x[..., None, :]
+
+
 @keras.saving.register_keras_serializable(package="centermask")
 class MaskAssembly(keras.layers.Layer):
     """Assembles instance masks from Shape vectors, boxes and the Saliency map.

@@ -1,0 +1,179 @@
+"""Ground truth -> training targets, in TensorFlow ops so that it runs inside `tf.data`.
+
+The targets contract (`target_spec`) is the one place that names the keys, shapes and dtypes the
+losses read; the pipeline's `element_spec` is tested against it. With `O = input_size / stride`
+and `M = max_instances` slots (fixed-size, CenterNet style, so batches have static shapes):
+
+- `heatmap`  float32 `[O, O, C]`  CenterNet Gaussians, max where objects of a class overlap.
+- `indices`  int32   `[M]`        flattened centre index y * O + x of each slot.
+- `offset`   float32 `[M, 2]`     (dy, dx) sub-pixel centre offset, in [0, 1).
+- `size`     float32 `[M, 2]`     (h, w) box size in output pixels.
+- `classes`  int32   `[M]`        contiguous class index.
+- `valid`    float32 `[M]`        1 for a real object, 0 for padding.
+- `masks`    uint8   `[M, P, P]`  the instance mask sampled on a P x P grid over its box
+                                  (P = `mask_size`), the grid the mask loss assembles on.
+- `dropped`  int32   `[]`         objects beyond M slots (counted, not a crash).
+
+Instance masks are stored box-relative rather than as full `[M, O, O]` maps: at 512 px and
+M = 128 a full map costs 2 MiB per image against 128 KiB, and the mask loss compares masks on the
+box grid anyway.
+"""
+
+import tensorflow as tf
+
+TARGET_KEYS = ("heatmap", "indices", "offset", "size", "classes", "valid", "masks", "dropped")
+
+
+def target_spec(input_size, num_classes, max_instances=128, mask_size=32, stride=4):
+    """`tf.TensorSpec`s of one image's targets (add a leading batch dim for batches)."""
+    out = input_size // stride
+    m = max_instances
+    return {
+        "heatmap": tf.TensorSpec([out, out, num_classes], tf.float32),
+        "indices": tf.TensorSpec([m], tf.int32),
+        "offset": tf.TensorSpec([m, 2], tf.float32),
+        "size": tf.TensorSpec([m, 2], tf.float32),
+        "classes": tf.TensorSpec([m], tf.int32),
+        "valid": tf.TensorSpec([m], tf.float32),
+        "masks": tf.TensorSpec([m, mask_size, mask_size], tf.uint8),
+        "dropped": tf.TensorSpec([], tf.int32),
+    }
+
+
+def gaussian_radius(height, width, min_overlap=0.7):
+    """CenterNet's `gaussian_radius`: the largest centre shift keeping IoU >= min_overlap.
+
+    Reproduces CenterNet's formula as published (the three quadratic cases and their
+    `(b + sqrt(b^2 - 4ac)) / 2` roots), which is what CenterNet and CenterMask trained with.
+    """
+    height = tf.cast(height, tf.float32)
+    width = tf.cast(width, tf.float32)
+    b1 = height + width
+    c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + tf.sqrt(b1**2 - 4 * c1)) / 2
+    b2 = 2 * (height + width)
+    c2 = (1 - min_overlap) * width * height
+    r2 = (b2 + tf.sqrt(b2**2 - 16 * c2)) / 2
+    a3 = 4 * min_overlap
+    b3 = -2 * min_overlap * (height + width)
+    c3 = (min_overlap - 1) * width * height
+    r3 = (b3 + tf.sqrt(b3**2 - 4 * a3 * c3)) / 2
+    return tf.minimum(tf.minimum(r1, r2), r3)
+
+
+def _draw_gaussians(centres, radii, classes, out, num_classes):
+    """Heatmap `[O, O, C]` with one truncated Gaussian (peak 1) per object, max-merged by class."""
+    grid = tf.range(out, dtype=tf.float32)
+    dy = grid[None, :] - centres[:, 0:1]  # [N, O]
+    dx = grid[None, :] - centres[:, 1:2]  # [N, O]
+    sigma = (2.0 * radii + 1.0) / 6.0  # [N]
+    two_sigma_sq = (2.0 * sigma**2)[:, None, None]
+    gauss = tf.exp(-(dy[:, :, None] ** 2 + dx[:, None, :] ** 2) / two_sigma_sq)  # [N, O, O]
+    r = radii[:, None]
+    window = (tf.abs(dy) <= r)[:, :, None] & (tf.abs(dx) <= r)[:, None, :]
+    gauss = tf.where(window, gauss, 0.0)
+    per_class = tf.math.unsorted_segment_max(gauss, classes, num_classes)  # [C, O, O]
+    # Classes without objects come back as the lowest float: clamp to 0.
+    return tf.transpose(tf.maximum(per_class, 0.0), [1, 2, 0])
+
+
+def _box_relative_masks(masks, boxes, mask_size):
+    """Samples each `[H, W]` mask on a P x P grid of pixel centres spread over its box.
+
+    Sample m sits at ymin + (m + 0.5) / P * h, the same grid `assemble_box_masks` uses;
+    `crop_and_resize` places its samples on corners, so the box is shifted accordingly.
+    """
+    height = tf.cast(tf.shape(masks)[1], tf.float32)
+    width = tf.cast(tf.shape(masks)[2], tf.float32)
+    ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
+    half_y = 0.5 * (ymax - ymin) / mask_size
+    half_x = 0.5 * (xmax - xmin) / mask_size
+    crop_boxes = tf.stack(
+        [
+            (ymin + half_y - 0.5) / tf.maximum(height - 1.0, 1.0),
+            (xmin + half_x - 0.5) / tf.maximum(width - 1.0, 1.0),
+            (ymax - half_y - 0.5) / tf.maximum(height - 1.0, 1.0),
+            (xmax - half_x - 0.5) / tf.maximum(width - 1.0, 1.0),
+        ],
+        axis=-1,
+    )
+    crops = tf.image.crop_and_resize(
+        tf.cast(masks, tf.float32)[..., None],
+        crop_boxes,
+        tf.range(tf.shape(masks)[0]),
+        [mask_size, mask_size],
+        extrapolation_value=0.0,
+    )
+    return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
+
+
+def encode_targets(
+    boxes,
+    classes,
+    masks,
+    is_crowd,
+    *,
+    input_size,
+    num_classes,
+    max_instances=128,
+    mask_size=32,
+    stride=4,
+    min_overlap=0.7,
+):
+    """Training targets of one image (see the module docstring for the keys).
+
+    Args:
+        boxes: `[N, 4]` (ymin, xmin, ymax, xmax) in input pixels.
+        classes: `[N]` contiguous class indices in [0, num_classes).
+        masks: `[N, input_size, input_size]` instance masks (any numeric dtype, > 0.5 = inside).
+        is_crowd: `[N]` crowd flags; crowd regions never become positives.
+        input_size: side of the (square) network input.
+        num_classes: C.
+        max_instances: M slots; objects beyond are dropped and counted in `dropped`.
+        mask_size: P, side of the box-relative mask targets.
+        stride: network output stride.
+        min_overlap: `gaussian_radius` IoU parameter.
+    """
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    classes = tf.cast(tf.reshape(classes, [-1]), tf.int32)
+    is_crowd = tf.cast(tf.reshape(is_crowd, [-1]), tf.bool)
+    out = input_size // stride
+
+    heights = (boxes[:, 2] - boxes[:, 0]) / stride
+    widths = (boxes[:, 3] - boxes[:, 1]) / stride
+    keep = (~is_crowd) & (heights > 0) & (widths > 0)
+    keep_idx = tf.where(keep)[:, 0]
+    total = tf.size(keep_idx)
+    keep_idx = keep_idx[:max_instances]
+    n = tf.size(keep_idx)
+
+    boxes = tf.gather(boxes, keep_idx)
+    classes = tf.gather(classes, keep_idx)
+    sizes = tf.stack([tf.gather(heights, keep_idx), tf.gather(widths, keep_idx)], axis=-1)
+    centres = tf.stack(
+        [(boxes[:, 0] + boxes[:, 2]) / (2.0 * stride), (boxes[:, 1] + boxes[:, 3]) / (2.0 * stride)],
+        axis=-1,
+    )  # [n, 2] (cy, cx) in output pixels
+    centres_int = tf.clip_by_value(tf.floor(centres), 0.0, out - 1.0)
+    offsets = centres - centres_int
+
+    radii = tf.maximum(
+        0.0, tf.floor(gaussian_radius(tf.math.ceil(sizes[:, 0]), tf.math.ceil(sizes[:, 1]), min_overlap))
+    )
+    heatmap = _draw_gaussians(centres_int, radii, classes, out, num_classes)
+
+    centres_int = tf.cast(centres_int, tf.int32)
+    indices = centres_int[:, 0] * out + centres_int[:, 1]
+    instance_masks = _box_relative_masks(tf.gather(masks, keep_idx), boxes, mask_size)
+
+    pad = max_instances - n
+    return {
+        "heatmap": heatmap,
+        "indices": tf.pad(indices, [[0, pad]]),
+        "offset": tf.pad(offsets, [[0, pad], [0, 0]]),
+        "size": tf.pad(sizes, [[0, pad], [0, 0]]),
+        "classes": tf.pad(classes, [[0, pad]]),
+        "valid": tf.pad(tf.ones([n], tf.float32), [[0, pad]]),
+        "masks": tf.pad(instance_masks, [[0, pad], [0, 0], [0, 0]]),
+        "dropped": total - n,
+    }

@@ -1,0 +1,79 @@
+"""Network outputs -> detections: peaks, top-K, boxes, classes, scores and masks, all in-graph.
+
+No box NMS: a 3x3 max-pool over the sigmoid heatmap keeps only local maxima (CenterNet).
+Outputs keep a static K; entries past `num_detections` (score below the threshold) are zeroed.
+"""
+
+import tensorflow as tf
+
+from centermask_tf.losses import gather_at
+from centermask_tf.model.assembly import assemble_box_masks, assemble_masks
+
+
+def decode_detections(
+    outputs,
+    *,
+    max_detections=100,
+    score_threshold=0.05,
+    stride=4,
+    mask_mode="box",
+    mask_size=32,
+):
+    """Decodes a batch of head outputs.
+
+    Args:
+        outputs: dict of head outputs (`heatmap`, `offset`, `size`, `shape`, `saliency`).
+        max_detections: K peaks kept over all classes.
+        score_threshold: peaks below it are not detections.
+        stride: output stride, to express boxes in input pixels.
+        mask_mode: "box" for `[B, K, M, M]` box-relative masks, "full" for `[B, K, H/s, W/s]`.
+        mask_size: M for the "box" mode.
+
+    Returns:
+        dict with `boxes [B, K, 4]` (ymin, xmin, ymax, xmax) in input pixels, `scores [B, K]`,
+        `classes [B, K]` int32 contiguous class indices, `masks` (probabilities),
+        `num_detections [B]` int32, and `centres [B, K, 4]` (cy, cx, h, w) in output pixels.
+    """
+    heatmap = tf.sigmoid(tf.cast(outputs["heatmap"], tf.float32))  # [B, H, W, C]
+    batch = tf.shape(heatmap)[0]
+    height, width, num_classes = heatmap.shape[1], heatmap.shape[2], heatmap.shape[3]
+    k = min(max_detections, height * width * num_classes)
+
+    pooled = tf.nn.max_pool2d(heatmap, 3, 1, "SAME")
+    peaks = heatmap * tf.cast(tf.equal(pooled, heatmap), tf.float32)
+    scores, flat = tf.math.top_k(tf.reshape(peaks, [batch, -1]), k=k)  # [B, K]
+    classes = flat % num_classes
+    pixels = flat // num_classes
+    rows = tf.cast(pixels // width, tf.float32)
+    cols = tf.cast(pixels % width, tf.float32)
+
+    offset = gather_at(tf.cast(outputs["offset"], tf.float32), pixels)  # [B, K, 2]
+    size = tf.nn.relu(gather_at(tf.cast(outputs["size"], tf.float32), pixels))  # [B, K, 2]
+    shape_vectors = gather_at(outputs["shape"], pixels)  # [B, K, S*S]
+    cy = rows + offset[..., 0]
+    cx = cols + offset[..., 1]
+    centres = tf.stack([cy, cx, size[..., 0], size[..., 1]], axis=-1)  # [B, K, 4]
+
+    saliency = outputs["saliency"]
+    mask_classes = classes if saliency.shape[-1] > 1 else None
+    if mask_mode == "box":
+        masks = assemble_box_masks(shape_vectors, centres, saliency, mask_size, mask_classes)
+    elif mask_mode == "full":
+        masks = assemble_masks(shape_vectors, centres, saliency, mask_classes)
+    else:
+        raise ValueError(f"mask_mode must be 'box' or 'full', got {mask_mode!r}.")
+
+    half_h, half_w = size[..., 0] / 2.0, size[..., 1] / 2.0
+    boxes = tf.stack([cy - half_h, cx - half_w, cy + half_h, cx + half_w], axis=-1) * stride
+    limits = tf.constant([height, width, height, width], tf.float32) * stride
+    boxes = tf.clip_by_value(boxes, 0.0, limits)
+
+    keep = tf.cast(scores >= score_threshold, tf.float32)  # sorted, so a prefix
+    return {
+        "boxes": boxes * keep[..., None],
+        "scores": scores * keep,
+        "classes": classes * tf.cast(keep, tf.int32),
+        "masks": masks * keep[..., None, None],
+        "num_detections": tf.cast(tf.reduce_sum(keep, axis=1), tf.int32),
+        "centres": centres * keep[..., None],
+    }

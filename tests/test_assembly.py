@@ -1,0 +1,170 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from centermask_tf.export.tflite import keras_to_tflite, non_builtin_ops, run_tflite
+from centermask_tf.model.assembly import MaskAssembly, assemble_box_masks, assemble_masks, paste_masks
+from tests.helpers import run_layer_test
+
+B, K, S, H, W, M = 2, 6, 8, 24, 20, 12
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def bilinear(grid, u, v):
+    """Bilinear sample of a 2-D numpy grid at cell coordinates (u, v), edges clamped."""
+    u = np.clip(u, 0, grid.shape[0] - 1)
+    v = np.clip(v, 0, grid.shape[1] - 1)
+    u0, v0 = int(np.floor(u)), int(np.floor(v))
+    u1, v1 = min(u0 + 1, grid.shape[0] - 1), min(v0 + 1, grid.shape[1] - 1)
+    fu, fv = u - u0, v - v0
+    return (
+        (1 - fu) * (1 - fv) * grid[u0, v0]
+        + (1 - fu) * fv * grid[u0, v1]
+        + fu * (1 - fv) * grid[u1, v0]
+        + fu * fv * grid[u1, v1]
+    )
+
+
+def resize_onto_box(grid, box, height, width):
+    """Per-pixel bilinear resize of a square numpy grid onto a (cy, cx, h, w) box; NaN outside."""
+    cells = grid.shape[0]
+    cy, cx, h, w = box
+    out = np.full((height, width), np.nan)
+    for i in range(height):
+        ry = (i + 0.5 - (cy - h / 2)) / h
+        for j in range(width):
+            rx = (j + 0.5 - (cx - w / 2)) / w
+            if 0 <= ry <= 1 and 0 <= rx <= 1:
+                out[i, j] = bilinear(grid, ry * cells - 0.5, rx * cells - 0.5)
+    return out
+
+
+def reference_full(shape, box, saliency):
+    """Independent reference: resize of the S x S logits onto the box, x saliency, 0 outside."""
+    cells = int(np.sqrt(shape.size))
+    local = resize_onto_box(shape.reshape(cells, cells), box, *saliency.shape)
+    return np.nan_to_num(sigmoid(local) * sigmoid(saliency), nan=0.0)
+
+
+def reference_box(shape, box, saliency, size):
+    cells = int(np.sqrt(shape.size))
+    grid = shape.reshape(cells, cells)
+    cy, cx, h, w = box
+    out = np.zeros((size, size))
+    for m in range(size):
+        for n in range(size):
+            local = bilinear(grid, (m + 0.5) * cells / size - 0.5, (n + 0.5) * cells / size - 0.5)
+            y = cy - h / 2 + (m + 0.5) / size * h
+            x = cx - w / 2 + (n + 0.5) / size * w
+            out[m, n] = sigmoid(local) * sigmoid(bilinear(saliency, y - 0.5, x - 0.5))
+    return out
+
+
+@pytest.fixture
+def case(rng):
+    shape = rng.normal(0, 2, (B, K, S * S)).astype(np.float32)
+    boxes = np.stack(
+        [
+            rng.uniform(-2, H + 2, (B, K)),
+            rng.uniform(-2, W + 2, (B, K)),
+            rng.uniform(0.5, 18, (B, K)),
+            rng.uniform(0.5, 18, (B, K)),
+        ],
+        axis=-1,
+    ).astype(np.float32)
+    saliency = rng.normal(0, 2, (B, H, W, 1)).astype(np.float32)
+    return shape, boxes, saliency
+
+
+def test_full_masks_match_reference(case):
+    shape, boxes, saliency = case
+    masks = assemble_masks(shape, boxes, saliency).numpy()
+    assert masks.shape == (B, K, H, W)
+    for b in range(B):
+        for k in range(K):
+            expected = reference_full(shape[b, k], boxes[b, k], saliency[b, :, :, 0])
+            np.testing.assert_allclose(masks[b, k], expected, atol=1e-5, rtol=0)
+
+
+def test_box_masks_match_reference(case):
+    shape, boxes, saliency = case
+    masks = assemble_box_masks(shape, boxes, saliency, M).numpy()
+    for b in range(B):
+        for k in range(K):
+            expected = reference_box(shape[b, k], boxes[b, k], saliency[b, :, :, 0], M)
+            np.testing.assert_allclose(masks[b, k], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "box"])
+def test_k_at_once_equals_k_single_runs(case, mode):
+    shape, boxes, saliency = case
+    layer = MaskAssembly(mode=mode, mask_size=M)
+    together = layer(shape, boxes, saliency).numpy()
+    for k in range(K):
+        single = layer(shape[:, k : k + 1], boxes[:, k : k + 1], saliency).numpy()
+        np.testing.assert_allclose(together[:, k : k + 1], single, atol=1e-6, rtol=0)
+
+
+def test_class_specific_saliency_uses_each_instance_channel(case, rng):
+    shape, boxes, _ = case
+    saliency = rng.normal(0, 2, (B, H, W, 3)).astype(np.float32)
+    classes = rng.integers(0, 3, (B, K)).astype(np.int32)
+    masks = assemble_masks(shape, boxes, saliency, classes).numpy()
+    for b in range(B):
+        for k in range(K):
+            channel = saliency[b : b + 1, :, :, classes[b, k] : classes[b, k] + 1]
+            single = assemble_masks(shape[b : b + 1, k : k + 1], boxes[b : b + 1, k : k + 1], channel)
+            np.testing.assert_allclose(masks[b, k], single.numpy()[0, 0], atol=1e-6, rtol=0)
+
+
+def test_zero_size_box_gives_empty_mask(case):
+    shape, boxes, saliency = case
+    boxes = boxes.copy()
+    boxes[:, :, 2:] = 0.0
+    masks = assemble_masks(shape, boxes, saliency).numpy()
+    assert np.isfinite(masks).all() and masks.max() == 0.0
+
+
+@pytest.mark.parametrize("mode, shape_out", [("full", (B, K, H, W)), ("box", (B, K, M, M))])
+def test_layer_config_xla_and_saving(case, tmp_path, mode, shape_out):
+    run_layer_test(MaskAssembly(mode=mode, mask_size=M), list(case), tmp_path, shape_out, atol=1e-5)
+
+
+def test_tflite_builtins_only_matches_keras(case):
+    shape, boxes, saliency = case
+    inputs = [
+        keras.Input((K, S * S), batch_size=1, name="shape"),
+        keras.Input((K, 4), batch_size=1, name="boxes"),
+        keras.Input((H, W, 1), batch_size=1, name="saliency"),
+    ]
+    outputs = {
+        "full": MaskAssembly(mode="full")(*inputs),
+        "box": MaskAssembly(mode="box", mask_size=M)(*inputs),
+    }
+    model = keras.Model(inputs, outputs)
+    content = keras_to_tflite(model)
+    assert non_builtin_ops(content) == set()
+    got = run_tflite(content, {"shape": shape[:1], "boxes": boxes[:1], "saliency": saliency[:1]})
+    expected = model([shape[:1], boxes[:1], saliency[:1]])
+    by_shape = {v.shape: v for v in got.values()}
+    for name in ("full", "box"):
+        np.testing.assert_allclose(by_shape[tuple(expected[name].shape)], expected[name], atol=1e-5)
+
+
+def test_paste_masks_matches_reference(case):
+    """With M = S and saturated saliency the box mask is exactly sigmoid(shape); pasting it is a
+    bilinear resize of those probabilities onto the box."""
+    shape, boxes, _ = case
+    box_masks = assemble_box_masks(shape, boxes, np.full((B, H, W, 1), 50.0, np.float32), S)
+    np.testing.assert_allclose(box_masks, sigmoid(shape).reshape(B, K, S, S), atol=1e-6)
+    cy, cx, h, w = np.moveaxis(boxes, -1, 0)
+    corners = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], -1)
+    pasted = paste_masks(box_masks, corners, H, W).numpy()
+    for b in range(B):
+        for k in range(K):
+            expected = resize_onto_box(box_masks[b, k].numpy(), boxes[b, k], H, W)
+            np.testing.assert_allclose(pasted[b, k], np.nan_to_num(expected, nan=0.0), atol=1e-5)
