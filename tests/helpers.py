@@ -45,7 +45,7 @@ def run_layer_test(layer, inputs, tmp_path, expected_shape=None, atol=1e-6):
     compiled = tf.function(lambda *xs: layer(*xs), jit_compile=True)(*inputs)
     assert_outputs_close(compiled, eager, atol=atol)
 
-    model = keras.Model(symbolic_inputs, symbolic)
+    model = keras.Model(symbolic_inputs if len(inputs) > 1 else symbolic_inputs[0], symbolic)
     run_model_saving_test(model, inputs, tmp_path, atol=atol)
     return eager
 

@@ -167,7 +167,7 @@ def encode_targets(
     instance_masks = _box_relative_masks(tf.gather(masks, keep_idx), boxes, mask_size)
 
     pad = max_instances - n
-    return {
+    targets = {
         "heatmap": heatmap,
         "indices": tf.pad(indices, [[0, pad]]),
         "offset": tf.pad(offsets, [[0, pad], [0, 0]]),
@@ -177,3 +177,5 @@ def encode_targets(
         "masks": tf.pad(instance_masks, [[0, pad], [0, 0], [0, 0]]),
         "dropped": total - n,
     }
+    spec = target_spec(input_size, num_classes, max_instances, mask_size, stride)
+    return {key: tf.ensure_shape(value, spec[key].shape) for key, value in targets.items()}

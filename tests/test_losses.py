@@ -1,0 +1,82 @@
+import numpy as np
+import tensorflow as tf
+
+from centermask_tf.losses import compute_losses, focal_loss
+from centermask_tf.model.assembly import assemble_box_masks
+from tests.test_targets_decode import CLASSES, OUT, P, encode, perfect_outputs, random_objects
+
+
+def numpy_focal(logits, target, num_objects):
+    p = np.clip(1 / (1 + np.exp(-logits.astype(np.float64))), 1e-4, 1 - 1e-4)
+    pos = target == 1
+    pos_term = np.log(p) * (1 - p) ** 2 * pos
+    neg_term = np.log(1 - p) * p**2 * (1 - target) ** 4 * ~pos
+    return -(pos_term.sum() + neg_term.sum()) / max(num_objects, 1)
+
+
+def batch(targets):
+    return {k: tf.constant(v[None]) for k, v in targets.items()}
+
+
+def random_outputs(rng, dtype=tf.float32):
+    shapes = {"heatmap": CLASSES, "offset": 2, "size": 2, "shape": P * P, "saliency": 1}
+    return {k: tf.constant(rng.normal(0, 3, (1, OUT, OUT, c)), dtype) for k, c in shapes.items()}
+
+
+def test_focal_loss_equals_numpy_formula(rng):
+    target = rng.uniform(0, 0.99, (2, 6, 7, 3)).astype(np.float32)
+    target[0, 2, 3, 1] = target[1, 4, 4, 0] = target[1, 0, 6, 2] = 1.0
+    logits = rng.normal(0, 3, target.shape).astype(np.float32)
+    got = focal_loss(logits, target, 3.0).numpy()
+    np.testing.assert_allclose(got, numpy_focal(logits, target, 3), rtol=1e-5)
+
+
+def test_regression_and_mask_terms_equal_hand_computation(rng):
+    boxes, classes, masks = random_objects(rng, 5)
+    targets = encode(boxes, classes, masks)
+    outputs = random_outputs(rng)
+    losses = {k: v.numpy() for k, v in compute_losses(outputs, batch(targets)).items()}
+    n = 5
+    idx = targets["indices"][:n]
+    flat = {k: v.numpy()[0].reshape(OUT * OUT, -1) for k, v in outputs.items()}
+    np.testing.assert_allclose(
+        losses["offset"], np.abs(flat["offset"][idx] - targets["offset"][:n]).sum() / n, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        losses["size"], np.abs(flat["size"][idx] - targets["size"][:n]).sum() / n, rtol=1e-5
+    )
+    centres = np.stack([idx // OUT, idx % OUT], -1) + targets["offset"][:n]
+    gt_boxes = np.concatenate([centres, targets["size"][:n]], -1)[None].astype(np.float32)
+    prob = assemble_box_masks(flat["shape"][idx][None], gt_boxes, outputs["saliency"], P).numpy()
+    prob = np.clip(prob[0], 1e-4, 1 - 1e-4)
+    truth = targets["masks"][:n].astype(np.float64)
+    bce = -(truth * np.log(prob) + (1 - truth) * np.log(1 - prob)).mean((1, 2)).sum() / n
+    np.testing.assert_allclose(losses["mask"], bce, rtol=1e-4)
+    weighted = losses["heatmap"] + losses["offset"] + 0.1 * losses["size"] + losses["mask"]
+    np.testing.assert_allclose(losses["total"], weighted, rtol=1e-5)
+
+
+def test_perfect_outputs_give_small_losses(rng):
+    boxes, classes, masks = random_objects(rng, 5)
+    targets = encode(boxes, classes, masks)
+    losses = compute_losses(perfect_outputs(targets, masks), batch(targets))
+    random_losses = compute_losses(random_outputs(rng), batch(targets))
+    assert float(losses["offset"]) < 1e-6 and float(losses["size"]) < 1e-6
+    assert float(losses["mask"]) < 0.1 < float(random_losses["mask"])
+    assert float(losses["heatmap"]) < 0.1 * float(random_losses["heatmap"])
+
+
+def test_losses_finite_with_zero_objects_and_in_float16(rng):
+    empty = encode(np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros((0, 128, 128)))
+    for dtype in (tf.float32, tf.float16):
+        losses = compute_losses(random_outputs(rng, dtype), batch(empty))
+        assert all(np.isfinite(v.numpy()) for v in losses.values())
+        assert float(losses["offset"]) == float(losses["size"]) == float(losses["mask"]) == 0.0
+    boxes, classes, masks = random_objects(rng, 3)
+    targets = batch(encode(boxes, classes, masks))
+    outputs = random_outputs(rng)
+    full = compute_losses(outputs, targets)
+    half = compute_losses({k: tf.cast(v * 10, tf.float16) / 10 for k, v in outputs.items()}, targets)
+    for name in full:
+        assert np.isfinite(half[name].numpy())
+        np.testing.assert_allclose(half[name], full[name], rtol=0.05)

@@ -1,0 +1,107 @@
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from centermask_tf.config import ModelConfig
+from centermask_tf.model.backbones import BackboneWeightsError, ImageNormalization, build_backbone
+from centermask_tf.model.centermask import build_model
+from centermask_tf.model.heads import HEATMAP_BIAS, Head
+from tests.helpers import run_layer_test, run_model_saving_test
+
+TINY = {
+    "resnet18": 0.125,
+    "resnet50": 0.125,
+    "resnet101": 0.125,
+    "dla34": 0.125,
+    "mobilenetv3_large": 0.25,
+    "mobilenetv3_small": 0.25,
+}
+
+
+def tiny_config(**overrides):
+    options = dict(
+        backbone="resnet18", width_multiplier=0.125, num_classes=3, input_size=64,
+        head_conv=8, shape_size=8, mask_size=8,
+    )
+    options.update(overrides)
+    return ModelConfig(**options)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_backbone_gives_stride4_features(name):
+    backbone = build_backbone(name, 128, TINY[name], weights=None)
+    features = backbone(np.zeros((1, 128, 128, 3), np.float32))
+    assert features.shape[:3] == (1, 32, 32)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty Keras cache, whatever machine runs the test."""
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenetv3_small", "resnet18", "dla34"])
+def test_imagenet_weights_offline_fail_fast_with_instructions(offline, name):
+    start = time.monotonic()
+    with pytest.raises(BackboneWeightsError, match=r"model\.weights") as err:
+        build_backbone(name, 128, 1.0, weights="imagenet")
+    assert time.monotonic() - start < 30
+    assert "weights" in str(err.value) and ("/path/to" in str(err.value) or ".weights.h5" in str(err.value))
+
+
+def test_missing_weights_file_is_named():
+    with pytest.raises(BackboneWeightsError, match="nowhere.h5"):
+        build_backbone("resnet18", 64, 0.125, weights="nowhere.h5")
+
+
+def test_native_backbone_loads_local_weights_file(tmp_path):
+    source = build_backbone("resnet18", 64, 0.125)
+    path = tmp_path / "backbone.weights.h5"
+    source.save_weights(path)
+    loaded = build_backbone("resnet18", 64, 0.125, weights=str(path))
+    x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), source(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("saliency, channels", [("agnostic", 1), ("specific", 3)])
+def test_model_outputs_and_heads(saliency, channels):
+    model = build_model(tiny_config(saliency=saliency))
+    outputs = model(np.zeros((2, 64, 64, 3), np.float32))
+    assert {k: tuple(v.shape) for k, v in outputs.items()} == {
+        "heatmap": (2, 16, 16, 3),
+        "offset": (2, 16, 16, 2),
+        "size": (2, 16, 16, 2),
+        "shape": (2, 16, 16, 64),
+        "saliency": (2, 16, 16, channels),
+    }
+    np.testing.assert_allclose(model.get_layer("heatmap").out.bias.numpy(), HEATMAP_BIAS)
+    assert abs(HEATMAP_BIAS + 2.19) < 0.01
+
+
+def test_model_config_and_keras_round_trip(tmp_path):
+    model = build_model(tiny_config(backbone="dla34"))
+    x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    run_model_saving_test(model, [x], tmp_path, atol=1e-5)
+
+
+def test_head_layer(tmp_path):
+    x = np.random.default_rng(0).normal(size=(1, 8, 8, 4)).astype(np.float32)
+    run_layer_test(Head(5, head_conv=6, bias_init=-2.19), [x], tmp_path, (1, 8, 8, 5), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["torch", "caffe", "tf"])
+def test_image_normalization_layer(tmp_path, mode):
+    x = np.array([[[[0.0, 127.5, 255.0]]]], np.float32)
+    out = run_layer_test(ImageNormalization(mode), [x], tmp_path, (1, 1, 1, 3))
+    expected = {
+        "torch": (np.array([0.0, 127.5, 255.0]) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
+        "caffe": np.array([255.0, 127.5, 0.0]) - [103.939, 116.779, 123.68],
+        "tf": np.array([-1.0, 0.0, 1.0]),
+    }[mode]
+    np.testing.assert_allclose(np.asarray(out)[0, 0, 0], expected, atol=1e-4)
