@@ -83,7 +83,7 @@ def _instance_saliency(saliency, classes):
     return tf.gather(channels_first, tf.cast(classes, tf.int32), batch_dims=1)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function
 def assemble_masks(shape_logits, boxes, saliency_logits, classes=None):
     """Full-map masks: `[B, K, H, W]` probabilities, 0 outside each box.
 
@@ -107,7 +107,7 @@ def assemble_masks(shape_logits, boxes, saliency_logits, classes=None):
     return tf.sigmoid(local) * tf.sigmoid(saliency) * inside
 
 
-@tf.function(reduce_retracing=True)
+@tf.function
 def assemble_box_masks(shape_logits, boxes, saliency_logits, mask_size, classes=None):
     """Box-relative masks: `[B, K, M, M]` probabilities sampled on an MxM grid over each box.
 
@@ -143,7 +143,7 @@ def assemble_box_masks(shape_logits, boxes, saliency_logits, mask_size, classes=
     return tf.sigmoid(local) * tf.sigmoid(crop)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function
 def paste_masks(box_masks, boxes, height, width):
     """Pastes box-relative mask probabilities onto an image (bilinear, 0 outside the box).
 
