@@ -1,9 +1,12 @@
 """The `centermask` command line: thin sub-commands over the library.
 
+    centermask make-shapes --output work/shapes --train 600 --val 100 --seed 0
     centermask info --config configs/coco_resnet18.yaml [--set model.input_size=256]
+    centermask benchmark data --config configs/coco_resnet18.yaml
 """
 
 import argparse
+import logging
 import os
 import sys
 
@@ -55,6 +58,27 @@ def cmd_info(args):
         print(f"{name:<26}{backbone:<20}{size:>6}{params:>12.2f}{flops:>10.2f}")
 
 
+def cmd_make_shapes(args):
+    from centermask_tf.data.shapes import make_shapes
+
+    counts = make_shapes(args.output, args.train, args.val, args.seed, args.image_size)
+    for split, (images, annotations) in counts.items():
+        print(f"{split}: {images} images, {annotations} annotations")
+    print(f"written to {args.output}/annotations and {args.output}/{{train,val}}")
+
+
+def cmd_benchmark(args):
+    from centermask_tf import benchmark
+
+    config = _load(args)
+    name = os.path.basename(args.config)
+    if args.what == "data":
+        row = benchmark.data_throughput(config, runs=args.runs, batches=args.batches)
+        benchmark.print_table([row], ["input_size", "batch_size", "images_per_s", "runs"])
+        benchmark.append_result("data", name, [row], args.results)
+        print(f"appended to {args.results}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="centermask", description="CenterMask instance segmentation (TensorFlow/Keras)."
@@ -70,17 +94,35 @@ def build_parser():
         help="build with model.weights=null (no ImageNet download needed; same cost)",
     )
     info.set_defaults(handler=cmd_info)
+
+    shapes = commands.add_parser("make-shapes", help="write the synthetic COCO-format shapes set")
+    shapes.add_argument("--output", required=True, help="dataset folder to create")
+    shapes.add_argument("--train", type=int, default=600, help="training images")
+    shapes.add_argument("--val", type=int, default=100, help="validation images")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--image-size", type=int, default=128, help="longest image side")
+    shapes.set_defaults(handler=cmd_make_shapes)
+
+    bench = commands.add_parser("benchmark", help="speed benchmarks (table + benchmarks/results.json)")
+    bench.add_argument("what", choices=["data"], help="which benchmark")
+    _add_config_args(bench)
+    bench.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
+    bench.add_argument("--batches", type=int, default=20, help="batches per timed run")
+    bench.add_argument("--results", default="benchmarks/results.json", help="JSON file appended to")
+    bench.set_defaults(handler=cmd_benchmark)
     return parser
 
 
 def main(argv=None):
     from centermask_tf.config import ConfigError
+    from centermask_tf.data.coco import DataError
     from centermask_tf.model.backbones import BackboneWeightsError
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.handler(args)
-    except (ConfigError, BackboneWeightsError) as e:
+    except (ConfigError, DataError, BackboneWeightsError) as e:
         print(f"centermask {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

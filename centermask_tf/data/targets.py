@@ -98,7 +98,7 @@ def _box_relative_masks(masks, boxes, mask_size):
         axis=-1,
     )
     crops = tf.image.crop_and_resize(
-        tf.cast(masks, tf.float32)[..., None],
+        masks[..., None],
         crop_boxes,
         tf.range(tf.shape(masks)[0]),
         [mask_size, mask_size],
@@ -125,7 +125,7 @@ def encode_targets(
     Args:
         boxes: `[N, 4]` (ymin, xmin, ymax, xmax) in input pixels.
         classes: `[N]` contiguous class indices in [0, num_classes).
-        masks: `[N, input_size, input_size]` instance masks (any numeric dtype, > 0.5 = inside).
+        masks: `[N, input_size, input_size]` instance masks (uint8 or float; >= 0.5 = inside).
         is_crowd: `[N]` crowd flags; crowd regions never become positives.
         input_size: side of the (square) network input.
         num_classes: C.

@@ -144,10 +144,10 @@ def prepare_dataset(data_config, splits=SPLITS):
     builder = CocoFolder(data_dir=data_config.tfds_data_dir, config=config)
     if builder.is_prepared():
         for name in paths:
-            faults = builder.info.metadata.get(f"{name}_faults") or {}
-            if faults:
-                summary = ", ".join(f"{k}: {v}" for k, v in sorted(faults.items()))
-                logger.warning("split '%s' was built skipping %d bad samples (%s)", name, sum(faults.values()), summary)
+            report = FaultReport()
+            report.counts.update(builder.info.metadata.get(f"{name}_faults") or {})
+            if report.counts:
+                logger.warning("split '%s', when it was built: %s", name, report.summary())
     else:
         logger.info("building TFDS dataset %s in %s", config.name, data_config.tfds_data_dir)
         builder.download_and_prepare()

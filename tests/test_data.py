@@ -1,0 +1,240 @@
+import json
+import logging
+import socket
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import tensorflow as tf
+from pycocotools.coco import COCO
+
+from centermask_tf.config import DataConfig, SplitConfig
+from centermask_tf.data import tfds_builder
+from centermask_tf.data.coco import DataError, FaultReport, read_coco
+from centermask_tf.data.pipeline import augment, decode_example, decode_rle, eval_dataset, train_dataset
+from centermask_tf.data.shapes import make_shapes
+from centermask_tf.data.targets import target_spec
+from tests.messy_coco import CATEGORY_IDS, GOOD_IMAGES, PLANTED_FAULTS, write_messy_coco
+
+SIZE, CLASSES, P, SLOTS = 128, 3, 16, 16
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(str(root), train=24, val=6, seed=3)
+    return root
+
+
+def data_config(root, tfds_dir, train="train", val=None, **kwargs):
+    splits = {"train": SplitConfig(str(root / "annotations" / f"instances_{train}.json"), str(root / train))}
+    if val:
+        splits["val"] = SplitConfig(str(root / "annotations" / f"instances_{val}.json"), str(root / val))
+    return DataConfig(**splits, tfds_data_dir=str(tfds_dir), max_instances=SLOTS, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def shapes_builder(shapes_dir, tmp_path_factory):
+    config = data_config(shapes_dir, tmp_path_factory.mktemp("tfds"), val="val")
+    return tfds_builder.prepare_dataset(config), config
+
+
+def test_shapes_json_loads_and_every_mask_decodes(shapes_dir):
+    kinds = set()
+    for split in ("train", "val"):
+        coco = COCO(str(shapes_dir / "annotations" / f"instances_{split}.json"))
+        for ann in coco.dataset["annotations"]:
+            mask = coco.annToMask(ann)
+            assert mask.sum() == ann["area"] > 0
+            x, y, w, h = ann["bbox"]
+            ys, xs = np.nonzero(mask)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
+            seg = ann["segmentation"]
+            kinds.add("polygon" if isinstance(seg, list) else type(seg["counts"]).__name__)
+        empty = [i for i in coco.imgs if not coco.imgToAnns.get(i)]
+        assert split == "val" or empty, "some training images have no objects"
+        assert {c["name"] for c in coco.dataset["categories"]} == {"circle", "rectangle", "triangle"}
+    assert kinds == {"polygon", "str", "list"}  # polygons, compressed and uncompressed RLE
+
+
+def test_shapes_are_deterministic_for_a_seed(tmp_path):
+    make_shapes(str(tmp_path / "a"), train=3, val=1, seed=11)
+    make_shapes(str(tmp_path / "b"), train=3, val=1, seed=11)
+    for rel in ("annotations/instances_train.json", "train/000001.jpg", "train/000003.jpg"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_decode_rle_equals_pycocotools(rng):
+    from centermask_tf.data.coco import uncompressed_counts
+
+    masks = (rng.uniform(size=(3, 9, 7)) > 0.6).astype(np.uint8)
+    masks[1, 0, 0] = 1  # a mask starting with a foreground pixel
+    counts = [uncompressed_counts(m) for m in masks]
+    for m, c in zip(masks, counts):
+        rle = mask_utils.frPyObjects({"size": [9, 7], "counts": c.tolist()}, 9, 7)
+        np.testing.assert_array_equal(mask_utils.decode(rle), m)
+    decoded = decode_rle(np.concatenate(counts).astype(np.int32), [len(c) for c in counts], 9, 7)
+    np.testing.assert_array_equal(decoded.numpy(), masks)
+
+
+def test_batch_has_documented_keys_shapes_and_dtypes(shapes_builder):
+    builder, config = shapes_builder
+    dataset = train_dataset(builder, config, input_size=SIZE, num_classes=CLASSES, mask_size=P, batch_size=4)
+    images_spec, targets_spec = dataset.element_spec
+    assert images_spec.shape == (4, SIZE, SIZE, 3) and images_spec.dtype == tf.float32
+    expected = target_spec(SIZE, CLASSES, SLOTS, P)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in targets_spec.items()} == {
+        k: ((4, *v.shape), v.dtype) for k, v in expected.items()
+    }
+    images, targets = next(iter(dataset))
+    assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 255.0
+    assert float(tf.reduce_sum(targets["valid"])) > 0
+
+
+def test_augmented_boxes_bound_their_masks_within_one_pixel(shapes_builder):
+    builder, config = shapes_builder
+    checked = 0
+    for index, example in enumerate(builder.as_dataset(split="train").take(12)):
+        sample = decode_example(example)
+        for seed in range(4):
+            out = augment(sample, SIZE, config, tf.constant([seed, index]))
+            for box, mask in zip(out["boxes"].numpy(), out["masks"].numpy()):
+                ys, xs = np.nonzero(mask)
+                if len(ys) == 0:
+                    continue
+                tight = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+                # The box bounds the mask: no mask pixel lies more than 1 px outside it.
+                assert (box[:2] <= tight[:2] + 1.0).all() and (tight[2:] <= box[2:] + 1.0).all()
+                # And stays tight: thin tips (triangle apexes) whose resampled coverage drops
+                # below one half leave the mask, so tightness is checked at 2 px.
+                np.testing.assert_allclose(box, tight, atol=2.0)
+                checked += 1
+    assert checked > 50
+
+
+def test_augment_in_tf_data_equals_eager(shapes_builder):
+    builder, config = shapes_builder
+    example = next(iter(builder.as_dataset(split="train").take(1)))
+    eager = augment(decode_example(example), SIZE, config, tf.constant([5, 9]))
+    mapped = tf.data.Dataset.from_tensors(example).map(
+        lambda ex: augment(decode_example(ex), SIZE, config, tf.constant([5, 9]))
+    )
+    graph = next(iter(mapped))
+    for key in ("image", "boxes", "masks", "classes"):
+        np.testing.assert_allclose(graph[key].numpy(), eager[key].numpy(), atol=1e-3)
+
+
+def test_deterministic_option_reproduces_batches(shapes_builder):
+    builder, config = shapes_builder
+    config = DataConfig(**{**config.__dict__, "deterministic": True})
+    runs = [
+        next(iter(train_dataset(builder, config, input_size=SIZE, num_classes=CLASSES, mask_size=P, batch_size=4)))
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(runs[0][0].numpy(), runs[1][0].numpy())
+
+
+def test_eval_dataset_keeps_id_and_original_size(shapes_builder, shapes_dir):
+    builder, _ = shapes_builder
+    images, info = next(iter(eval_dataset(builder, input_size=SIZE, batch_size=6)))
+    coco = COCO(str(shapes_dir / "annotations" / "instances_val.json"))
+    for image_id, size, scale in zip(info["image_id"].numpy(), info["original_size"].numpy(), info["scale"].numpy()):
+        meta = coco.imgs[int(image_id)]
+        assert tuple(size) == (meta["height"], meta["width"])
+        assert scale == pytest.approx(SIZE / max(size))
+
+
+def test_tfds_builds_offline_and_second_load_does_not_rebuild(shapes_dir, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    config = data_config(shapes_dir, tmp_path, val="val")
+    builder = tfds_builder.prepare_dataset(config)
+    assert builder.info.splits["train"].num_examples == 24
+    assert builder.info.metadata["categories"][0] == {"id": 1, "name": "circle"}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("rebuilt an already prepared dataset")
+
+    monkeypatch.setattr(tfds_builder.CocoFolder, "_generate_examples", must_not_run)
+    again = tfds_builder.prepare_dataset(config)
+    assert again.data_dir == builder.data_dir
+    assert again.info.splits["val"].num_examples == 6
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy")
+    write_messy_coco(str(root))
+    return root
+
+
+def test_every_fault_is_skipped_counted_and_an_epoch_runs(messy, tmp_path, caplog):
+    config = data_config(messy, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="centermask_tf.data"):
+        builder = tfds_builder.prepare_dataset(config)
+    assert builder.info.metadata["train_faults"] == PLANTED_FAULTS
+    assert builder.info.splits["train"].num_examples == GOOD_IMAGES
+    text = caplog.text
+    assert "truncated.jpg" in text and "does_not_exist.jpg" in text and "annotation id" in text
+    assert "skipped 12 bad samples" in text
+    dataset = train_dataset(builder, config, input_size=SIZE, num_classes=3, mask_size=P, batch_size=2)
+    batches = list(dataset.take(GOOD_IMAGES // 2))
+    assert len(batches) == GOOD_IMAGES // 2
+    # Reloading reports the stored counts again.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="centermask_tf.data"):
+        tfds_builder.prepare_dataset(config)
+    assert "skipped 12 bad samples" in caplog.text
+
+
+def test_strict_raises_naming_the_first_bad_sample(messy, tmp_path):
+    config = data_config(messy, tmp_path, strict=True)
+    with pytest.raises(DataError, match=r"annotation id \d+.*image_id 999999.*data\.strict"):
+        tfds_builder.prepare_dataset(config)
+
+
+def test_parent_path_file_name_is_refused(messy):
+    report = FaultReport()
+    records = list(read_coco(str(messy / "annotations" / "instances_train.json"), str(messy / "train"), report=report))
+    assert report.counts["unsafe_path"] == 1
+    assert not any(r["path"].endswith("outside.png") for r in records)
+    # With strict: true the same file name stops reading with an error that names it.
+    data = json.loads((messy / "annotations" / "instances_train.json").read_text())
+    data["images"] = [i for i in data["images"] if i["file_name"] == "../outside.png"]
+    data["annotations"] = []
+    only = messy / "annotations" / "only_unsafe.json"
+    only.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"\.\./outside\.png.*outside the image root"):
+        list(read_coco(str(only), str(messy / "train"), report=FaultReport(strict=True)))
+
+
+def test_non_contiguous_ids_and_mixed_images_go_through_the_pipeline(messy, tmp_path):
+    config = data_config(messy, tmp_path)
+    builder = tfds_builder.prepare_dataset(config)
+    assert [c["id"] for c in builder.info.metadata["categories"]] == list(CATEGORY_IDS)
+    labels, shapes = set(), []
+    for example in builder.as_dataset(split="train"):
+        sample = decode_example(example)
+        shapes.append(tuple(sample["image"].shape))
+        labels.update(sample["classes"].numpy().tolist())
+        crowd = sample["is_crowd"].numpy()
+        assert crowd.sum() <= 1
+    assert labels == {0, 1, 2}
+    assert all(s[-1] == 3 for s in shapes)
+    images, targets = next(iter(train_dataset(builder, config, input_size=SIZE, num_classes=3, mask_size=P, batch_size=3)))
+    assert images.shape == (3, SIZE, SIZE, 3)
+
+
+def test_folded_colour_jitter_equals_sequential_adjustments(rng):
+    from centermask_tf.data.pipeline import _jitter_colour
+
+    image = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    seeds = tf.constant([3, 4])
+    b, c, s = 1.0 + tf.random.stateless_uniform([3], seeds, -0.4, 0.4).numpy()
+    gray = lambda x: (x @ np.array([0.2989, 0.587, 0.114]))[..., None]  # noqa: E731
+    x = image * b
+    x = x * c + gray(x).mean() * (1 - c)
+    x = x * s + gray(x) * (1 - s)
+    np.testing.assert_allclose(_jitter_colour(image, 0.4, seeds), np.clip(x, 0, 255), atol=1e-2)
