@@ -24,6 +24,10 @@ setup(
         "pyyaml>=6.0,<7",
         "ai-edge-litert>=2.3,<3",
         "tqdm>=4.66,<5",
+        # TensorBoard logging in training (tf.summary needs it since TF 2.20).
+        "tensorboard>=2.20,<3",
+        # Overlay drawing (masks, boxes, class names) in `centermask predict`.
+        "pillow>=10,<14",
     ],
     extras_require={
         "test": ["pytest>=8,<10"],

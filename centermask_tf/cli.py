@@ -79,6 +79,53 @@ def cmd_benchmark(args):
         print(f"appended to {args.results}")
 
 
+def cmd_train(args):
+    from centermask_tf.training import train
+
+    train(_load(args), args.workdir, args.strategy)
+
+
+def _network_for(config, workdir, weights):
+    from centermask_tf.model.centermask import build_model
+    from centermask_tf.training import weights_path
+
+    config.model.weights = None  # the checkpoint holds every weight, the backbone's too
+    network = build_model(config.model)
+    path = weights_path(workdir, weights)
+    network.load_weights(path)
+    logging.info("weights: %s", path)
+    return network
+
+
+def cmd_evaluate(args):
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.evaluation import evaluate_network
+
+    config = _load(args)
+    builder = prepare_dataset(config.data)
+    network = _network_for(config, args.workdir, args.weights)
+    output = os.path.join(args.workdir, "eval")
+    metrics = evaluate_network(network, builder, config, output, config.eval.max_images)
+    for iou_type, values in metrics.items():
+        print(f"{iou_type:5s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    print(f"wrote {output}/metrics.json and {output}/detections.json")
+
+
+def cmd_predict(args):
+    from centermask_tf.evaluation import make_detector
+    from centermask_tf.predict import image_files, load_workdir, predict_files
+
+    config, categories = load_workdir(args.workdir)
+    network = _network_for(config, args.workdir, args.weights)
+    detect = make_detector(network, config.model)
+    files = image_files(args.input)
+    predict_files(
+        detect, files, config.model.input_size, categories, args.score,
+        config.model.mask_threshold, args.output,
+    )
+    print(f"wrote {len(files)} overlays and predictions.json to {args.output}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="centermask", description="CenterMask instance segmentation (TensorFlow/Keras)."
@@ -94,6 +141,29 @@ def build_parser():
         help="build with model.weights=null (no ImageNet download needed; same cost)",
     )
     info.set_defaults(handler=cmd_info)
+
+    train = commands.add_parser("train", help="train a config into a workdir (resumes if rerun)")
+    _add_config_args(train)
+    train.add_argument("--workdir", required=True, help="checkpoints, logs and results go here")
+    train.add_argument(
+        "--strategy", default="mirrored", choices=["mirrored", "one_device", "multi_worker"],
+        help="mirrored: all local GPUs (else CPU); multi_worker: hosts from TF_CONFIG",
+    )
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="COCO bbox/segm AP on the validation split")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--workdir", required=True, help="the training workdir")
+    evaluate.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="overlay PNGs + predictions.json for images")
+    predict.add_argument("--workdir", required=True, help="the training workdir")
+    predict.add_argument("--input", required=True, help="an image file or a folder of images")
+    predict.add_argument("--output", required=True, help="folder for overlays and predictions.json")
+    predict.add_argument("--score", type=float, default=0.3, help="minimum detection score")
+    predict.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    predict.set_defaults(handler=cmd_predict)
 
     shapes = commands.add_parser("make-shapes", help="write the synthetic COCO-format shapes set")
     shapes.add_argument("--output", required=True, help="dataset folder to create")
@@ -122,7 +192,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.handler(args)
-    except (ConfigError, DataError, BackboneWeightsError) as e:
+    except (ConfigError, DataError, BackboneWeightsError, FileNotFoundError) as e:
         print(f"centermask {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,33 @@
-"""The training model: the functional network plus the CenterMask losses, for `model.fit`."""
+"""Training: the loss-computing Keras model, optimiser and schedule, strategies, and `train()`.
+
+    centermask train --config configs/shapes_tiny.yaml --workdir work/demo
+
+Single host (`mirrored`, the default, or `one_device`) trains with `model.fit`.
+`multi_worker` (MultiWorkerMirroredStrategy from `TF_CONFIG`) trains with a `strategy.run` loop
+instead: Keras 3's `fit` fails under that strategy (keras-team/keras#20585). Both share the
+losses, the optimiser and the checkpoint files.
+
+Workdir layout: `config.yaml` (resolved), `categories.json`, `checkpoints/{last,best}.weights.h5`
+(the network's weights), `backup/` (resume state), `logs/` (TensorBoard), `history.csv`,
+`eval/` (COCO metrics), `model.keras` (final network).
+"""
+
+import json
+import logging
+import math
+import os
 
 import keras
 import tensorflow as tf
+import yaml
 
 from centermask_tf.losses import LOSS_NAMES, compute_losses
+
+logger = logging.getLogger("centermask_tf.training")
+
+STRATEGIES = ("mirrored", "one_device", "multi_worker")
+
+# === Layers ===
 
 
 @keras.saving.register_keras_serializable(package="centermask")
@@ -20,7 +44,7 @@ class CenterMaskTrainer(keras.Model):
 
     Example:
 
-        trainer = CenterMaskTrainer(build_model(config), loss_weights={...})
+        trainer = CenterMaskTrainer(build_model(config))
         trainer.compile(optimizer="adam")
         trainer.fit(dataset, epochs=10)
     """
@@ -40,7 +64,7 @@ class CenterMaskTrainer(keras.Model):
         losses = compute_losses(y_pred, y, self.loss_weights)
         for name in LOSS_NAMES:
             self.loss_trackers[name].update_state(losses[name])
-        # Keras sums gradients over replicas, so each replica's loss is divided by their count.
+        # Gradients are summed over replicas, so each replica's loss is divided by their count.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return losses["total"] / tf.cast(replicas, tf.float32)
 
@@ -63,3 +87,273 @@ class CenterMaskTrainer(keras.Model):
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="centermask")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `base`, then step decay (x0.1 at each boundary) or cosine decay.
+
+    Args:
+        base: learning rate after warmup.
+        warmup_steps: linear warmup length.
+        total_steps: training length (cosine decays to 0 at its end).
+        kind: "step" or "cosine".
+        boundaries: steps at which the step schedule divides the rate by 10.
+    """
+
+    def __init__(self, base, warmup_steps, total_steps, kind="step", boundaries=()):
+        self.base = float(base)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.kind = kind
+        self.boundaries = [int(b) for b in boundaries]
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.minimum(1.0, (step + 1.0) / max(self.warmup_steps, 1))
+        if self.kind == "cosine":
+            progress = tf.clip_by_value(step / max(self.total_steps, 1), 0.0, 1.0)
+            decay = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries] or [0.0])
+            decay = tf.pow(0.1, passed)
+        return self.base * warmup * decay
+
+    def get_config(self):
+        return {
+            "base": self.base,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "kind": self.kind,
+            "boundaries": self.boundaries,
+        }
+
+
+# === Optimiser and strategy ===
+
+
+def build_optimizer(train_config, steps_per_epoch):
+    """Adam/AdamW with warmup + step/cosine decay, optional EMA and gradient-norm clipping."""
+    total = train_config.epochs * steps_per_epoch
+    schedule = WarmupSchedule(
+        train_config.learning_rate,
+        train_config.warmup_steps,
+        total,
+        train_config.schedule,
+        [e * steps_per_epoch for e in train_config.decay_epochs],
+    )
+    options = dict(learning_rate=schedule, global_clipnorm=train_config.clipnorm)
+    if train_config.ema_decay is not None:
+        options.update(use_ema=True, ema_momentum=train_config.ema_decay)
+    if train_config.optimizer == "adamw":
+        return keras.optimizers.AdamW(weight_decay=train_config.weight_decay, **options)
+    return keras.optimizers.Adam(**options)
+
+
+def make_strategy(name="mirrored"):
+    """`mirrored`: all local GPUs (else the CPU); `one_device`: the first GPU or the CPU;
+    `multi_worker`: MultiWorkerMirroredStrategy configured by the TF_CONFIG variable."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy multi_worker needs the TF_CONFIG environment variable.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in ("chief", None) or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+    )
+
+
+# === Checkpoints ===
+
+
+class NetworkCheckpoint(keras.callbacks.Callback):
+    """Saves the network's weights as `last.weights.h5` every epoch and `best.weights.h5` when
+    the monitored value improves (lower loss, or higher AP for `val_*` AP metrics)."""
+
+    def __init__(self, network, directory, monitor="loss"):
+        super().__init__()
+        self.network = network
+        self.directory = directory
+        self.monitor = monitor
+        self.best = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.directory, exist_ok=True)
+        self.network.save_weights(os.path.join(self.directory, "last.weights.h5"))
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        higher_is_better = "AP" in self.monitor
+        if self.best is None or (value > self.best if higher_is_better else value < self.best):
+            self.best = value
+            self.network.save_weights(os.path.join(self.directory, "best.weights.h5"))
+
+
+def weights_path(workdir, weights=None):
+    """The weights file to evaluate or export: explicit, else best, else last."""
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--weights: file '{weights}' does not exist.")
+        return weights
+    for name in ("best", "last"):
+        path = os.path.join(workdir, "checkpoints", f"{name}.weights.h5")
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"No checkpoint in '{workdir}/checkpoints'; train first (centermask train --workdir "
+        f"{workdir}) or pass --weights FILE."
+    )
+
+
+# === Training ===
+
+
+def save_run_files(config, workdir, categories):
+    """Writes the resolved config and the category list that evaluate/predict/export read."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    with open(os.path.join(workdir, "categories.json"), "w") as f:
+        json.dump(categories, f, indent=1)
+
+
+def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch, workdir, chief):
+    """Epoch loop with `strategy.run` (used for multi-worker); resumes from `backup/`."""
+    distributed = iter(strategy.experimental_distribute_dataset(dataset))
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    checkpoint = tf.train.Checkpoint(network=trainer.network, optimizer=optimizer, epoch=epoch_var)
+    # Non-chief workers write their (identical) state to a scratch folder of their own.
+    scratch = os.path.join(workdir, f"worker_{strategy.cluster_resolver.task_id}")
+    backup = os.path.join(workdir, "backup") if chief else os.path.join(scratch, "backup")
+    weights_dir = os.path.join(workdir, "checkpoints") if chief else scratch
+    manager = tf.train.CheckpointManager(checkpoint, backup, max_to_keep=1)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint)
+
+    def replica_step(images, targets):
+        with tf.GradientTape() as tape:
+            outputs = trainer.network(images, training=True)
+            losses = compute_losses(outputs, targets, trainer.loss_weights)
+            scaled = losses["total"] / strategy.num_replicas_in_sync
+        variables = trainer.network.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        return losses
+
+    @tf.function
+    def train_step(batch):
+        losses = strategy.run(replica_step, args=batch)
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in losses.items()}
+
+    history = []
+    for epoch in range(int(epoch_var.numpy()), epochs):
+        progress = keras.utils.Progbar(steps_per_epoch, verbose=1 if chief else 0)
+        for step in range(steps_per_epoch):
+            logs = {k: float(v) for k, v in train_step(next(distributed)).items()}
+            progress.update(step + 1, [(k, v) for k, v in logs.items()])
+        epoch_var.assign(epoch + 1)
+        manager.save()
+        history.append(logs)
+        os.makedirs(weights_dir, exist_ok=True)
+        trainer.network.save_weights(os.path.join(weights_dir, "last.weights.h5"))
+    return history
+
+
+def train(config, workdir, strategy_name="mirrored", extra_callbacks=()):
+    """Trains `config` into `workdir`; rerunning the same command resumes where it stopped.
+
+    Returns:
+        The list of per-epoch logs of the epochs run by this call.
+    """
+    from centermask_tf.data.pipeline import train_dataset
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.model.centermask import OUTPUT_STRIDE, build_model
+
+    strategy = make_strategy(strategy_name)
+    keras.utils.set_random_seed(config.train.seed)
+    if config.train.mixed_precision:
+        keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    builder = prepare_dataset(config.data)
+    categories = builder.info.metadata["categories"]
+    if len(categories) != config.model.num_classes:
+        raise ValueError(
+            f"model.num_classes={config.model.num_classes} but {config.data.train.annotations} "
+            f"has {len(categories)} categories; set --set model.num_classes={len(categories)}."
+        )
+    batch = config.train.batch_size
+    if batch % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"train.batch_size={batch} is the global batch; it must divide evenly over "
+            f"{strategy.num_replicas_in_sync} replicas."
+        )
+    num_train = builder.info.splits["train"].num_examples
+    steps_per_epoch = config.train.steps_per_epoch or max(1, num_train // batch)
+    chief = _is_chief(strategy)
+    logger.info("training on %d replica(s), %d steps per epoch", strategy.num_replicas_in_sync, steps_per_epoch)
+    if chief:
+        save_run_files(config, workdir, categories)
+
+    dataset = train_dataset(
+        builder,
+        config.data,
+        input_size=config.model.input_size,
+        num_classes=config.model.num_classes,
+        mask_size=config.model.mask_size,
+        batch_size=batch,
+        stride=OUTPUT_STRIDE,
+        seed=config.train.seed,
+    )
+    if strategy_name == "multi_worker":
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        dataset = dataset.with_options(options)
+
+    with strategy.scope():
+        network = build_model(config.model)
+        trainer = CenterMaskTrainer(
+            network,
+            {
+                "heatmap": config.train.heatmap_weight,
+                "offset": config.train.offset_weight,
+                "size": config.train.size_weight,
+                "mask": config.train.mask_weight,
+            },
+        )
+        optimizer = build_optimizer(config.train, steps_per_epoch)
+
+    if strategy_name == "multi_worker":
+        return _custom_loop(
+            strategy, trainer, optimizer, dataset, config.train.epochs, steps_per_epoch, workdir, chief
+        )
+
+    with strategy.scope():
+        trainer.compile(optimizer=optimizer)
+    # Order matters: evaluation adds val_*_AP to the logs that the later callbacks record.
+    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"))]
+    monitor = "loss"
+    if "val" in builder.info.splits and config.eval.every_epochs > 0:
+        from centermask_tf.evaluation import CocoEvalCallback
+
+        callbacks.append(CocoEvalCallback(network, builder, config, workdir, config.eval.every_epochs))
+        monitor = "val_segm_AP"
+    callbacks += [
+        *extra_callbacks,
+        keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
+        NetworkCheckpoint(network, os.path.join(workdir, "checkpoints"), monitor),
+    ]
+    history = trainer.fit(
+        dataset, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks
+    )
+    network.save(os.path.join(workdir, "model.keras"))
+    return [dict(zip(history.history, values)) for values in zip(*history.history.values())]

@@ -70,6 +70,12 @@ class ImageNormalization(keras.layers.Layer):
         return config
 
 
+def _batch_norm(name):
+    # PyTorch-style momentum 0.1 (Keras 0.9), as CenterNet trains with: Keras' default 0.99
+    # leaves the inference statistics far behind during short schedules.
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+
+
 def scaled_channels(channels, width_multiplier):
     """Channels scaled by the width multiplier, rounded to a multiple of 8 (at least 8)."""
     return max(8, int(round(channels * width_multiplier / 8.0)) * 8)
@@ -79,7 +85,7 @@ def _conv_bn(x, filters, kernel, stride=1, relu=True, name=None):
     x = keras.layers.Conv2D(
         filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
     )(x)
-    x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
+    x = _batch_norm(f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
@@ -105,7 +111,7 @@ def _deconv_neck(x, width_multiplier):
             use_bias=False,
             name=f"neck_deconv{i}",
         )(x)
-        x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"neck_deconv{i}_bn")(x)
+        x = _batch_norm(f"neck_deconv{i}_bn")(x)
         x = keras.layers.ReLU(name=f"neck_deconv{i}_relu")(x)
     return x
 
@@ -225,7 +231,7 @@ def _mobilenet_neck(features, width_multiplier):
         x = keras.layers.SeparableConv2D(
             channels, 3, padding="same", use_bias=False, name=f"neck_sep{level}"
         )(x)
-        x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"neck_sep{level}_bn")(x)
+        x = _batch_norm(f"neck_sep{level}_bn")(x)
         x = keras.layers.ReLU(name=f"neck_sep{level}_relu")(x)
     return x
 

@@ -1,0 +1,244 @@
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from centermask_tf.cli import main
+from centermask_tf.config import load_config
+from centermask_tf.data.shapes import make_shapes
+from centermask_tf.data.tfds_builder import prepare_dataset
+from centermask_tf.evaluation import METRIC_NAMES, coco_metrics
+from centermask_tf.model.centermask import build_model
+from centermask_tf.training import WarmupSchedule, save_run_files
+
+CONFIG = "configs/shapes_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(str(root), train=16, val=4, seed=1)
+    overrides = [
+        f"data.train.annotations={root}/annotations/instances_train.json",
+        f"data.train.images={root}/train",
+        f"data.val.annotations={root}/annotations/instances_val.json",
+        f"data.val.images={root}/val",
+        f"data.tfds_data_dir={root}/tfds",
+        "model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
+        "model.shape_size=8", "model.mask_size=8", "data.max_instances=8",
+        "train.batch_size=4", "train.epochs=2", "train.steps_per_epoch=3", "train.warmup_steps=1",
+        "eval.every_epochs=0", "eval.batch_size=4",
+    ]
+    # Built once here, so concurrent worker processes never race to build it.
+    prepare_dataset(load_config(CONFIG, overrides).data)
+    return root, overrides
+
+
+def worker_command(overrides, workdir, strategy, logical=1):
+    return [sys.executable, "-m", "tests.train_worker", json.dumps(overrides), str(workdir), strategy, str(logical)]
+
+
+def history_of(output):
+    line = [l for l in output.splitlines() if l.startswith("HISTORY ")][-1]
+    return json.loads(line[len("HISTORY "):])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_warmup_schedule_values():
+    step = WarmupSchedule(1.0, 10, 100, "step", [50, 80])
+    assert float(step(0)) == pytest.approx(0.1) and float(step(20)) == pytest.approx(1.0)
+    assert float(step(60)) == pytest.approx(0.1) and float(step(90)) == pytest.approx(0.01)
+    cosine = WarmupSchedule(1.0, 0, 100, "cosine")
+    assert float(cosine(50)) == pytest.approx(0.5) and float(cosine(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_logical_cpus_trains_with_falling_loss(shapes, tmp_path):
+    _, overrides = shapes
+    overrides = overrides + ["train.epochs=4", "train.learning_rate=3e-3"]
+    run = subprocess.run(
+        worker_command(overrides, tmp_path / "run", "mirrored", logical=2),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "training on 2 replica(s)" in run.stderr
+    losses = [epoch["loss"] for epoch in history_of(run.stdout)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow
+def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path):
+    _, overrides = shapes
+    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        ))
+        processes.append(subprocess.Popen(
+            worker_command(overrides, tmp_path / "run", "multi_worker"), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=600))
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    histories = [history_of(out) for out, _ in outputs]
+    assert len(histories[0]) == 2 and all(np.isfinite(h["total"]) for h in histories[0])
+    chief = tmp_path / "run" / "checkpoints" / "last.weights.h5"
+    other = tmp_path / "run" / "worker_1" / "last.weights.h5"
+    with h5py.File(chief, "r") as a, h5py.File(other, "r") as b:
+        names = []
+        a.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert len(names) > 20
+        for name in names:
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_at_the_next_epoch(shapes, tmp_path):
+    _, overrides = shapes
+    overrides = overrides + ["train.epochs=4", "train.steps_per_epoch=8"]
+    workdir = tmp_path / "run"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(worker_command(overrides, workdir, "mirrored"), stdout=log, stderr=log)
+    history = workdir / "history.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the second epoch
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = len(history.read_text().splitlines()) - 1
+    assert 1 <= done_before < 4
+
+    second = subprocess.run(
+        worker_command(overrides, workdir, "mirrored"), capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    first_epoch = int(second.stdout.split("Epoch ")[1].split("/")[0])
+    assert first_epoch == done_before + 1, (first_epoch, done_before)
+    with open(history) as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert sorted(set(epochs)) == [0, 1, 2, 3]
+    assert (workdir / "checkpoints" / "last.weights.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def untrained_workdir(shapes, tmp_path_factory):
+    """A workdir with randomly initialised weights and a low mask threshold (masks non-empty)."""
+    _, overrides = shapes
+    overrides = overrides + ["model.mask_threshold=0.1"]
+    config = load_config(CONFIG, overrides)
+    workdir = tmp_path_factory.mktemp("workdir")
+    builder = prepare_dataset(config.data)
+    save_run_files(config, str(workdir), builder.info.metadata["categories"])
+    network = build_model(config.model)
+    (workdir / "checkpoints").mkdir()
+    network.save_weights(str(workdir / "checkpoints" / "last.weights.h5"))
+    return workdir, overrides
+
+
+def direct_cocoeval(annotations, detections, image_ids, iou_type):
+    ground_truth = COCO(annotations)
+    evaluator = COCOeval(ground_truth, ground_truth.loadRes(detections), iou_type)
+    evaluator.params.imgIds = sorted(image_ids)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.stats[:6]
+
+
+def test_evaluate_metrics_equal_pycocotools_on_its_detections(shapes, untrained_workdir):
+    root, _ = shapes
+    workdir, overrides = untrained_workdir
+    args = ["evaluate", "--config", CONFIG, "--workdir", str(workdir)]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    detections = json.loads((workdir / "eval" / "detections.json").read_text())
+    assert detections and {d["category_id"] for d in detections} <= {1, 2, 3}
+    annotations = str(root / "annotations" / "instances_val.json")
+    image_ids = COCO(annotations).getImgIds()
+    for iou_type in ("bbox", "segm"):
+        expected = direct_cocoeval(annotations, detections, image_ids, iou_type)
+        got = [metrics[iou_type][name] for name in METRIC_NAMES]
+        np.testing.assert_allclose(got, np.maximum(expected, 0.0), atol=1e-12)
+
+
+def test_coco_metrics_equal_pycocotools_on_good_detections(shapes, rng):
+    """Non-trivial numbers: ground truth with jittered boxes and random scores."""
+    root, _ = shapes
+    annotations = str(root / "annotations" / "instances_val.json")
+    coco = COCO(annotations)
+    detections = []
+    for ann in coco.dataset["annotations"]:
+        x, y, w, h = ann["bbox"]
+        jitter = rng.normal(0, 1.0, 4)
+        detections.append({
+            "image_id": ann["image_id"], "category_id": ann["category_id"],
+            "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+            "score": float(rng.uniform(0.3, 1.0)), "segmentation": coco.annToRLE(ann),
+        })
+    for d in detections:
+        d["segmentation"]["counts"] = d["segmentation"]["counts"].decode("ascii") if isinstance(d["segmentation"]["counts"], bytes) else d["segmentation"]["counts"]
+    metrics = coco_metrics(annotations, detections, coco.getImgIds())
+    assert metrics["segm"]["AP"] > 0.9 and 0.2 < metrics["bbox"]["AP"] < 0.99
+    for iou_type in ("bbox", "segm"):
+        expected = direct_cocoeval(annotations, detections, coco.getImgIds(), iou_type)
+        np.testing.assert_allclose([metrics[iou_type][n] for n in METRIC_NAMES], np.maximum(expected, 0), atol=1e-12)
+
+
+def test_predict_overlays_differ_from_input_inside_masks(shapes, untrained_workdir, tmp_path):
+    import pycocotools.mask as mask_utils
+    import tensorflow as tf
+
+    root, _ = shapes
+    workdir, _ = untrained_workdir
+    out = tmp_path / "pred"
+    assert main(["predict", "--workdir", str(workdir), "--input", str(root / "val"), "--output", str(out), "--score", "0.0"]) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 4
+    checked = 0
+    for item in predictions:
+        original = tf.io.decode_image(tf.io.read_file(item["file"]), channels=3).numpy().astype(int)
+        stem = os.path.splitext(os.path.basename(item["file"]))[0]
+        overlay = tf.io.decode_png(tf.io.read_file(str(out / f"{stem}.png"))).numpy().astype(int)
+        assert overlay.shape == original.shape
+        for detection in item["detections"]:
+            assert detection["category"] in {"circle", "rectangle", "triangle"}
+            mask = mask_utils.decode(detection["segmentation"]).astype(bool)
+            if mask.sum() > 20:
+                differs = np.abs(overlay[mask] - original[mask]).sum(-1) > 0
+                assert differs.mean() > 0.9
+                checked += 1
+    assert checked > 0
+
+
+def test_num_classes_mismatch_is_explained(shapes, tmp_path):
+    _, overrides = shapes
+    from centermask_tf.training import train
+
+    with pytest.raises(ValueError, match=r"model\.num_classes=5.*3 categories"):
+        train(load_config(CONFIG, overrides + ["model.num_classes=5"]), str(tmp_path / "w"))
