@@ -27,6 +27,8 @@ CATEGORIES = [
 ]
 # Objects whose visible part is below this fraction of their full area are not annotated.
 _MIN_VISIBLE = 0.25
+# Minimum RGB distance between an object's colour and each background colour.
+_MIN_CONTRAST = 80.0
 
 
 def _polygon(kind, rng, height, width):
@@ -51,6 +53,15 @@ def _polygon(kind, rng, height, width):
     return [float(v) for v in points.reshape(-1).round(2)]
 
 
+def _object_colour(rng, background_colours):
+    """A random colour at least `_MIN_CONTRAST` away from both background colours, so every
+    annotated object is visible (a shape that matches its background is noise, not difficulty)."""
+    while True:
+        colour = rng.uniform(0, 255, 3)
+        if min(np.linalg.norm(colour - c) for c in background_colours) >= _MIN_CONTRAST:
+            return colour
+
+
 def _background(rng, height, width):
     """A textured background: two colours blended by sinusoidal stripes, plus noise."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -61,11 +72,11 @@ def _background(rng, height, width):
     weight = (0.6 * stripes + 0.4 * blobs)[..., None]
     colour_a, colour_b = rng.uniform(0, 255, (2, 3))
     image = colour_a * weight + colour_b * (1 - weight)
-    return image + rng.normal(0, 12, image.shape)
+    return image + rng.normal(0, 12, image.shape), (colour_a, colour_b)
 
 
 def _make_image(rng, image_id, height, width, annotation_id):
-    image = _background(rng, height, width)
+    image, background_colours = _background(rng, height, width)
     count = 0 if rng.uniform() < 0.08 else int(rng.integers(1, 7))
     full_masks, polygons, labels = [], [], []
     for _ in range(count):
@@ -73,7 +84,7 @@ def _make_image(rng, image_id, height, width, annotation_id):
         polygon = _polygon(category["name"], rng, height, width)
         rle = mask_utils.frPyObjects([polygon], height, width)
         mask = mask_utils.decode(rle)[..., 0].astype(bool)
-        colour = rng.uniform(0, 255, 3)
+        colour = _object_colour(rng, background_colours)
         texture = rng.normal(0, 8, (height, width, 3))
         image[mask] = (colour + texture)[mask]
         full_masks.append(mask)
