@@ -255,12 +255,23 @@ def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch,
         losses = strategy.run(replica_step, args=batch)
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in losses.items()}
 
+    statistics = trainer.network.non_trainable_variables
+
+    @tf.function
+    def sync_statistics():
+        # BatchNorm moving statistics are updated from each worker's own shard; averaging
+        # them keeps every worker's weights identical (trainable ones already are).
+        local = strategy.run(lambda: [tf.identity(v.value) for v in statistics])
+        for variable, value in zip(statistics, local):
+            variable.assign(strategy.reduce("MEAN", value, axis=None))
+
     history = []
     for epoch in range(int(epoch_var.numpy()), epochs):
         progress = keras.utils.Progbar(steps_per_epoch, verbose=1 if chief else 0)
         for step in range(steps_per_epoch):
             logs = {k: float(v) for k, v in train_step(next(distributed)).items()}
             progress.update(step + 1, [(k, v) for k, v in logs.items()])
+        sync_statistics()
         epoch_var.assign(epoch + 1)
         manager.save()
         history.append(logs)
