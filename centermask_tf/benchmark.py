@@ -81,9 +81,9 @@ def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, image
     Uses a shapes set of 640-px images (COCO-like sizes) generated once under `workdir`.
     Returns a row with the median and every run's images/s.
     """
-    from centermask_tf.data.pipeline import train_dataset
     from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.training import config_train_dataset
 
     workdir = workdir or os.path.join(tempfile.gettempdir(), "centermask_bench")
     root = os.path.join(workdir, "shapes640")
@@ -93,15 +93,7 @@ def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, image
     config.data.train.images = os.path.join(root, "train")
     config.data.val.annotations = config.data.val.images = None
     config.data.tfds_data_dir = os.path.join(workdir, "tfds")
-    builder = prepare_dataset(config.data)
-    dataset = train_dataset(
-        builder,
-        config.data,
-        input_size=config.model.input_size,
-        num_classes=config.model.num_classes,
-        mask_size=config.model.mask_size,
-        batch_size=config.train.batch_size,
-    )
+    dataset = config_train_dataset(config, prepare_dataset(config.data))
     rates = []
     for _ in range(runs):
         iterator = iter(dataset)

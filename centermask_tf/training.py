@@ -280,15 +280,31 @@ def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch,
     return history
 
 
+def config_train_dataset(config, builder):
+    """The training `tf.data` pipeline for a full `Config` (targets encoded for its model)."""
+    from centermask_tf.data.pipeline import train_dataset
+    from centermask_tf.model.centermask import OUTPUT_STRIDE
+
+    return train_dataset(
+        builder,
+        config.data,
+        input_size=config.model.input_size,
+        num_classes=config.model.num_classes,
+        mask_size=config.model.mask_size,
+        batch_size=config.train.batch_size,
+        stride=OUTPUT_STRIDE,
+        seed=config.train.seed,
+    )
+
+
 def train(config, workdir, strategy_name="mirrored", extra_callbacks=()):
     """Trains `config` into `workdir`; rerunning the same command resumes where it stopped.
 
     Returns:
         The list of per-epoch logs of the epochs run by this call.
     """
-    from centermask_tf.data.pipeline import train_dataset
     from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.model.centermask import OUTPUT_STRIDE, build_model
+    from centermask_tf.model.centermask import build_model
 
     strategy = make_strategy(strategy_name)
     keras.utils.set_random_seed(config.train.seed)
@@ -314,16 +330,7 @@ def train(config, workdir, strategy_name="mirrored", extra_callbacks=()):
     if chief:
         save_run_files(config, workdir, categories)
 
-    dataset = train_dataset(
-        builder,
-        config.data,
-        input_size=config.model.input_size,
-        num_classes=config.model.num_classes,
-        mask_size=config.model.mask_size,
-        batch_size=batch,
-        stride=OUTPUT_STRIDE,
-        seed=config.train.seed,
-    )
+    dataset = config_train_dataset(config, builder)
     if strategy_name == "multi_worker":
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
