@@ -17,10 +17,11 @@ import keras
 import numpy as np
 import pycocotools.mask as mask_utils
 import tensorflow as tf
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from centermask_tf.data.coco import load_annotations
+from centermask_tf.data.coco import load_annotations, usable_annotations
 from centermask_tf.decode import decode_detections
 from centermask_tf.model.assembly import paste_masks
 from centermask_tf.model.centermask import OUTPUT_STRIDE
@@ -101,11 +102,19 @@ def coco_results(image_id, result, category_ids):
 def coco_metrics(annotations, detections, image_ids):
     """pycocotools COCOeval bbox and segm stats on `image_ids`.
 
+    The ground truth keeps the annotations that reading keeps (`usable_annotations`): a
+    malformed segmentation would crash COCOeval, and a skipped one is never trained on.
+
     Returns:
         {"bbox": {name: value}, "segm": {name: value}} with `METRIC_NAMES`; 0.0 throughout
         when there are no detections.
     """
     ground_truth = load_annotations(annotations)
+    clean = dict(ground_truth.dataset, annotations=usable_annotations(ground_truth, image_ids))
+    ground_truth = COCO()
+    ground_truth.dataset = clean
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth.createIndex()
     metrics = {}
     for iou_type in ("bbox", "segm"):
         if not detections:

@@ -244,3 +244,28 @@ def test_num_classes_mismatch_is_explained(shapes, tmp_path):
 
     with pytest.raises(ValueError, match=r"model\.num_classes=5.*3 categories"):
         train(load_config(CONFIG, overrides + ["model.num_classes=5"]), str(tmp_path / "w"))
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_on_a_foreign_coco_folder(tmp_path):
+    """Non-contiguous ids, mixed image formats, crowd and broken files: only data.* paths set."""
+    from tests.messy_coco import CATEGORY_IDS, write_messy_coco
+
+    annotations, images = write_messy_coco(str(tmp_path / "messy"))
+    paths = [
+        f"data.train.annotations={annotations}", f"data.train.images={images}",
+        f"data.val.annotations={annotations}", f"data.val.images={images}",
+        f"data.tfds_data_dir={tmp_path}/tfds",
+    ]
+    tiny = ["model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
+            "model.shape_size=8", "model.mask_size=8", "train.batch_size=2", "train.epochs=1",
+            "train.steps_per_epoch=2", "eval.every_epochs=0"]
+    args = []
+    for override in paths + tiny:
+        args += ["--set", override]
+    workdir = str(tmp_path / "run")
+    assert main(["train", "--config", CONFIG, "--workdir", workdir, *args]) == 0
+    assert main(["evaluate", "--config", CONFIG, "--workdir", workdir, *args]) == 0
+    detections = json.loads((tmp_path / "run" / "eval" / "detections.json").read_text())
+    assert detections and {d["category_id"] for d in detections} <= set(CATEGORY_IDS)
+    assert json.loads((tmp_path / "run" / "categories.json").read_text())[0]["id"] == 3

@@ -45,8 +45,9 @@ class DataError(ValueError):
 class FaultReport:
     """Counts skipped samples per kind; warns for each, or raises on the first if strict."""
 
-    def __init__(self, strict=False):
+    def __init__(self, strict=False, log=True):
         self.strict = strict
+        self.log = log
         self.counts = collections.Counter()
 
     def add(self, kind, where, detail=""):
@@ -56,7 +57,8 @@ class FaultReport:
                 f"{message}. Fix or remove it, or set data.strict: false to skip bad samples."
             )
         self.counts[kind] += 1
-        logger.warning("skipped %s", message)
+        if self.log:
+            logger.warning("skipped %s", message)
 
     def summary(self):
         if not self.counts:
@@ -190,6 +192,26 @@ def _box(ann, height, width, where, report):
         report.add("out_of_bounds", where, f"bbox {bbox} in a {width}x{height} image")
         return None
     return [max(y, 0.0), max(x, 0.0), min(y + h, height), min(x + w, width)]
+
+
+def usable_annotations(coco, image_ids):
+    """The annotations of `image_ids` that reading keeps (valid box, category and segmentation),
+    e.g. as evaluation ground truth: pycocotools' COCOeval fails on malformed segmentations."""
+    report = FaultReport(log=False)
+    category_ids = {c["id"] for c in coco.dataset["categories"]}
+    kept = []
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        height, width = int(info["height"]), int(info["width"])
+        for ann in coco.imgToAnns.get(image_id, []):
+            if ann.get("category_id") not in category_ids:
+                continue
+            where = f"annotation id {ann.get('id')}"
+            if _box(ann, height, width, where, report) is None:
+                continue
+            if _annotation_mask(coco, ann, height, width, where, report) is not None:
+                kept.append(ann)
+    return kept
 
 
 def read_coco(annotations, images, categories=None, report=None):
