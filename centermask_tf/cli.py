@@ -181,6 +181,35 @@ def cmd_demo(args):
     print(f"logs           {args.workdir}/history.csv, TensorBoard: {args.workdir}/logs")
 
 
+def cmd_export(args):
+    import tempfile
+
+    from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model
+    from centermask_tf.export.tflite import non_builtin_ops, saved_model_to_tflite
+    from centermask_tf.predict import load_workdir
+
+    config, categories = load_workdir(args.workdir)
+    network = _network_for(config, args.workdir, args.weights)
+    ids = [c["id"] for c in categories]
+    if args.format == "saved_model":
+        path = export_saved_model(network, config.model, ids, args.output, args.version)
+        print(f"SavedModel (TF Serving layout) written to {path}")
+        return
+    if args.quantize == "int8":
+        raise NotImplementedError("int8 TFLite export is not implemented yet; use none or fp16.")
+    with tempfile.TemporaryDirectory() as tmp:
+        content = saved_model_to_tflite(
+            export_tflite_saved_model(network, config.model, ids, tmp), args.quantize
+        )
+    extra = non_builtin_ops(content)
+    if extra:
+        raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "wb") as f:
+        f.write(content)
+    print(f"TFLite ({args.quantize}, builtin ops only) written to {args.output}: {len(content) / 1e6:.2f} MB")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="centermask", description="CenterMask instance segmentation (TensorFlow/Keras)."
@@ -227,6 +256,15 @@ def build_parser():
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(handler=cmd_demo)
 
+    export = commands.add_parser("export", help="SavedModel for TF Serving, or TFLite")
+    export.add_argument("--workdir", required=True, help="the training workdir")
+    export.add_argument("--format", required=True, choices=["saved_model", "tflite"])
+    export.add_argument("--output", required=True, help="saved_models/NAME, or FILE.tflite")
+    export.add_argument("--version", type=int, default=1, help="TF Serving model version")
+    export.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"])
+    export.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    export.set_defaults(handler=cmd_export)
+
     shapes = commands.add_parser("make-shapes", help="write the synthetic COCO-format shapes set")
     shapes.add_argument("--output", required=True, help="dataset folder to create")
     shapes.add_argument("--train", type=int, default=600, help="training images")
@@ -254,7 +292,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.handler(args)
-    except (ConfigError, DataError, BackboneWeightsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, BackboneWeightsError, FileNotFoundError, NotImplementedError) as e:
         print(f"centermask {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

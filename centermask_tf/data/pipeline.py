@@ -57,6 +57,17 @@ def decode_example(example):
     }
 
 
+def canvas_window(original_size, size, scale, offset):
+    """The `crop_and_resize` box `[4]` (y1, x1, y2, x2) that maps an image of `original_size`
+    (h, w) onto a `size` canvas as canvas = original * scale + offset."""
+    # Canvas pixel centre u + 0.5 sits at original position (u + 0.5 - offset) / scale; in
+    # crop_and_resize's corner-aligned normalised coordinates that gives this box.
+    first = (0.5 - offset) / scale - 0.5
+    last = (size - 0.5 - offset) / scale - 0.5
+    extent = tf.maximum(original_size - 1.0, 1.0)
+    return tf.concat([first / extent, last / extent], axis=0)
+
+
 def place_on_canvas(sample, size, scale, offset, flip):
     """Resamples image, masks and boxes so that canvas = original * scale + offset (then flip).
 
@@ -72,12 +83,7 @@ def place_on_canvas(sample, size, scale, offset, flip):
         pixels; objects left with less than 1 px of height or width are dropped.
     """
     original = tf.cast(sample["original_size"], tf.float32)
-    # Canvas pixel centre u + 0.5 sits at original position (u + 0.5 - offset) / scale; in
-    # crop_and_resize's corner-aligned normalised coordinates that gives this box.
-    first = (0.5 - offset) / scale - 0.5
-    last = (size - 0.5 - offset) / scale - 0.5
-    extent = tf.maximum(original - 1.0, 1.0)
-    window = tf.concat([first / extent, last / extent], axis=0)  # [4] (y1, x1, y2, x2)
+    window = canvas_window(original, size, scale, offset)
     if flip is not None:
         # x1 > x2 makes crop_and_resize mirror the crop: the flip costs nothing.
         window = tf.where(flip, tf.gather(window, [0, 3, 2, 1]), window)

@@ -1,0 +1,129 @@
+"""SavedModel export for TF Serving, and the in-graph detection functions exports share.
+
+    centermask export --workdir work/demo --format saved_model --output saved_models/shapes
+    centermask export --workdir work/demo --format tflite --output saved_models/shapes.tflite
+
+The SavedModel holds the whole pipeline (decode, letterbox, network, peaks, masks) in standard
+TF ops, under the TF Object Detection API's output names, so existing clients work:
+
+- `serving_default(image_bytes: string [B])`: JPEG/PNG bytes, any sizes.
+- `image_tensor(image_tensor: uint8 [B, H, W, 3])`: any H and W.
+
+Outputs: `num_detections [B]`, `detection_boxes [B, K, 4]` (ymin, xmin, ymax, xmax normalised
+to the original image), `detection_scores [B, K]`, `detection_classes [B, K]` (the dataset's own
+category ids; float32 as in the Object Detection API), `detection_masks [B, K, M, M]`
+(box-relative mask probabilities). Entries past `num_detections` are zero.
+
+Export goes through `keras.export.ExportArchive`, which keeps the network's weights attached
+(a bare `tf.Module` around a Keras 3 model converts to a weightless TFLite file).
+"""
+
+import os
+
+import keras
+import tensorflow as tf
+
+from centermask_tf.data.pipeline import canvas_window
+from centermask_tf.decode import decode_detections
+from centermask_tf.model.centermask import OUTPUT_STRIDE
+
+
+def letterbox_batch(images, size):
+    """uint8 `[B, H, W, 3]` -> (float canvases `[B, size, size, 3]`, scale): the long side fits
+    the canvas and the image sits at its top-left corner, as in the validation pipeline."""
+    original = tf.cast(tf.shape(images)[1:3], tf.float32)
+    scale = size / tf.reduce_max(original)
+    window = canvas_window(original, size, scale, tf.zeros([2]))
+    batch = tf.shape(images)[0]
+    canvases = tf.image.crop_and_resize(
+        images, tf.tile(window[None], [batch, 1]), tf.range(batch), [size, size]
+    )
+    return canvases, scale
+
+
+def detection_outputs(network, model_config, category_ids, canvases, extents):
+    """Runs the network and decoding; boxes are normalised by `extents` `[B, 2]` (the original
+    image's size in input pixels: h * scale, w * scale)."""
+    outputs = network(canvases, training=False)
+    detections = decode_detections(
+        outputs,
+        max_detections=model_config.max_detections,
+        score_threshold=model_config.score_threshold,
+        stride=OUTPUT_STRIDE,
+        mask_mode="box",
+        mask_size=model_config.mask_size,
+    )
+    normaliser = tf.tile(extents, [1, 2])[:, None, :]  # [B, 1, 4]
+    valid = tf.cast(detections["scores"] > 0, tf.float32)
+    ids = tf.constant(category_ids, tf.float32)
+    return {
+        "num_detections": tf.cast(detections["num_detections"], tf.float32),
+        "detection_boxes": tf.clip_by_value(detections["boxes"] / normaliser, 0.0, 1.0),
+        "detection_scores": detections["scores"],
+        "detection_classes": tf.gather(ids, detections["classes"]) * valid,
+        "detection_masks": detections["masks"],
+    }
+
+
+def export_saved_model(network, model_config, category_ids, output, version=1):
+    """Writes the TF Serving layout `output/<version>/` and returns that path."""
+    size = model_config.input_size
+
+    def detect_images(image_tensor):
+        canvases, scale = letterbox_batch(image_tensor, size)
+        original = tf.cast(tf.shape(image_tensor)[1:3], tf.float32)
+        extents = tf.tile((original * scale)[None], [tf.shape(image_tensor)[0], 1])
+        return detection_outputs(network, model_config, category_ids, canvases, extents)
+
+    def decode_one(encoded):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        canvases, scale = letterbox_batch(image[None], size)
+        return canvases[0], tf.cast(tf.shape(image)[:2], tf.float32) * scale
+
+    def detect_bytes(image_bytes):
+        canvases, extents = tf.map_fn(
+            decode_one,
+            image_bytes,
+            fn_output_signature=(
+                tf.TensorSpec([size, size, 3], tf.float32),
+                tf.TensorSpec([2], tf.float32),
+            ),
+        )
+        return detection_outputs(network, model_config, category_ids, canvases, extents)
+
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint(
+        "serving_default",
+        detect_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    archive.add_endpoint(
+        "image_tensor",
+        detect_images,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="image_tensor")],
+    )
+    path = os.path.join(output, str(version))
+    archive.write_out(path, verbose=False)
+    return path
+
+
+def export_tflite_saved_model(network, model_config, category_ids, output):
+    """A SavedModel for TFLite conversion: fixed uint8 `[1, N, N, 3]` input (already letterboxed
+    by the client), boxes normalised to that input; everything else as `image_tensor`."""
+    size = model_config.input_size
+
+    def detect(image):
+        canvases = tf.cast(image, tf.float32)
+        extents = tf.constant([[size, size]], tf.float32)
+        return detection_outputs(network, model_config, category_ids, canvases, extents)
+
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint(
+        "serving_default",
+        detect,
+        input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name="image")],
+    )
+    archive.write_out(output, verbose=False)
+    return output

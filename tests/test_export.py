@@ -1,0 +1,123 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from centermask_tf.cli import main
+from centermask_tf.config import load_config
+from centermask_tf.evaluation import make_detector
+from centermask_tf.export.tflite import non_builtin_ops, run_tflite
+from centermask_tf.model.centermask import build_model
+from centermask_tf.predict import letterbox_image
+from centermask_tf.training import save_run_files
+
+TINY = ["model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
+        "model.shape_size=8", "model.mask_size=8", "model.max_detections=20"]
+CATEGORIES = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}, {"id": 12, "name": "c"}]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    config = load_config("configs/shapes_tiny.yaml", TINY)
+    root = tmp_path_factory.mktemp("export")
+    save_run_files(config, str(root), CATEGORIES)
+    network = build_model(config.model)
+    network.get_layer("size").out.bias.assign([6.0, 6.0])  # random heads give near-zero boxes
+    (root / "checkpoints").mkdir()
+    network.save_weights(str(root / "checkpoints" / "last.weights.h5"))
+    return root, config, network
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(3).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+
+
+def mask_iou(got, ref):
+    """IoU of the masks thresholded at the reference's median probability: random weights give
+    probabilities far below the usual 0.4, where every mask would be empty."""
+    threshold = np.median(ref)
+    mine, theirs = got >= threshold, ref >= threshold
+    assert 0 < theirs.mean() < 1
+    return (mine & theirs).sum() / (mine | theirs).sum()
+
+
+def keras_reference(network, config, image):
+    """The Keras path's detections, expressed like the export's (normalised, file ids)."""
+    canvas, scale = letterbox_image(tf.constant(image), config.model.input_size)
+    out = {k: v.numpy() for k, v in make_detector(network, config.model)(canvas[None]).items()}
+    extents = np.array(image.shape[:2]) * scale
+    out["boxes"] = np.clip(out["boxes"] / np.tile(extents, 2), 0, 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved_model(workdir, tmp_path_factory):
+    root, _, _ = workdir
+    output = tmp_path_factory.mktemp("sm") / "shapes"
+    assert main(["export", "--workdir", str(root), "--format", "saved_model", "--output", str(output)]) == 0
+    return output / "1"
+
+
+def test_saved_model_matches_keras(workdir, saved_model, image):
+    _, config, network = workdir
+    loaded = tf.saved_model.load(str(saved_model))
+    assert set(loaded.signatures) == {"serving_default", "image_tensor"}
+    got = {k: v.numpy() for k, v in loaded.signatures["image_tensor"](image_tensor=tf.constant(image[None])).items()}
+    ref = keras_reference(network, config, image)
+    n = int(ref["num_detections"][0])
+    assert int(got["num_detections"][0]) == n > 0
+    np.testing.assert_allclose(got["detection_boxes"][0, :n], ref["boxes"][0, :n], atol=1e-3)
+    np.testing.assert_allclose(got["detection_scores"][0, :n], ref["scores"][0, :n], atol=1e-4)
+    np.testing.assert_array_equal(got["detection_classes"][0, :n], np.array([3, 7, 12])[ref["classes"][0, :n]])
+    assert mask_iou(got["detection_masks"][0, :n], ref["masks"][0, :n]) >= 0.99
+    by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant([tf.io.encode_png(image).numpy()]))
+    np.testing.assert_allclose(by_bytes["detection_boxes"], got["detection_boxes"], atol=1e-6)
+
+
+def test_saved_model_loads_without_the_package(saved_model, image, tmp_path):
+    png = tmp_path / "image.png"
+    png.write_bytes(tf.io.encode_png(image).numpy())
+    script = (
+        "import json, sys, tensorflow as tf\n"
+        f"m = tf.saved_model.load({str(saved_model)!r})\n"
+        f"out = m.signatures['serving_default'](image_bytes=tf.constant([open({str(png)!r}, 'rb').read()]))\n"
+        "assert not any(name.startswith('centermask_tf') for name in sys.modules)\n"
+        "print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    remote = json.loads(run.stdout.strip().splitlines()[-1])
+    local = tf.saved_model.load(str(saved_model)).signatures["serving_default"](image_bytes=tf.constant([png.read_bytes()]))
+    for key, value in local.items():
+        np.testing.assert_allclose(np.array(remote[key]), value.numpy(), atol=1e-6)
+
+
+def test_saved_model_rejects_wrong_dtype_and_rank(saved_model):
+    signature = tf.saved_model.load(str(saved_model)).signatures["image_tensor"]
+    rejected = (TypeError, ValueError, tf.errors.InvalidArgumentError)
+    with pytest.raises(rejected, match="uint8"):
+        signature(image_tensor=tf.zeros([1, 8, 8, 3], tf.float32))
+    with pytest.raises(rejected):
+        signature(image_tensor=tf.zeros([8, 8, 3], tf.uint8))
+
+
+@pytest.mark.parametrize("quantize, min_iou", [("none", 0.98), ("fp16", 0.95)])
+def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou):
+    root, config, network = workdir
+    path = tmp_path / f"model_{quantize}.tflite"
+    args = ["export", "--workdir", str(root), "--format", "tflite", "--quantize", quantize, "--output", str(path)]
+    assert main(args) == 0
+    content = path.read_bytes()
+    assert non_builtin_ops(content) == set()
+    size = config.model.input_size
+    canvas = np.random.default_rng(5).integers(0, 255, (1, size, size, 3), dtype=np.uint8)
+    got = run_tflite(content, {"image": canvas})
+    ref = keras_reference(network, config, canvas[0])
+    n = int(ref["num_detections"][0])
+    assert int(got["num_detections"][0]) == n > 0
+    np.testing.assert_allclose(got["detection_boxes"][0, :n], ref["boxes"][0, :n], atol=1e-3)
+    assert mask_iou(got["detection_masks"][0, :n], ref["masks"][0, :n]) >= min_iou
