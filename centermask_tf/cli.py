@@ -139,10 +139,10 @@ def cmd_demo(args):
     start = time.time()
     shapes = os.path.join(args.data, "annotations", "instances_train.json")
     if not os.path.exists(shapes):
-        print(f"[1/4] writing the synthetic shapes set to {args.data}")
+        print(f"[1/5] writing the synthetic shapes set to {args.data}")
         make_shapes(args.data, train=600, val=100, seed=0)
     else:
-        print(f"[1/4] using the shapes set in {args.data}")
+        print(f"[1/5] using the shapes set in {args.data}")
     overrides = [
         f"data.train.annotations={args.data}/annotations/instances_train.json",
         f"data.train.images={args.data}/train",
@@ -151,20 +151,25 @@ def cmd_demo(args):
         *args.overrides,
     ]
     config = _load(argparse.Namespace(config=args.config, overrides=overrides))
-    print(f"[2/4] training {args.config} into {args.workdir}")
+    print(f"[2/5] training {args.config} into {args.workdir}")
     train(config, args.workdir)
-    print("[3/4] COCO evaluation on the held-out split")
+    print("[3/5] COCO evaluation on the held-out split")
     network = _network_for(config, args.workdir, None)
     builder = prepare_dataset(config.data)
     eval_dir = os.path.join(args.workdir, "eval")
     metrics = evaluate_network(network, builder, config, eval_dir)
     overlays = os.path.join(args.workdir, "predictions")
-    print(f"[4/4] overlays of 8 validation images in {overlays}")
+    print(f"[4/5] overlays of 8 validation images in {overlays}")
     files = image_files(config.data.val.images)[:8]
     predict_files(
         make_detector(network, config.model), files, config.model.input_size,
         builder.info.metadata["categories"], 0.3, config.model.mask_threshold, overlays,
     )
+    print("[5/5] exporting SavedModel and TFLite")
+    saved_model = os.path.join("saved_models", "shapes_tiny")
+    tflite = os.path.join("saved_models", "shapes_tiny.tflite")
+    cmd_export(argparse.Namespace(workdir=args.workdir, weights=None, format="saved_model", output=saved_model, version=1, quantize="none"))
+    cmd_export(argparse.Namespace(workdir=args.workdir, weights=None, format="tflite", output=tflite, version=1, quantize="none"))
     minutes = (time.time() - start) / 60
     print("\n=== centermask demo summary ===")
     for iou_type in ("bbox", "segm"):
@@ -179,6 +184,8 @@ def cmd_demo(args):
     print(f"detections     {eval_dir}/detections.json (COCO results format)")
     print(f"overlays       {overlays}/*.png, {overlays}/predictions.json")
     print(f"logs           {args.workdir}/history.csv, TensorBoard: {args.workdir}/logs")
+    print(f"SavedModel     {saved_model}/1 (TF Serving layout)")
+    print(f"TFLite         {tflite} ({os.path.getsize(tflite) / 1e6:.2f} MB, builtin ops only)")
 
 
 def cmd_export(args):
