@@ -8,6 +8,19 @@ import tensorflow as tf
 
 from centermask_tf.losses import gather_at
 from centermask_tf.model.assembly import assemble_box_masks, assemble_masks
+from centermask_tf.model.centermask import OUTPUT_STRIDE
+
+
+def detect(network, images, model_config):
+    """Network + decoding with the config's K, score threshold and box-relative M x M masks."""
+    return decode_detections(
+        network(images, training=False),
+        max_detections=model_config.max_detections,
+        score_threshold=model_config.score_threshold,
+        stride=OUTPUT_STRIDE,
+        mask_mode="box",
+        mask_size=model_config.mask_size,
+    )
 
 
 def decode_detections(

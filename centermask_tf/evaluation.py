@@ -22,9 +22,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from centermask_tf.data.coco import load_annotations, usable_annotations
-from centermask_tf.decode import decode_detections
+from centermask_tf.decode import detect
 from centermask_tf.model.assembly import paste_masks
-from centermask_tf.model.centermask import OUTPUT_STRIDE
 
 logger = logging.getLogger("centermask_tf.evaluation")
 
@@ -33,20 +32,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def make_detector(network, model_config):
     """A `tf.function`: images `[B, N, N, 3]` -> decoded detections (box-relative masks)."""
-
-    @tf.function
-    def detect(images):
-        outputs = network(images, training=False)
-        return decode_detections(
-            outputs,
-            max_detections=model_config.max_detections,
-            score_threshold=model_config.score_threshold,
-            stride=OUTPUT_STRIDE,
-            mask_mode="box",
-            mask_size=model_config.mask_size,
-        )
-
-    return detect
+    return tf.function(lambda images: detect(network, images, model_config))
 
 
 def to_original_image(detections, index, scale, original_size, mask_threshold):

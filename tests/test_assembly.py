@@ -1,7 +1,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from centermask_tf.export.tflite import keras_to_tflite, non_builtin_ops, run_tflite
 from centermask_tf.model.assembly import MaskAssembly, assemble_box_masks, assemble_masks, paste_masks

@@ -24,8 +24,7 @@ import keras
 import tensorflow as tf
 
 from centermask_tf.data.pipeline import canvas_window
-from centermask_tf.decode import decode_detections
-from centermask_tf.model.centermask import OUTPUT_STRIDE
+from centermask_tf.decode import detect
 
 
 def letterbox_batch(images, size):
@@ -44,15 +43,7 @@ def letterbox_batch(images, size):
 def detection_outputs(network, model_config, category_ids, canvases, extents):
     """Runs the network and decoding; boxes are normalised by `extents` `[B, 2]` (the original
     image's size in input pixels: h * scale, w * scale)."""
-    outputs = network(canvases, training=False)
-    detections = decode_detections(
-        outputs,
-        max_detections=model_config.max_detections,
-        score_threshold=model_config.score_threshold,
-        stride=OUTPUT_STRIDE,
-        mask_mode="box",
-        mask_size=model_config.mask_size,
-    )
+    detections = detect(network, canvases, model_config)
     normaliser = tf.tile(extents, [1, 2])[:, None, :]  # [B, 1, 4]
     valid = tf.cast(detections["scores"] > 0, tf.float32)
     ids = tf.constant(category_ids, tf.float32)
@@ -91,20 +82,18 @@ def export_saved_model(network, model_config, category_ids, output, version=1):
         )
         return detection_outputs(network, model_config, category_ids, canvases, extents)
 
-    archive = keras.export.ExportArchive()
-    archive.track(network)
-    archive.add_endpoint(
-        "serving_default",
-        detect_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
-    )
-    archive.add_endpoint(
-        "image_tensor",
-        detect_images,
-        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="image_tensor")],
-    )
     path = os.path.join(output, str(version))
-    archive.write_out(path, verbose=False)
+    _write_archive(
+        network,
+        {
+            "serving_default": (detect_bytes, tf.TensorSpec([None], tf.string, name="image_bytes")),
+            "image_tensor": (
+                detect_images,
+                tf.TensorSpec([None, None, None, 3], tf.uint8, name="image_tensor"),
+            ),
+        },
+        path,
+    )
     return path
 
 
@@ -113,17 +102,21 @@ def export_tflite_saved_model(network, model_config, category_ids, output):
     by the client), boxes normalised to that input; everything else as `image_tensor`."""
     size = model_config.input_size
 
-    def detect(image):
+    def detect_canvas(image):
         canvases = tf.cast(image, tf.float32)
         extents = tf.constant([[size, size]], tf.float32)
         return detection_outputs(network, model_config, category_ids, canvases, extents)
 
+    spec = tf.TensorSpec([1, size, size, 3], tf.uint8, name="image")
+    _write_archive(network, {"serving_default": (detect_canvas, spec)}, output)
+    return output
+
+
+def _write_archive(network, endpoints, path):
+    """Writes a SavedModel with the network's weights tracked and one endpoint per
+    `name: (function, input TensorSpec)`."""
     archive = keras.export.ExportArchive()
     archive.track(network)
-    archive.add_endpoint(
-        "serving_default",
-        detect,
-        input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name="image")],
-    )
-    archive.write_out(output, verbose=False)
-    return output
+    for name, (function, spec) in endpoints.items():
+        archive.add_endpoint(name, function, input_signature=[spec])
+    archive.write_out(path, verbose=False)
