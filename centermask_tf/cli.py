@@ -168,8 +168,10 @@ def cmd_demo(args):
     print("[5/5] exporting SavedModel and TFLite")
     saved_model = os.path.join("saved_models", "shapes_tiny")
     tflite = os.path.join("saved_models", "shapes_tiny.tflite")
-    cmd_export(argparse.Namespace(workdir=args.workdir, weights=None, format="saved_model", output=saved_model, version=1, quantize="none"))
-    cmd_export(argparse.Namespace(workdir=args.workdir, weights=None, format="tflite", output=tflite, version=1, quantize="none"))
+    for form, output in (("saved_model", saved_model), ("tflite", tflite)):
+        cmd_export(argparse.Namespace(
+            workdir=args.workdir, weights=None, format=form, output=output, version=1, quantize=None
+        ))
     minutes = (time.time() - start) / 60
     print("\n=== centermask demo summary ===")
     for iou_type in ("bbox", "segm"):
@@ -202,11 +204,12 @@ def cmd_export(args):
         path = export_saved_model(network, config.model, ids, args.output, args.version)
         print(f"SavedModel (TF Serving layout) written to {path}")
         return
-    if args.quantize == "int8":
+    quantize = args.quantize or config.export.quantize
+    if quantize == "int8":
         raise NotImplementedError("int8 TFLite export is not implemented yet; use none or fp16.")
     with tempfile.TemporaryDirectory() as tmp:
         content = saved_model_to_tflite(
-            export_tflite_saved_model(network, config.model, ids, tmp), args.quantize
+            export_tflite_saved_model(network, config.model, ids, tmp), quantize
         )
     extra = non_builtin_ops(content)
     if extra:
@@ -214,7 +217,7 @@ def cmd_export(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "wb") as f:
         f.write(content)
-    print(f"TFLite ({args.quantize}, builtin ops only) written to {args.output}: {len(content) / 1e6:.2f} MB")
+    print(f"TFLite ({quantize}, builtin ops only) written to {args.output}: {len(content) / 1e6:.2f} MB")
 
 
 def build_parser():
@@ -268,7 +271,9 @@ def build_parser():
     export.add_argument("--format", required=True, choices=["saved_model", "tflite"])
     export.add_argument("--output", required=True, help="saved_models/NAME, or FILE.tflite")
     export.add_argument("--version", type=int, default=1, help="TF Serving model version")
-    export.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"])
+    export.add_argument(
+        "--quantize", choices=["none", "fp16", "int8"], help="default: the config's export.quantize"
+    )
     export.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
     export.set_defaults(handler=cmd_export)
 
