@@ -1,7 +1,12 @@
 """The `centermask` command line: thin sub-commands over the library.
 
+    centermask demo
     centermask make-shapes --output work/shapes --train 600 --val 100 --seed 0
-    centermask info --config configs/coco_resnet18.yaml [--set model.input_size=256]
+    centermask train    --config configs/shapes_tiny.yaml --workdir work/demo [--set key=value ...]
+    centermask evaluate --config configs/shapes_tiny.yaml --workdir work/demo [--weights FILE]
+    centermask predict  --workdir work/demo --input IMAGE_OR_DIR --output DIR [--score 0.3]
+    centermask export   --workdir work/demo --format saved_model|tflite --output PATH
+    centermask info     --config configs/coco_resnet18.yaml [--set model.input_size=256]
     centermask benchmark data --config configs/coco_resnet18.yaml
 """
 
@@ -34,13 +39,13 @@ def _load(args):
 
 def cmd_info(args):
     """Prints parameter count and FLOPs of the network built from each config."""
+    from centermask_tf.config import load_config
     from centermask_tf.model.centermask import build_model
     from centermask_tf.profiling import model_flops
 
     rows = []
     for path in args.config:
-        args_one = argparse.Namespace(config=path, overrides=args.overrides)
-        config = _load(args_one)
+        config = load_config(path, args.overrides)
         if args.no_weights:
             config.model.weights = None
         model = build_model(config)
@@ -130,6 +135,7 @@ def cmd_demo(args):
     """The main job end to end on the built-in shapes set: data, train, evaluate, predict."""
     import time
 
+    from centermask_tf.config import load_config
     from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.evaluation import evaluate_network, make_detector
@@ -150,7 +156,7 @@ def cmd_demo(args):
         f"data.val.images={args.data}/val",
         *args.overrides,
     ]
-    config = _load(argparse.Namespace(config=args.config, overrides=overrides))
+    config = load_config(args.config, overrides)
     print(f"[2/5] training {args.config} into {args.workdir}")
     train(config, args.workdir)
     print("[3/5] COCO evaluation on the held-out split")

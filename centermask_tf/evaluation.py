@@ -17,11 +17,10 @@ import keras
 import numpy as np
 import pycocotools.mask as mask_utils
 import tensorflow as tf
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from centermask_tf.data.coco import load_annotations, usable_annotations
+from centermask_tf.data.coco import index_coco, load_annotations, usable_annotations
 from centermask_tf.decode import detect
 from centermask_tf.model.assembly import paste_masks
 
@@ -95,12 +94,8 @@ def coco_metrics(annotations, detections, image_ids):
         {"bbox": {name: value}, "segm": {name: value}} with `METRIC_NAMES`; 0.0 throughout
         when there are no detections.
     """
-    ground_truth = load_annotations(annotations)
-    clean = dict(ground_truth.dataset, annotations=usable_annotations(ground_truth, image_ids))
-    ground_truth = COCO()
-    ground_truth.dataset = clean
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth.createIndex()
+    full = load_annotations(annotations)
+    ground_truth = index_coco(dict(full.dataset, annotations=usable_annotations(full, image_ids)))
     metrics = {}
     for iou_type in ("bbox", "segm"):
         if not detections:

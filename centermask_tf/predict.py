@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from centermask_tf.config import config_from_dict
-from centermask_tf.data.pipeline import letterbox
+from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.evaluation import coco_results, to_original_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -62,17 +62,8 @@ def load_image(path):
 
 def letterbox_image(image, size):
     """`(canvas float32 [size, size, 3], scale)` exactly as the validation pipeline places it."""
-    height, width = image.shape[0], image.shape[1]
-    sample = {
-        "image": image,
-        "boxes": tf.zeros([0, 4]),
-        "classes": tf.zeros([0], tf.int32),
-        "is_crowd": tf.zeros([0], tf.bool),
-        "masks": tf.zeros([0, height, width], tf.uint8),
-        "original_size": tf.constant([height, width], tf.int32),
-    }
-    placed = letterbox(sample, size)
-    return placed["image"], float(placed["scale"])
+    canvases, scale = letterbox_images(image[None], size)
+    return canvases[0], float(scale)
 
 
 def _colour(index):

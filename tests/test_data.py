@@ -239,3 +239,14 @@ def test_folded_colour_jitter_equals_sequential_adjustments(rng):
     x = x * c + gray(x).mean() * (1 - c)
     x = x * s + gray(x) * (1 - s)
     np.testing.assert_allclose(_jitter_colour(image, 0.4, seeds), np.clip(x, 0, 255), atol=1e-2)
+
+
+def test_letterbox_images_equals_the_validation_letterbox(shapes_builder):
+    from centermask_tf.data.pipeline import letterbox, letterbox_images
+
+    builder, _ = shapes_builder
+    sample = decode_example(next(iter(builder.as_dataset(split="val").take(1))))
+    expected = letterbox(sample, SIZE)
+    canvases, scale = letterbox_images(sample["image"][None], SIZE)
+    np.testing.assert_array_equal(canvases[0].numpy(), expected["image"].numpy())
+    assert float(scale) == float(expected["scale"])

@@ -110,6 +110,11 @@ def load_annotations(path):
             raise DataError(f"Annotation file '{path}' has no '{key}' list (COCO instances format).")
     if not data["categories"]:
         raise DataError(f"Annotation file '{path}' has an empty 'categories' list.")
+    return index_coco(data)
+
+
+def index_coco(data):
+    """A pycocotools `COCO` over an already loaded instances dict."""
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

@@ -167,6 +167,26 @@ def letterbox(sample, size):
     return sample
 
 
+def letterbox_images(images, size):
+    """`letterbox` for a batch of same-size images without annotations (prediction, export).
+
+    Args:
+        images: uint8 `[B, H, W, 3]`.
+        size: canvas side N.
+
+    Returns:
+        (float32 canvases `[B, N, N, 3]`, scale: input pixels per original pixel).
+    """
+    original = tf.cast(tf.shape(images)[1:3], tf.float32)
+    scale = size / tf.reduce_max(original)
+    window = canvas_window(original, size, scale, tf.zeros([2]))
+    batch = tf.shape(images)[0]
+    canvases = tf.image.crop_and_resize(
+        images, tf.tile(window[None], [batch, 1]), tf.range(batch), [size, size]
+    )
+    return canvases, scale
+
+
 def _options(deterministic):
     options = tf.data.Options()
     options.deterministic = deterministic

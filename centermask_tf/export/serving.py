@@ -23,21 +23,8 @@ import os
 import keras
 import tensorflow as tf
 
-from centermask_tf.data.pipeline import canvas_window
+from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.decode import detect
-
-
-def letterbox_batch(images, size):
-    """uint8 `[B, H, W, 3]` -> (float canvases `[B, size, size, 3]`, scale): the long side fits
-    the canvas and the image sits at its top-left corner, as in the validation pipeline."""
-    original = tf.cast(tf.shape(images)[1:3], tf.float32)
-    scale = size / tf.reduce_max(original)
-    window = canvas_window(original, size, scale, tf.zeros([2]))
-    batch = tf.shape(images)[0]
-    canvases = tf.image.crop_and_resize(
-        images, tf.tile(window[None], [batch, 1]), tf.range(batch), [size, size]
-    )
-    return canvases, scale
 
 
 def detection_outputs(network, model_config, category_ids, canvases, extents):
@@ -61,14 +48,14 @@ def export_saved_model(network, model_config, category_ids, output, version=1):
     size = model_config.input_size
 
     def detect_images(image_tensor):
-        canvases, scale = letterbox_batch(image_tensor, size)
+        canvases, scale = letterbox_images(image_tensor, size)
         original = tf.cast(tf.shape(image_tensor)[1:3], tf.float32)
         extents = tf.tile((original * scale)[None], [tf.shape(image_tensor)[0], 1])
         return detection_outputs(network, model_config, category_ids, canvases, extents)
 
     def decode_one(encoded):
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        canvases, scale = letterbox_batch(image[None], size)
+        canvases, scale = letterbox_images(image[None], size)
         return canvases[0], tf.cast(tf.shape(image)[:2], tf.float32) * scale
 
     def detect_bytes(image_bytes):
