@@ -28,6 +28,8 @@ setup(
         "tensorboard>=2.20,<3",
         # Overlay drawing (masks, boxes, class names) in `centermask predict`.
         "pillow>=10,<14",
+        # PredictRequest protos for the gRPC path of scripts/serve_client.py.
+        "tensorflow-serving-api>=2.21,<2.22",
     ],
     extras_require={
         "test": ["pytest>=8,<10"],

@@ -3,9 +3,12 @@
     centermask demo
     centermask make-shapes --output work/shapes --train 600 --val 100 --seed 0
     centermask train    --config configs/shapes_tiny.yaml --workdir work/demo [--set key=value ...]
-    centermask evaluate --config configs/shapes_tiny.yaml --workdir work/demo [--weights FILE]
+    centermask evaluate --config configs/shapes_tiny.yaml --workdir work/demo
+                        [--weights FILE | --saved-model DIR | --tflite FILE]
     centermask predict  --workdir work/demo --input IMAGE_OR_DIR --output DIR [--score 0.3]
+                        [--weights FILE | --saved-model DIR | --tflite FILE]
     centermask export   --workdir work/demo --format saved_model|tflite --output PATH
+                        [--quantize none|fp16|int8]
     centermask info     --config configs/coco_resnet18.yaml [--set model.input_size=256]
     centermask benchmark data --config configs/coco_resnet18.yaml
 """
@@ -29,6 +32,13 @@ def _add_config_args(parser):
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set model.backbone=resnet50 (repeatable)",
     )
+
+
+def _add_model_source_args(parser):
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    source.add_argument("--saved-model", help="run an exported SavedModel version folder instead")
+    source.add_argument("--tflite", help="run an exported .tflite file instead")
 
 
 def _load(args):
@@ -102,27 +112,43 @@ def _network_for(config, workdir, weights):
     return network
 
 
+def _detector_for(args, config, categories):
+    """The detector `evaluate`/`predict` run: the workdir's Keras network, or the exported
+    SavedModel / TFLite file given with --saved-model / --tflite."""
+    from centermask_tf.evaluation import make_detector
+    from centermask_tf.export import runtime
+
+    ids = [c["id"] for c in categories]
+    size = config.model.input_size
+    if args.saved_model:
+        return runtime.saved_model_detector(args.saved_model, size, ids)
+    if args.tflite:
+        return runtime.tflite_detector(args.tflite, size, ids)
+    return make_detector(_network_for(config, args.workdir, args.weights), config.model)
+
+
 def cmd_evaluate(args):
     from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.evaluation import evaluate_network
+    from centermask_tf.evaluation import evaluate_detector
 
     config = _load(args)
     builder = prepare_dataset(config.data)
-    network = _network_for(config, args.workdir, args.weights)
+    detect = _detector_for(args, config, builder.info.metadata["categories"])
     output = os.path.join(args.workdir, "eval")
-    metrics = evaluate_network(network, builder, config, output, config.eval.max_images)
+    artifact = args.saved_model or args.tflite
+    if artifact:  # keep the Keras model's metrics.json; each artifact gets its own folder
+        output = os.path.join(output, os.path.basename(os.path.normpath(artifact)).replace(os.sep, "_"))
+    metrics = evaluate_detector(detect, builder, config, output, config.eval.max_images)
     for iou_type, values in metrics.items():
         print(f"{iou_type:5s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
     print(f"wrote {output}/metrics.json and {output}/detections.json")
 
 
 def cmd_predict(args):
-    from centermask_tf.evaluation import make_detector
     from centermask_tf.predict import image_files, load_workdir, predict_files
 
     config, categories = load_workdir(args.workdir)
-    network = _network_for(config, args.workdir, args.weights)
-    detect = make_detector(network, config.model)
+    detect = _detector_for(args, config, categories)
     files = image_files(args.input)
     predict_files(
         detect, files, config.model.input_size, categories, args.score,
@@ -200,7 +226,7 @@ def cmd_export(args):
     import tempfile
 
     from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model
-    from centermask_tf.export.tflite import non_builtin_ops, saved_model_to_tflite
+    from centermask_tf.export.tflite import non_builtin_ops, representative_dataset, saved_model_to_tflite
     from centermask_tf.predict import load_workdir
 
     config, categories = load_workdir(args.workdir)
@@ -211,11 +237,16 @@ def cmd_export(args):
         print(f"SavedModel (TF Serving layout) written to {path}")
         return
     quantize = args.quantize or config.export.quantize
+    calibration = None
     if quantize == "int8":
-        raise NotImplementedError("int8 TFLite export is not implemented yet; use none or fp16.")
+        from centermask_tf.data.tfds_builder import prepare_dataset
+
+        count = config.export.representative_images
+        print(f"calibrating int8 on {count} training images of {config.data.train.images}")
+        calibration = representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
     with tempfile.TemporaryDirectory() as tmp:
         content = saved_model_to_tflite(
-            export_tflite_saved_model(network, config.model, ids, tmp), quantize
+            export_tflite_saved_model(network, config.model, ids, tmp), quantize, calibration
         )
     extra = non_builtin_ops(content)
     if extra:
@@ -254,7 +285,7 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="COCO bbox/segm AP on the validation split")
     _add_config_args(evaluate)
     evaluate.add_argument("--workdir", required=True, help="the training workdir")
-    evaluate.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    _add_model_source_args(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="overlay PNGs + predictions.json for images")
@@ -262,7 +293,7 @@ def build_parser():
     predict.add_argument("--input", required=True, help="an image file or a folder of images")
     predict.add_argument("--output", required=True, help="folder for overlays and predictions.json")
     predict.add_argument("--score", type=float, default=0.3, help="minimum detection score")
-    predict.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    _add_model_source_args(predict)
     predict.set_defaults(handler=cmd_predict)
 
     demo = commands.add_parser("demo", help="shapes set -> train -> evaluate -> overlays, in one go")

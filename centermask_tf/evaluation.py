@@ -115,10 +115,16 @@ def coco_metrics(annotations, detections, image_ids):
 
 
 def evaluate_network(network, builder, config, output_dir=None, max_images=None):
-    """Runs `network` over the validation split and computes COCO metrics.
+    """`evaluate_detector` with the Keras network's in-graph detector."""
+    return evaluate_detector(make_detector(network, config.model), builder, config, output_dir, max_images)
+
+
+def evaluate_detector(detect, builder, config, output_dir=None, max_images=None):
+    """Runs a detector over the validation split and computes COCO metrics.
 
     Args:
-        network: the functional CenterMask model.
+        detect: letterboxed images `[B, N, N, 3]` -> decoded detections (`make_detector`, or an
+            exported artifact's `export.runtime` detector).
         builder: the prepared TFDS builder (with a `val` split).
         config: the full `Config`.
         output_dir: where to write detections.json and metrics.json (None: not written).
@@ -137,11 +143,10 @@ def evaluate_network(network, builder, config, output_dir=None, max_images=None)
         dataset = dataset.unbatch().take(max_images).batch(config.eval.batch_size)
         total = min(total, max_images)
     category_ids = [c["id"] for c in builder.info.metadata["categories"]]
-    detect = make_detector(network, config.model)
     detections, image_ids = [], []
     with tqdm(total=total, desc="evaluate", unit="img", leave=False) as progress:
         for images, info in dataset:
-            batch = {k: v.numpy() for k, v in detect(images).items()}
+            batch = {k: np.asarray(v) for k, v in detect(images).items()}
             for i, image_id in enumerate(info["image_id"].numpy()):
                 result = to_original_image(
                     batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold

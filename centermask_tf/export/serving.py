@@ -27,6 +27,17 @@ from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.decode import detect
 
 
+# File signatures of the formats tf.io.decode_image reads.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+
+
+def _is_image(encoded):
+    """Whether a scalar string starts like a JPEG, PNG, GIF or BMP file."""
+    return tf.reduce_any(
+        [tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic) for magic in _IMAGE_MAGIC]
+    )
+
+
 def detection_outputs(network, model_config, category_ids, canvases, extents):
     """Runs the network and decoding; boxes are normalised by `extents` `[B, 2]` (the original
     image's size in input pixels: h * scale, w * scale)."""
@@ -54,7 +65,14 @@ def export_saved_model(network, model_config, category_ids, output, version=1):
         return detection_outputs(network, model_config, category_ids, canvases, extents)
 
     def decode_one(encoded):
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        # Named here: decode_image's own error does not say which input was wrong.
+        check = tf.debugging.Assert(
+            _is_image(encoded),
+            ["Input 'image_bytes' must hold JPEG, PNG, GIF or BMP file bytes; got a string starting",
+             tf.strings.substr(encoded, 0, 16)],
+        )
+        with tf.control_dependencies([check]):
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         canvases, scale = letterbox_images(image[None], size)
         return canvases[0], tf.cast(tf.shape(image)[:2], tf.float32) * scale
 

@@ -7,6 +7,20 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 
+def representative_dataset(builder, input_size, count, split="train"):
+    """Calibration inputs for int8: `count` images of `split`, letterboxed as the validation
+    pipeline places them, as the uint8 `[1, N, N, 3]` tensors the TFLite model takes."""
+    from centermask_tf.data.pipeline import eval_dataset
+
+    images = eval_dataset(builder, input_size=input_size, batch_size=1, split=split).take(count)
+
+    def generate():
+        for canvas, _ in images:
+            yield [tf.cast(tf.clip_by_value(tf.round(canvas), 0.0, 255.0), tf.uint8)]
+
+    return generate
+
+
 def saved_model_to_tflite(saved_model_dir, quantize="none", representative_dataset=None):
     """Converts a SavedModel to a TFLite flatbuffer using builtin ops only (no Flex, no custom).
 
