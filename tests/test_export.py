@@ -1,9 +1,11 @@
 import base64
+import http.server
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -207,3 +209,44 @@ def test_rest_and_grpc_requests_run_through_the_signature(saved_model, image):
         np.testing.assert_array_equal(from_rest[key].numpy(), value.numpy())
         np.testing.assert_array_equal(from_grpc[key].numpy(), value.numpy())
     assert direct["num_detections"].shape == (2,)
+
+
+def test_rest_client_against_a_server_speaking_tf_servings_protocol(saved_model, image):
+    """`rest_predict` end to end over HTTP against a stand-in that answers as TF Serving's REST
+    API does (row format; 400 with {"error": ...} on a graph error)."""
+    client = _serve_client()
+    signature = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            assert self.path == "/v1/models/shapes/versions/1:predict"
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            data = [base64.b64decode(instance["b64"]) for instance in body["instances"]]
+            try:
+                out = signature(image_bytes=tf.constant(data))
+                rows = [{k: v[i].numpy().tolist() for k, v in out.items()} for i in range(len(data))]
+                status, answer = 200, {"predictions": rows}
+            except tf.errors.InvalidArgumentError as e:
+                status, answer = 400, {"error": e.message}
+            payload = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        png = tf.io.encode_png(image).numpy()
+        rows = client.rest_predict([png], "shapes", "127.0.0.1", server.server_port, version=1)
+        direct = signature(image_bytes=tf.constant([png]))
+        assert len(rows) == 1
+        for key, value in direct.items():
+            np.testing.assert_allclose(rows[0][key], value.numpy()[0], atol=1e-6)
+        with pytest.raises(RuntimeError, match="400.*image_bytes"):
+            client.rest_predict([b"not an image"], "shapes", "127.0.0.1", server.server_port, version=1)
+    finally:
+        server.shutdown()
