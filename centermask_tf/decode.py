@@ -4,6 +4,9 @@ No box NMS: a 3x3 max-pool over the sigmoid heatmap keeps only local maxima (Cen
 Outputs keep a static K; entries past `num_detections` (score below the threshold) are zeroed.
 """
 
+import weakref
+
+import keras
 import tensorflow as tf
 
 from centermask_tf.losses import gather_at
@@ -11,15 +14,40 @@ from centermask_tf.model.assembly import assemble_box_masks, assemble_masks
 from centermask_tf.model.centermask import OUTPUT_STRIDE
 
 
-def detect(network, images, model_config):
-    """Network + decoding with the config's K, score threshold and box-relative M x M masks."""
+_INFERENCE_NETWORKS = weakref.WeakKeyDictionary()
+
+
+def inference_network(network):
+    """`network` with the Shape head's input features (`shape_features`) in place of its dense
+    `[B, H, W, S*S]` output, sharing every layer and weight. Built once per network."""
+    if network not in _INFERENCE_NETWORKS:
+        outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")}
+        outputs["shape_features"] = network.get_layer("shape").input
+        _INFERENCE_NETWORKS[network] = keras.Model(network.input, outputs, name=f"{network.name}_inference")
+    return _INFERENCE_NETWORKS[network]
+
+
+def detect(network, images, model_config, sparse_shape=True):
+    """Network + decoding with the config's K, score threshold and box-relative M x M masks.
+
+    With `sparse_shape` (the default) the Shape head runs at the K peaks only (`Head.call_at`):
+    the same numbers as the dense head, without computing S*S channels at every location.
+    """
+    if sparse_shape:
+        outputs = inference_network(network)(images, training=False)
+        shape_head = network.get_layer("shape")
+        features = outputs.pop("shape_features")
+        shape_at = lambda pixels: shape_head.call_at(features, pixels)  # noqa: E731
+    else:
+        outputs, shape_at = network(images, training=False), None
     return decode_detections(
-        network(images, training=False),
+        outputs,
         max_detections=model_config.max_detections,
         score_threshold=model_config.score_threshold,
         stride=OUTPUT_STRIDE,
         mask_mode="box",
         mask_size=model_config.mask_size,
+        shape_at=shape_at,
     )
 
 
@@ -31,6 +59,7 @@ def decode_detections(
     stride=4,
     mask_mode="box",
     mask_size=32,
+    shape_at=None,
 ):
     """Decodes a batch of head outputs.
 
@@ -41,6 +70,8 @@ def decode_detections(
         stride: output stride, to express boxes in input pixels.
         mask_mode: "box" for `[B, K, M, M]` box-relative masks, "full" for `[B, K, H/s, W/s]`.
         mask_size: M for the "box" mode.
+        shape_at: flattened peak positions `[B, K]` -> shape vectors `[B, K, S*S]`; default:
+            gathered from `outputs["shape"]`.
 
     Returns:
         dict with `boxes [B, K, 4]` (ymin, xmin, ymax, xmax) in input pixels, `scores [B, K]`,
@@ -62,7 +93,10 @@ def decode_detections(
 
     offset = gather_at(tf.cast(outputs["offset"], tf.float32), pixels)  # [B, K, 2]
     size = tf.nn.relu(gather_at(tf.cast(outputs["size"], tf.float32), pixels))  # [B, K, 2]
-    shape_vectors = gather_at(outputs["shape"], pixels)  # [B, K, S*S]
+    if shape_at is None:
+        shape_vectors = gather_at(tf.cast(outputs["shape"], tf.float32), pixels)
+    else:
+        shape_vectors = shape_at(pixels)  # [B, K, S*S]
     cy = rows + offset[..., 0]
     cx = cols + offset[..., 1]
     centres = tf.stack([cy, cx, size[..., 0], size[..., 1]], axis=-1)  # [B, K, 4]

@@ -3,6 +3,7 @@
 import math
 
 import keras
+import tensorflow as tf
 
 # Heatmap bias -2.19 = -log((1 - 0.1) / 0.1): every location starts at p ~= 0.1 (CenterNet).
 HEATMAP_BIAS = -math.log((1.0 - 0.1) / 0.1)
@@ -56,6 +57,31 @@ class Head(keras.layers.Layer):
 
     def call(self, features):
         return keras.ops.cast(self.out(self.hidden(features)), "float32")
+
+    def call_at(self, features, pixels):
+        """The head's output at a few locations only: `[B, H, W, C]` features and flattened
+        positions `[B, K]` (y * W + x) -> `[B, K, filters]` float32, equal to `call` gathered at
+        `pixels`.
+
+        Each location's 3x3 neighbourhood (zero outside the map, as the "same" convolution
+        pads) is gathered and both convolutions run as matmuls: O(K) instead of O(H * W). The
+        Shape head at inference needs its S*S channels at the K peaks only.
+        """
+        features = tf.cast(features, tf.float32)
+        height, width, channels = features.shape[1], features.shape[2], features.shape[3]
+        batch, k = tf.shape(pixels)[0], tf.shape(pixels)[1]
+        padded = tf.pad(features, [[0, 0], [1, 1], [1, 1], [0, 0]])
+        padded = tf.reshape(padded, [batch, (height + 2) * (width + 2), channels])
+        # Neighbour (dy, dx) of (y, x) sits at (y + dy, x + dx) in the padded map, dy, dx in 0..2;
+        # row-major (dy, dx, channel) order is the order of the conv kernel's reshape below.
+        offsets = tf.constant([dy * (width + 2) + dx for dy in range(3) for dx in range(3)], tf.int32)
+        centres = (pixels // width) * (width + 2) + pixels % width
+        neighbours = tf.reshape(centres[..., None] + offsets, [batch, k * 9])
+        patches = tf.reshape(tf.gather(padded, neighbours, batch_dims=1), [batch, k, 9 * channels])
+        kernel = tf.reshape(tf.cast(self.hidden.kernel, tf.float32), [9 * channels, self.head_conv])
+        hidden = tf.nn.relu(tf.matmul(patches, kernel) + tf.cast(self.hidden.bias, tf.float32))
+        out_kernel = tf.reshape(tf.cast(self.out.kernel, tf.float32), [self.head_conv, self.filters])
+        return tf.matmul(hidden, out_kernel) + tf.cast(self.out.bias, tf.float32)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.filters)
