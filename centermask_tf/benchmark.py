@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 RESULTS = os.path.join("benchmarks", "results.json")
@@ -75,24 +76,52 @@ def _fmt(value):
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def timings(fn, runs, warmup=2):
+    """Seconds of each of `runs` calls of `fn` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def latency_row(times):
+    """Median and p90 in milliseconds."""
+    return {
+        "median_ms": 1e3 * statistics.median(times),
+        "p90_ms": 1e3 * float(np.percentile(times, 90)),
+        "runs": len(times),
+    }
+
+
+def bench_shapes(config, workdir=None, images=64, split_size=640):
+    """Points `config.data` at a generated shapes set of COCO-like 640-px images (made once)."""
+    from centermask_tf.data.shapes import make_shapes
+
+    workdir = workdir or os.path.join(tempfile.gettempdir(), "centermask_bench")
+    root = os.path.join(workdir, f"shapes{split_size}_{images}")
+    if not os.path.exists(os.path.join(root, "annotations", "instances_train.json")):
+        make_shapes(root, train=images, val=1, seed=0, image_size=split_size)
+    config.data.train.annotations = os.path.join(root, "annotations", "instances_train.json")
+    config.data.train.images = os.path.join(root, "train")
+    config.data.val.annotations = config.data.val.images = None
+    config.data.tfds_data_dir = os.path.join(workdir, "tfds")
+    return config
+
+
 def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, images=64):
     """Training-pipeline images/s at `config.model.input_size` with augmentation.
 
     Uses a shapes set of 640-px images (COCO-like sizes) generated once under `workdir`.
     Returns a row with the median and every run's images/s.
     """
-    from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.training import config_train_dataset
 
-    workdir = workdir or os.path.join(tempfile.gettempdir(), "centermask_bench")
-    root = os.path.join(workdir, "shapes640")
-    if not os.path.exists(os.path.join(root, "annotations", "instances_train.json")):
-        make_shapes(root, train=images, val=1, seed=0, image_size=640)
-    config.data.train.annotations = os.path.join(root, "annotations", "instances_train.json")
-    config.data.train.images = os.path.join(root, "train")
-    config.data.val.annotations = config.data.val.images = None
-    config.data.tfds_data_dir = os.path.join(workdir, "tfds")
+    bench_shapes(config, workdir, images)
     dataset = config_train_dataset(config, prepare_dataset(config.data))
     rates = []
     for _ in range(runs):
@@ -109,3 +138,152 @@ def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, image
         "images_per_s": statistics.median(rates),
         "runs": [round(r, 1) for r in rates],
     }
+
+
+def train_throughput(config, *, runs=3, steps=5, workdir=None):
+    """Training-step images/s (forward, losses, backward, Adam update) on one cached batch, so
+    the input pipeline is not in the measurement."""
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.model.centermask import build_model
+    from centermask_tf.training import CenterMaskTrainer, config_train_dataset
+
+    bench_shapes(config, workdir)
+    config.model.weights = None  # same cost; no download
+    batch = config_train_dataset(config, prepare_dataset(config.data)).take(1).cache().repeat()
+    trainer = CenterMaskTrainer(build_model(config.model))
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-4))
+    times = timings(lambda: trainer.fit(batch, epochs=1, steps_per_epoch=steps, verbose=0), runs, warmup=1)
+    step = statistics.median(times) / steps
+    return {
+        "input_size": config.model.input_size,
+        "batch_size": config.train.batch_size,
+        "step_ms": 1e3 * step,
+        "images_per_s": config.train.batch_size / step,
+    }
+
+
+def matmul_ceiling(n=2048, runs=5):
+    """float32 matmul GFLOP/s of this machine (median of `runs` `n x n` products)."""
+    a = tf.random.normal([n, n])
+    b = tf.random.normal([n, n])
+    product = tf.function(lambda: tf.matmul(a, b))
+    return 2.0 * n**3 / statistics.median(timings(lambda: product().numpy(), runs)) / 1e9
+
+
+def efficiency(config, ceiling, *, runs=10):
+    """FLOPs of the network (backbone + the five dense heads) per image and the GFLOP/s it
+    achieves at batch 1 as a fraction of the matmul `ceiling`."""
+    from centermask_tf.model.centermask import build_model
+    from centermask_tf.profiling import model_flops
+
+    config.model.weights = None
+    network = build_model(config.model)
+    flops = model_flops(network)
+    size = config.model.input_size
+    images = tf.random.uniform([1, size, size, 3], 0, 255)
+    forward = tf.function(lambda x: network(x, training=False))
+    median = statistics.median(timings(lambda: _block(forward(images)), runs))
+    achieved = flops / median / 1e9
+    return {
+        "input_size": size,
+        "gflops": flops / 1e9,
+        "forward_ms": 1e3 * median,
+        "gflop_per_s": achieved,
+        "ceiling_gflop_per_s": ceiling,
+        "fraction_of_ceiling": achieved / ceiling,
+    }
+
+
+def _block(outputs):
+    """Forces execution to finish (numpy of every output)."""
+    return {k: np.asarray(v) for k, v in outputs.items()}
+
+
+INFERENCE_FORMS = ("keras", "xla", "saved_model", "tflite_fp32", "tflite_fp16", "tflite_int8")
+
+
+def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, workdir=None):
+    """End-to-end latency (uint8 image in -> boxes, classes, scores, masks out) at batch 1 and
+    throughput at batch `batch`, for each form of the model. Rows per form."""
+    from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model, image_detector
+    from centermask_tf.export.tflite import representative_dataset, saved_model_to_tflite
+    from centermask_tf.model.centermask import build_model
+
+    config.model.weights = None
+    network = build_model(config.model)
+    ids = list(range(1, config.model.num_classes + 1))
+    size = config.model.input_size
+    rng = np.random.default_rng(0)
+    one = tf.constant(rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8))
+    many = tf.constant(rng.integers(0, 255, (batch, size, size, 3), dtype=np.uint8))
+    rows = []
+
+    def measure(form, call, batched=True):
+        row = {"form": form, **latency_row(timings(lambda: _block(call(one)), runs))}
+        row["batch"] = batch if batched else 1
+        if batched:
+            seconds = statistics.median(timings(lambda: _block(call(many)), batch_runs, warmup=1))
+            row["images_per_s"] = batch / seconds
+        else:  # fixed batch-1 input: throughput is one image per call
+            row["images_per_s"] = 1e3 / row["median_ms"]
+        rows.append(row)
+        print(f"  {form:12s} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms  "
+              f"{row['images_per_s']:6.2f} images/s", flush=True)
+
+    detect_images = image_detector(network, config.model, ids)
+    if "keras" in forms:
+        measure("keras", tf.function(detect_images))
+    if "xla" in forms:
+        measure("xla", tf.function(detect_images, jit_compile=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        if "saved_model" in forms:
+            path = export_saved_model(network, config.model, ids, os.path.join(tmp, "sm"))
+            signature = tf.saved_model.load(path).signatures["image_tensor"]
+            measure("saved_model", lambda images: signature(image_tensor=images))
+        tflite_forms = [f for f in forms if f.startswith("tflite_")]
+        if tflite_forms:
+            from ai_edge_litert.interpreter import Interpreter
+
+            source = export_tflite_saved_model(network, config.model, ids, os.path.join(tmp, "tfl"))
+            for form in tflite_forms:
+                quantize = {"tflite_fp32": "none", "tflite_fp16": "fp16", "tflite_int8": "int8"}[form]
+                calibration = None
+                if quantize == "int8":
+                    from centermask_tf.data.tfds_builder import prepare_dataset
+
+                    builder = prepare_dataset(bench_shapes(config, workdir).data)
+                    calibration = representative_dataset(builder, size, 8)
+                content = saved_model_to_tflite(source, quantize, calibration)
+                runner = Interpreter(model_content=content, num_threads=os.cpu_count()).get_signature_runner()
+                measure(form, lambda images: runner(image=images.numpy()), batched=False)
+                rows[-1]["size_mb"] = len(content) / 1e6
+    return rows
+
+
+def assembly(config, ks=(1, 10, 50, 100, 200), sizes=(64, 128, 256), *, runs=20):
+    """Box-mode mask assembly time vs K (at the config's output size) and vs output size
+    (at K = 100), with the config's S, M and saliency channels."""
+    from centermask_tf.model.assembly import assemble_box_masks
+    from centermask_tf.model.centermask import OUTPUT_STRIDE
+
+    model = config.model
+    channels = model.num_classes if model.saliency == "specific" else 1
+    rng = np.random.default_rng(0)
+
+    def time_one(k, out):
+        vectors = tf.constant(rng.normal(size=(1, k, model.shape_size**2)), tf.float32)
+        centres = tf.constant(
+            np.concatenate([rng.uniform(0, out, (1, k, 2)), rng.uniform(2, out / 2, (1, k, 2))], -1),
+            tf.float32,
+        )
+        saliency = tf.constant(rng.normal(size=(1, out, out, channels)), tf.float32)
+        classes = tf.constant(rng.integers(0, channels, (1, k)), tf.int32) if channels > 1 else None
+        fn = tf.function(lambda: assemble_box_masks(vectors, centres, saliency, model.mask_size, classes))
+        return 1e3 * statistics.median(timings(lambda: fn().numpy(), runs))
+
+    native = model.input_size // OUTPUT_STRIDE
+    rows = [{"k": k, "output": native, "ms": time_one(k, native)} for k in ks]
+    rows += [{"k": 100, "output": out, "ms": time_one(100, out)} for out in sizes if out != native]
+    for row in rows:
+        row["us_per_instance"] = 1e3 * row["ms"] / row["k"]
+    return rows

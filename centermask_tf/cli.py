@@ -10,7 +10,7 @@
     centermask export   --workdir work/demo --format saved_model|tflite --output PATH
                         [--quantize none|fp16|int8]
     centermask info     --config configs/coco_resnet18.yaml [--set model.input_size=256]
-    centermask benchmark data --config configs/coco_resnet18.yaml
+    centermask benchmark inference|efficiency|assembly|data|train|all [--quick] [--config ...]
 """
 
 import argparse
@@ -82,16 +82,59 @@ def cmd_make_shapes(args):
     print(f"written to {args.output}/annotations and {args.output}/{{train,val}}")
 
 
-def cmd_benchmark(args):
-    from centermask_tf import benchmark
+BENCHMARK_CONFIGS = ("configs/coco_resnet18.yaml", "configs/coco_resnet50.yaml",
+                     "configs/coco_dla34.yaml", "configs/edge_mobilenetv3.yaml")
+QUICK_CONFIGS = ("configs/edge_mobilenetv3.yaml", "configs/coco_resnet18.yaml")
+TFLITE_CONFIGS = ("edge_mobilenetv3.yaml", "coco_dla34.yaml")
 
-    config = _load(args)
-    name = os.path.basename(args.config)
-    if args.what == "data":
-        row = benchmark.data_throughput(config, runs=args.runs, batches=args.batches)
-        benchmark.print_table([row], ["input_size", "batch_size", "images_per_s", "runs"])
-        benchmark.append_result("data", name, [row], args.results)
-        print(f"appended to {args.results}")
+
+def cmd_benchmark(args):
+    """Runs one benchmark (or all) per config; prints tables, appends to --results."""
+    from centermask_tf import benchmark
+    from centermask_tf.config import load_config
+
+    paths = args.config or (QUICK_CONFIGS if args.quick else BENCHMARK_CONFIGS)
+    kinds = ["inference", "efficiency", "assembly", "data", "train"] if args.what == "all" else [args.what]
+    runs = args.runs or (5 if args.quick else 20)
+    ceiling = None
+    if "efficiency" in kinds:
+        ceiling = benchmark.matmul_ceiling()
+        print(f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s")
+    for path in paths:
+        name = os.path.basename(path)
+        for kind in kinds:
+            config = load_config(path, args.overrides)
+            print(f"\n== {kind}: {name} ==", flush=True)
+            if kind == "inference":
+                forms = ["keras", "saved_model"] if args.quick else ["keras", "xla", "saved_model"]
+                if name in TFLITE_CONFIGS:
+                    forms += ["tflite_int8"] if args.quick else ["tflite_fp32", "tflite_fp16", "tflite_int8"]
+                rows = benchmark.inference(
+                    config, forms, runs=runs, batch=2 if args.quick else 8, batch_runs=1 if args.quick else 3
+                )
+                columns = ["form", "median_ms", "p90_ms", "batch", "images_per_s"]
+            elif kind == "efficiency":
+                rows = [benchmark.efficiency(config, ceiling, runs=max(3, runs // 2))]
+                columns = ["gflops", "forward_ms", "gflop_per_s", "ceiling_gflop_per_s", "fraction_of_ceiling"]
+            elif kind == "assembly":
+                rows = benchmark.assembly(config, runs=runs)
+                columns = ["k", "output", "ms", "us_per_instance"]
+            elif kind == "data":
+                if args.quick:
+                    config.train.batch_size = 2
+                pipeline = benchmark.data_throughput(config, runs=1 if args.quick else 3, batches=5 if args.quick else 20)
+                step = benchmark.train_throughput(config, runs=1 if args.quick else 3, steps=2 if args.quick else 5)
+                rows = [{**pipeline, "train_images_per_s": step["images_per_s"],
+                         "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"]}]
+                columns = ["input_size", "batch_size", "images_per_s", "train_images_per_s", "pipeline_over_step"]
+            else:  # train
+                if args.quick:
+                    config.train.batch_size = 2
+                rows = [benchmark.train_throughput(config, runs=1 if args.quick else 3, steps=2 if args.quick else 5)]
+                columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
+            benchmark.print_table(rows, columns)
+            benchmark.append_result(kind, name, rows, args.results)
+    print(f"\nappended to {args.results}")
 
 
 def cmd_train(args):
@@ -322,11 +365,17 @@ def build_parser():
     shapes.add_argument("--image-size", type=int, default=128, help="longest image side")
     shapes.set_defaults(handler=cmd_make_shapes)
 
-    bench = commands.add_parser("benchmark", help="speed benchmarks (table + benchmarks/results.json)")
-    bench.add_argument("what", choices=["data"], help="which benchmark")
-    _add_config_args(bench)
-    bench.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
-    bench.add_argument("--batches", type=int, default=20, help="batches per timed run")
+    bench = commands.add_parser("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")
+    bench.add_argument(
+        "what", choices=["inference", "efficiency", "assembly", "data", "train", "all"],
+        help="inference: end-to-end latency per format; efficiency: GFLOP/s vs the matmul "
+        "ceiling; assembly: mask assembly vs K; data: pipeline vs training step; train: step "
+        "images/s; all: every one",
+    )
+    bench.add_argument("--config", nargs="+", help="configs (default: the four COCO/edge configs)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--quick", action="store_true", help="two configs, few runs: minutes, not an hour")
+    bench.add_argument("--runs", type=int, help="timed runs (default 20, 5 with --quick)")
     bench.add_argument("--results", default="benchmarks/results.json", help="JSON file appended to")
     bench.set_defaults(handler=cmd_benchmark)
     return parser

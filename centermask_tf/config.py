@@ -59,6 +59,9 @@ class ModelConfig:
         num_classes: number of object categories C (heatmap channels).
         input_size: square training/inference input size in pixels (a multiple of 32).
         head_conv: channels of each head's 3x3 conv (256 in the paper's DLA-34 setting).
+        head_type: "conv" (the paper's 3x3 conv) or "separable" (depthwise 3x3 + pointwise 1x1:
+            about 1/8 of the cost at 96 input channels; for the edge config, whose four dense
+            heads at stride 4 otherwise cost twice its backbone).
         shape_size: S, the side of the Local Shape; the Shape head has S*S channels.
         mask_size: M, the side of box-relative masks (loss targets and exports).
         saliency: "agnostic" (one channel) or "specific" (C channels, one per class).
@@ -73,6 +76,7 @@ class ModelConfig:
     num_classes: int = 80
     input_size: int = 512
     head_conv: int = 256
+    head_type: str = _choice("conv", ("conv", "separable"))
     shape_size: int = 32
     mask_size: int = 32
     saliency: str = _choice("agnostic", ("agnostic", "specific"))

@@ -90,9 +90,11 @@ def test_model_config_and_keras_round_trip(tmp_path):
     run_model_saving_test(model, [x], tmp_path, atol=1e-5)
 
 
-def test_head_layer(tmp_path):
+@pytest.mark.parametrize("separable", [False, True])
+def test_head_layer(tmp_path, separable):
     x = np.random.default_rng(0).normal(size=(1, 8, 8, 4)).astype(np.float32)
-    run_layer_test(Head(5, head_conv=6, bias_init=-2.19), [x], tmp_path, (1, 8, 8, 5), atol=1e-5)
+    head = Head(5, head_conv=6, bias_init=-2.19, separable=separable)
+    run_layer_test(head, [x], tmp_path, (1, 8, 8, 5), atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["torch", "caffe", "tf"])
@@ -107,8 +109,9 @@ def test_image_normalization_layer(tmp_path, mode):
     np.testing.assert_allclose(np.asarray(out)[0, 0, 0], expected, atol=1e-4)
 
 
-def test_head_call_at_equals_dense_head_at_those_locations(rng):
-    head = Head(filters=20, head_conv=6)
+@pytest.mark.parametrize("separable", [False, True])
+def test_head_call_at_equals_dense_head_at_those_locations(rng, separable):
+    head = Head(filters=20, head_conv=6, separable=separable)
     features = rng.normal(size=(2, 7, 9, 5)).astype(np.float32)
     dense = head(features).numpy().reshape(2, 63, 20)
     # Corners and edges (where the zero padding matters) and interior points.

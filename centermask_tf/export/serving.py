@@ -54,8 +54,8 @@ def detection_outputs(network, model_config, category_ids, canvases, extents):
     }
 
 
-def export_saved_model(network, model_config, category_ids, output, version=1):
-    """Writes the TF Serving layout `output/<version>/` and returns that path."""
+def image_detector(network, model_config, category_ids):
+    """The `image_tensor` endpoint's function: uint8 `[B, H, W, 3]` (any H, W) -> outputs."""
     size = model_config.input_size
 
     def detect_images(image_tensor):
@@ -63,6 +63,14 @@ def export_saved_model(network, model_config, category_ids, output, version=1):
         original = tf.cast(tf.shape(image_tensor)[1:3], tf.float32)
         extents = tf.tile((original * scale)[None], [tf.shape(image_tensor)[0], 1])
         return detection_outputs(network, model_config, category_ids, canvases, extents)
+
+    return detect_images
+
+
+def export_saved_model(network, model_config, category_ids, output, version=1):
+    """Writes the TF Serving layout `output/<version>/` and returns that path."""
+    size = model_config.input_size
+    detect_images = image_detector(network, model_config, category_ids)
 
     def decode_one(encoded):
         # Named here: decode_image's own error does not say which input was wrong.

@@ -25,7 +25,11 @@ def build_model(config) -> keras.Model:
         config.backbone, config.input_size, config.width_multiplier, config.weights
     )
     heads = build_heads(
-        config.num_classes, config.shape_size, config.head_conv, config.saliency == "specific"
+        config.num_classes,
+        config.shape_size,
+        config.head_conv,
+        config.saliency == "specific",
+        separable=config.head_type == "separable",
     )
     images = keras.Input((config.input_size, config.input_size, 3), name="images")
     features = backbone(images)

@@ -15,6 +15,9 @@ HEAD_NAMES = ("heatmap", "offset", "size", "shape", "saliency")
 class Head(keras.layers.Layer):
     """A prediction head: 3x3 conv (`head_conv` channels) -> ReLU -> 1x1 conv (`filters`).
 
+    With `separable` the 3x3 conv is depthwise-separable (depthwise 3x3, then pointwise to
+    `head_conv`), which edge models use to keep four stride-4 heads cheap.
+
     The output is always float32, also under a mixed-precision policy: every head's output is a
     logit or regression value that feeds losses and sigmoids.
 
@@ -22,6 +25,7 @@ class Head(keras.layers.Layer):
         filters: output channels.
         head_conv: channels of the hidden 3x3 conv.
         bias_init: initial bias of the final 1x1 conv.
+        separable: depthwise-separable hidden conv instead of a full 3x3 conv.
 
     Example:
 
@@ -30,14 +34,16 @@ class Head(keras.layers.Layer):
     (1, 8, 8, 2)
     """
 
-    def __init__(self, filters, head_conv=256, bias_init=0.0, **kwargs):
+    def __init__(self, filters, head_conv=256, bias_init=0.0, separable=False, **kwargs):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.head_conv = int(head_conv)
         self.bias_init = float(bias_init)
+        self.separable = bool(separable)
 
     def build(self, input_shape):
-        self.hidden = keras.layers.Conv2D(
+        conv = keras.layers.SeparableConv2D if self.separable else keras.layers.Conv2D
+        self.hidden = conv(
             self.head_conv,
             3,
             padding="same",
@@ -78,8 +84,15 @@ class Head(keras.layers.Layer):
         centres = (pixels // width) * (width + 2) + pixels % width
         neighbours = tf.reshape(centres[..., None] + offsets, [batch, k * 9])
         patches = tf.reshape(tf.gather(padded, neighbours, batch_dims=1), [batch, k, 9 * channels])
-        kernel = tf.reshape(tf.cast(self.hidden.kernel, tf.float32), [9 * channels, self.head_conv])
-        hidden = tf.nn.relu(tf.matmul(patches, kernel) + tf.cast(self.hidden.bias, tf.float32))
+        if self.separable:  # depthwise: per-channel weighted sum of the 9 neighbours, then pointwise
+            depthwise = tf.reshape(tf.cast(self.hidden.depthwise_kernel, tf.float32), [9 * channels])
+            summed = tf.reduce_sum(tf.reshape(patches * depthwise, [batch, k, 9, channels]), axis=2)
+            kernel = tf.reshape(tf.cast(self.hidden.pointwise_kernel, tf.float32), [channels, self.head_conv])
+            pre = tf.matmul(summed, kernel)
+        else:
+            kernel = tf.reshape(tf.cast(self.hidden.kernel, tf.float32), [9 * channels, self.head_conv])
+            pre = tf.matmul(patches, kernel)
+        hidden = tf.nn.relu(pre + tf.cast(self.hidden.bias, tf.float32))
         out_kernel = tf.reshape(tf.cast(self.out.kernel, tf.float32), [self.head_conv, self.filters])
         return tf.matmul(hidden, out_kernel) + tf.cast(self.out.bias, tf.float32)
 
@@ -92,17 +105,32 @@ class Head(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"filters": self.filters, "head_conv": self.head_conv, "bias_init": self.bias_init}
+            {
+                "filters": self.filters,
+                "head_conv": self.head_conv,
+                "bias_init": self.bias_init,
+                "separable": self.separable,
+            }
         )
         return config
 
 
-def build_heads(num_classes, shape_size, head_conv, class_specific_saliency):
+def build_heads(num_classes, shape_size, head_conv, class_specific_saliency, separable=False):
     """The five heads, keyed by `HEAD_NAMES`."""
+    channels = {
+        "heatmap": num_classes,
+        "offset": 2,
+        "size": 2,
+        "shape": shape_size * shape_size,
+        "saliency": num_classes if class_specific_saliency else 1,
+    }
     return {
-        "heatmap": Head(num_classes, head_conv, HEATMAP_BIAS, name="heatmap"),
-        "offset": Head(2, head_conv, name="offset"),
-        "size": Head(2, head_conv, name="size"),
-        "shape": Head(shape_size * shape_size, head_conv, name="shape"),
-        "saliency": Head(num_classes if class_specific_saliency else 1, head_conv, name="saliency"),
+        name: Head(
+            filters,
+            head_conv,
+            HEATMAP_BIAS if name == "heatmap" else 0.0,
+            separable=separable,
+            name=name,
+        )
+        for name, filters in channels.items()
     }
