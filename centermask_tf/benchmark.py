@@ -287,3 +287,54 @@ def assembly(config, ks=(1, 10, 50, 100, 200), sizes=(64, 128, 256), *, runs=20)
     for row in rows:
         row["us_per_instance"] = 1e3 * row["ms"] / row["k"]
     return rows
+
+
+def plot_results(path=RESULTS, output_dir="benchmarks"):
+    """Two PNGs from the newest records in `path`: latency per format per config, and assembly
+    time vs K. Needs matplotlib (`pip install -e .[plots]`); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        records = json.load(f)
+    newest = {}
+    for record in records:  # later records replace earlier ones
+        newest[(record["benchmark"], record["config"])] = record
+    written = []
+
+    inference = {cfg: rec["rows"] for (kind, cfg), rec in newest.items() if kind == "inference"}
+    if inference:
+        forms = [f for f in INFERENCE_FORMS if any(r["form"] == f for rows in inference.values() for r in rows)]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(inference)
+        for i, (cfg, rows) in enumerate(sorted(inference.items())):
+            by_form = {r["form"]: r["median_ms"] for r in rows}
+            xs = [j + i * width for j, f in enumerate(forms) if f in by_form]
+            ax.bar(xs, [by_form[f] for f in forms if f in by_form], width, label=cfg.replace(".yaml", ""))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(forms))], forms)
+        ax.set_yscale("log")
+        ax.set_ylabel("median latency, batch 1 (ms, log)")
+        ax.set_title("End-to-end latency at 512x512 (image in -> boxes + masks out)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(os.path.join(output_dir, "latency.png"))
+        fig.savefig(written[-1], dpi=120)
+
+    assembly_rows = {cfg: rec["rows"] for (kind, cfg), rec in newest.items() if kind == "assembly"}
+    if assembly_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for cfg, rows in sorted(assembly_rows.items()):
+            native = rows[0]["output"]
+            points = sorted((r["k"], r["ms"]) for r in rows if r["output"] == native)
+            ax.plot(*zip(*points), marker="o", label=f"{cfg.replace('.yaml', '')} ({native}x{native} map)")
+        ax.set_xlabel("K (instances)")
+        ax.set_ylabel("assembly time (ms)")
+        ax.set_title("Mask assembly time vs K")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(os.path.join(output_dir, "assembly.png"))
+        fig.savefig(written[-1], dpi=120)
+    plt.close("all")
+    return written

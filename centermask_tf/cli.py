@@ -135,6 +135,9 @@ def cmd_benchmark(args):
             benchmark.print_table(rows, columns)
             benchmark.append_result(kind, name, rows, args.results)
     print(f"\nappended to {args.results}")
+    if args.plots:
+        plots = benchmark.plot_results(args.results, os.path.dirname(args.results) or ".")
+        print("plots: " + ", ".join(plots))
 
 
 def cmd_train(args):
@@ -377,6 +380,7 @@ def build_parser():
     bench.add_argument("--quick", action="store_true", help="two configs, few runs: minutes, not an hour")
     bench.add_argument("--runs", type=int, help="timed runs (default 20, 5 with --quick)")
     bench.add_argument("--results", default="benchmarks/results.json", help="JSON file appended to")
+    bench.add_argument("--plots", action="store_true", help="also draw PNG plots next to --results (matplotlib)")
     bench.set_defaults(handler=cmd_benchmark)
     return parser
 

@@ -1,19 +1,36 @@
 import json
 import tempfile
 
+import pytest
+
 from centermask_tf.cli import main
 
 
-def test_data_benchmark_prints_and_records(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    results = tmp_path / "results.json"
-    args = [
-        "benchmark", "data", "--config", "configs/shapes_tiny.yaml", "--runs", "2", "--batches", "2",
-        "--results", str(results), "--set", "train.batch_size=4",
-    ]
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the generated benchmark images
+    return tmp_path / "results.json"
+
+
+def run_benchmark(what, results, *extra):
+    args = ["benchmark", what, "--quick", "--config", "configs/shapes_tiny.yaml", "--runs", "2",
+            "--results", str(results), *extra]
     assert main(args) == 0
-    assert "images_per_s" in capsys.readouterr().out
-    (record,) = json.loads(results.read_text())
-    assert record["benchmark"] == "data" and record["machine"]["cores"] >= 1
+    return json.loads(results.read_text())
+
+
+def test_assembly_benchmark_records_every_k(results, capsys):
+    (record,) = run_benchmark("assembly", results)
+    assert "us_per_instance" in capsys.readouterr().out
+    assert record["benchmark"] == "assembly" and record["machine"]["cores"] >= 1
+    rows = record["rows"]
+    assert [r["k"] for r in rows[:5]] == [1, 10, 50, 100, 200]
+    assert all(r["output"] == 32 for r in rows[:5]) and all(r["ms"] > 0 for r in rows)
+
+
+def test_data_benchmark_compares_pipeline_and_step(results):
+    (record,) = run_benchmark("data", results)
     row = record["rows"][0]
-    assert row["input_size"] == 128 and len(row["runs"]) == 2 and row["images_per_s"] > 0
+    assert row["input_size"] == 128 and row["batch_size"] == 2
+    assert row["images_per_s"] > 0 and row["train_images_per_s"] > 0
+    assert row["pipeline_over_step"] == pytest.approx(row["images_per_s"] / row["train_images_per_s"])
