@@ -1,5 +1,11 @@
-"""Thin wrapper: `python scripts/benchmark.py data --config configs/coco_resnet18.yaml`
-is `centermask benchmark data --config ...` (see `centermask benchmark --help`)."""
+"""Thin wrapper: `python scripts/benchmark.py all --quick` is `centermask benchmark all --quick`.
+
+    python scripts/benchmark.py inference|efficiency|assembly|data|train|all [--quick]
+        [--config configs/edge_mobilenetv3.yaml ...] [--runs 20] [--plots]
+
+Each sub-benchmark prints a table and appends a record (machine, CPU flags, cores, TF/Keras
+versions, config, date) to benchmarks/results.json; see BENCHMARKS.md.
+"""
 
 import sys
 
