@@ -151,13 +151,19 @@ def build_optimizer(train_config, steps_per_epoch):
 
 
 def make_strategy(name="mirrored"):
-    """`mirrored`: all local GPUs (else the CPU); `one_device`: the first GPU or the CPU;
+    """`mirrored`: all local GPUs (else all logical CPUs; one device: the default strategy);
+    `one_device`: the first GPU, else the default strategy on the CPU;
     `multi_worker`: MultiWorkerMirroredStrategy configured by the TF_CONFIG variable."""
+    # With a single device, the default strategy runs the same computation: an explicit
+    # Mirrored/OneDevice strategy doubled the CPU training step here (268 vs 115 ms, shapes_tiny).
+    gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        if len(devices) > 1:
+            return tf.distribute.MirroredStrategy([d.name for d in devices])
+        return tf.distribute.get_strategy()
     if name == "one_device":
-        gpus = tf.config.list_logical_devices("GPU")
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name) if gpus else tf.distribute.get_strategy()
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("--strategy multi_worker needs the TF_CONFIG environment variable.")
