@@ -156,13 +156,14 @@ def make_strategy(name="mirrored"):
     `multi_worker`: MultiWorkerMirroredStrategy configured by the TF_CONFIG variable."""
     # With a single device, the default strategy runs the same computation: an explicit
     # Mirrored/OneDevice strategy doubled the CPU training step here (268 vs 115 ms, shapes_tiny).
-    gpus = tf.config.list_logical_devices("GPU")
+    # Listing devices starts the runtime, which MultiWorkerMirroredStrategy must precede.
     if name == "mirrored":
-        devices = gpus or tf.config.list_logical_devices("CPU")
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         if len(devices) > 1:
             return tf.distribute.MirroredStrategy([d.name for d in devices])
         return tf.distribute.get_strategy()
     if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name) if gpus else tf.distribute.get_strategy()
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
@@ -362,8 +363,14 @@ def train(config, workdir, strategy_name="mirrored", extra_callbacks=()):
 
     with strategy.scope():
         trainer.compile(optimizer=optimizer)
+        # BackupAndRestore restores into a built model and optimizer before the first step.
+        size = config.model.input_size
+        trainer(tf.zeros([1, size, size, 3]))
+        optimizer.build(trainer.trainable_variables)
     # Order matters: evaluation adds val_*_AP to the logs that the later callbacks record.
-    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"))]
+    # double_checkpoint keeps the previous backup: a kill during the backup's own write leaves a
+    # corrupt file, and the restart then resumes from the epoch before.
+    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"), double_checkpoint=True)]
     monitor = "loss"
     if "val" in builder.info.splits and config.eval.every_epochs > 0:
         from centermask_tf.evaluation import CocoEvalCallback
