@@ -96,7 +96,7 @@ def cmd_benchmark(args):
     paths = args.config or (QUICK_CONFIGS if args.quick else BENCHMARK_CONFIGS)
     kinds = ["inference", "efficiency", "assembly", "data", "train"] if args.what == "all" else [args.what]
     runs = args.runs or (5 if args.quick else 20)
-    ceiling = None
+    ceiling, steps = None, {}
     if "efficiency" in kinds:
         ceiling = benchmark.matmul_ceiling()
         print(f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s")
@@ -122,13 +122,13 @@ def cmd_benchmark(args):
             elif kind == "data":
                 config.train.batch_size = 2 if args.quick else 8  # a CPU step at the configs' 128 takes minutes
                 pipeline = benchmark.data_throughput(config, runs=1 if args.quick else 3, batches=5 if args.quick else 20)
-                step = benchmark.train_throughput(config, runs=1 if args.quick else 3, steps=2 if args.quick else 5)
+                step = steps[name] = benchmark.train_throughput(config, runs=1 if args.quick else 2, steps=2 if args.quick else 3)
                 rows = [{**pipeline, "train_images_per_s": step["images_per_s"],
                          "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"]}]
                 columns = ["input_size", "batch_size", "images_per_s", "train_images_per_s", "pipeline_over_step"]
-            else:  # train
+            else:  # train: measured once per config (the data benchmark's step, when it ran)
                 config.train.batch_size = 2 if args.quick else 8
-                rows = [benchmark.train_throughput(config, runs=1 if args.quick else 3, steps=2 if args.quick else 5)]
+                rows = [steps.get(name) or benchmark.train_throughput(config, runs=1 if args.quick else 2, steps=2 if args.quick else 3)]
                 columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
             benchmark.print_table(rows, columns)
             benchmark.append_result(kind, name, rows, args.results)
