@@ -238,20 +238,13 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
     if "keras" in forms:
         measure("keras", tf.function(detect_images))
     if "xla" in forms:  # XLA has no CropAndResize kernel: the letterbox stays outside
-        from centermask_tf.data.pipeline import letterbox_images
-        from centermask_tf.export.serving import detection_outputs
+        from centermask_tf.export.serving import detection_outputs, letterbox_with_extents
 
         compiled = tf.function(
             lambda canvases, extents: detection_outputs(network, config.model, ids, canvases, extents),
             jit_compile=True,
         )
-
-        @tf.function
-        def letterbox(images):
-            canvases, scale = letterbox_images(images, size)
-            extents = tf.tile((tf.cast(tf.shape(images)[1:3], tf.float32) * scale)[None], [tf.shape(images)[0], 1])
-            return canvases, extents
-
+        letterbox = tf.function(lambda images: letterbox_with_extents(images, size))
         measure("xla", lambda images: compiled(*letterbox(images)))
     with tempfile.TemporaryDirectory() as tmp:
         if "saved_model" in forms:
@@ -333,12 +326,9 @@ def plot_results(path=RESULTS, output_dir="benchmarks"):
             ax.bar(xs, [by_form[f] for f in forms if f in by_form], width, label=cfg.replace(".yaml", ""))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(forms))], forms)
         ax.set_yscale("log")
-        ax.set_ylabel("median latency, batch 1 (ms, log)")
-        ax.set_title("End-to-end latency at 512x512 (image in -> boxes + masks out)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(os.path.join(output_dir, "latency.png"))
-        fig.savefig(written[-1], dpi=120)
+        written.append(_save_plot(fig, ax, None, "median latency, batch 1 (ms, log)",
+                                  "End-to-end latency at 512x512 (image in -> boxes + masks out)",
+                                  os.path.join(output_dir, "latency.png")))
 
     assembly_rows = {cfg: rec["rows"] for (kind, cfg), rec in newest.items() if kind == "assembly"}
     if assembly_rows:
@@ -347,12 +337,18 @@ def plot_results(path=RESULTS, output_dir="benchmarks"):
             native = rows[0]["output"]
             points = sorted((r["k"], r["ms"]) for r in rows if r["output"] == native)
             ax.plot(*zip(*points), marker="o", label=f"{cfg.replace('.yaml', '')} ({native}x{native} map)")
-        ax.set_xlabel("K (instances)")
-        ax.set_ylabel("assembly time (ms)")
-        ax.set_title("Mask assembly time vs K")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(os.path.join(output_dir, "assembly.png"))
-        fig.savefig(written[-1], dpi=120)
+        written.append(_save_plot(fig, ax, "K (instances)", "assembly time (ms)", "Mask assembly time vs K",
+                                  os.path.join(output_dir, "assembly.png")))
     plt.close("all")
     return written
+
+
+def _save_plot(fig, ax, xlabel, ylabel, title, path):
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

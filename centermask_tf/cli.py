@@ -119,17 +119,23 @@ def cmd_benchmark(args):
             elif kind == "assembly":
                 rows = benchmark.assembly(config, runs=runs)
                 columns = ["k", "output", "ms", "us_per_instance"]
-            elif kind == "data":
-                config.train.batch_size = 2 if args.quick else 8  # a CPU step at the configs' 128 takes minutes
-                pipeline = benchmark.data_throughput(config, runs=1 if args.quick else 3, batches=5 if args.quick else 20)
-                step = steps[name] = benchmark.train_throughput(config, runs=1 if args.quick else 2, steps=2 if args.quick else 3)
-                rows = [{**pipeline, "train_images_per_s": step["images_per_s"],
-                         "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"]}]
-                columns = ["input_size", "batch_size", "images_per_s", "train_images_per_s", "pipeline_over_step"]
-            else:  # train: measured once per config (the data benchmark's step, when it ran)
+            else:  # data, train: batch 8 (a CPU step at the configs' 128 takes minutes)
                 config.train.batch_size = 2 if args.quick else 8
-                rows = [steps.get(name) or benchmark.train_throughput(config, runs=1 if args.quick else 2, steps=2 if args.quick else 3)]
-                columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
+                if name not in steps:  # one step measurement per config serves both
+                    steps[name] = benchmark.train_throughput(
+                        config, runs=1 if args.quick else 2, steps=2 if args.quick else 3
+                    )
+                step = steps[name]
+                if kind == "train":
+                    rows = [step]
+                    columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
+                else:
+                    pipeline = benchmark.data_throughput(
+                        config, runs=1 if args.quick else 3, batches=5 if args.quick else 20
+                    )
+                    rows = [{**pipeline, "train_images_per_s": step["images_per_s"],
+                             "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"]}]
+                    columns = ["input_size", "batch_size", "images_per_s", "train_images_per_s", "pipeline_over_step"]
             benchmark.print_table(rows, columns)
             benchmark.append_result(kind, name, rows, args.results)
     print(f"\nappended to {args.results}")

@@ -34,7 +34,8 @@ def _from_exported(outputs, input_size, category_ids):
     }
 
 
-def _as_uint8(images):
+def as_uint8(images):
+    """Float images in 0..255 -> the uint8 an exported model takes (rounded, clipped)."""
     return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
 
 
@@ -50,7 +51,7 @@ def saved_model_detector(path, input_size, category_ids):
     signature = tf.saved_model.load(path).signatures["image_tensor"]
 
     def detect(images):
-        return _from_exported(signature(image_tensor=_as_uint8(images)), input_size, category_ids)
+        return _from_exported(signature(image_tensor=as_uint8(images)), input_size, category_ids)
 
     return detect
 
@@ -74,7 +75,7 @@ def tflite_detector(path, input_size, category_ids):
         )
 
     def detect(images):
-        per_image = [runner(image=_as_uint8(image[None]).numpy()) for image in images]
+        per_image = [runner(image=as_uint8(image[None]).numpy()) for image in images]
         stacked = {k: np.concatenate([out[k] for out in per_image]) for k in per_image[0]}
         return _from_exported(stacked, input_size, category_ids)
 

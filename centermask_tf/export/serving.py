@@ -54,14 +54,19 @@ def detection_outputs(network, model_config, category_ids, canvases, extents):
     }
 
 
+def letterbox_with_extents(image_tensor, size):
+    """uint8 `[B, H, W, 3]` -> (letterboxed canvases `[B, size, size, 3]`, extents `[B, 2]`, the
+    images' size in input pixels, as `detection_outputs` takes them)."""
+    canvases, scale = letterbox_images(image_tensor, size)
+    original = tf.cast(tf.shape(image_tensor)[1:3], tf.float32)
+    return canvases, tf.tile((original * scale)[None], [tf.shape(image_tensor)[0], 1])
+
+
 def image_detector(network, model_config, category_ids):
     """The `image_tensor` endpoint's function: uint8 `[B, H, W, 3]` (any H, W) -> outputs."""
-    size = model_config.input_size
 
     def detect_images(image_tensor):
-        canvases, scale = letterbox_images(image_tensor, size)
-        original = tf.cast(tf.shape(image_tensor)[1:3], tf.float32)
-        extents = tf.tile((original * scale)[None], [tf.shape(image_tensor)[0], 1])
+        canvases, extents = letterbox_with_extents(image_tensor, model_config.input_size)
         return detection_outputs(network, model_config, category_ids, canvases, extents)
 
     return detect_images

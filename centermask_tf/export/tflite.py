@@ -11,12 +11,13 @@ def representative_dataset(builder, input_size, count, split="train"):
     """Calibration inputs for int8: `count` images of `split`, letterboxed as the validation
     pipeline places them, as the uint8 `[1, N, N, 3]` tensors the TFLite model takes."""
     from centermask_tf.data.pipeline import eval_dataset
+    from centermask_tf.export.runtime import as_uint8
 
     images = eval_dataset(builder, input_size=input_size, batch_size=1, split=split).take(count)
 
     def generate():
         for canvas, _ in images:
-            yield [tf.cast(tf.clip_by_value(tf.round(canvas), 0.0, 255.0), tf.uint8)]
+            yield [as_uint8(canvas)]
 
     return generate
 
