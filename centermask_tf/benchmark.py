@@ -10,12 +10,16 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from centermask_tf.timing import latency_row, timings
 
 RESULTS = os.path.join("benchmarks", "results.json")
 
@@ -30,7 +34,7 @@ def machine_info():
                 elif line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
-                    wanted = ("avx", "avx2", "avx512f", "fma", "sse4_2", "amx_tile")
+                    wanted = ("avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "fma", "sse4_2", "amx_tile")
                     flags = sorted(set(line.split(":", 1)[1].split()) & set(wanted))
                     break
     except OSError:
@@ -74,27 +78,6 @@ def print_table(rows, columns):
 
 def _fmt(value):
     return f"{value:.1f}" if isinstance(value, float) else str(value)
-
-
-def timings(fn, runs, warmup=2):
-    """Seconds of each of `runs` calls of `fn` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def latency_row(times):
-    """Median and p90 in milliseconds."""
-    return {
-        "median_ms": 1e3 * statistics.median(times),
-        "p90_ms": 1e3 * float(np.percentile(times, 90)),
-        "runs": len(times),
-    }
 
 
 def bench_shapes(config, workdir=None, images=64, split_size=640):
@@ -198,6 +181,15 @@ def efficiency(config, ceiling, *, runs=10):
     }
 
 
+def _litert_latency(path, runs):
+    """`timing.litert_latency` in a fresh process that does not import TensorFlow."""
+    command = [sys.executable, "-m", "centermask_tf.timing", path, "--runs", str(runs)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"LiteRT timing of {path} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _block(outputs):
     """Forces execution to finish (numpy of every output)."""
     return {k: np.asarray(v) for k, v in outputs.items()}
@@ -209,7 +201,12 @@ INFERENCE_FORMS = ("keras", "xla", "saved_model", "tflite_fp32", "tflite_fp16", 
 def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, workdir=None):
     """End-to-end latency (uint8 image in -> boxes, classes, scores, masks out) at batch 1 and
     throughput at batch `batch`, for each form of the model. Rows per form."""
-    from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model, image_detector
+    from centermask_tf.export.serving import (
+        export_saved_model,
+        export_tflite_saved_model,
+        image_detector,
+        network_scope,
+    )
     from centermask_tf.export.tflite import representative_dataset, saved_model_to_tflite
     from centermask_tf.model.centermask import build_model
 
@@ -222,16 +219,15 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
     many = tf.constant(rng.integers(0, 255, (batch, size, size, 3), dtype=np.uint8))
     rows = []
 
-    def measure(form, call, batched=True):
-        row = {"form": form, **latency_row(timings(lambda: _block(call(one)), runs))}
-        row["batch"] = batch if batched else 1
-        if batched:
-            seconds = statistics.median(timings(lambda: _block(call(many)), batch_runs, warmup=1))
-            row["images_per_s"] = batch / seconds
-        else:  # fixed batch-1 input: throughput is one image per call
-            row["images_per_s"] = 1e3 / row["median_ms"]
+    def measure(form, call):
+        row = {"form": form, **latency_row(timings(lambda: _block(call(one)), runs)), "batch": batch}
+        seconds = statistics.median(timings(lambda: _block(call(many)), batch_runs, warmup=1))
+        row["images_per_s"] = batch / seconds
+        report(row)
+
+    def report(row):
         rows.append(row)
-        print(f"  {form:12s} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms  "
+        print(f"  {row['form']:12s} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms  "
               f"{row['images_per_s']:6.2f} images/s", flush=True)
 
     detect_images = image_detector(network, config.model, ids)
@@ -253,8 +249,6 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
             measure("saved_model", lambda images: signature(image_tensor=images))
         tflite_forms = [f for f in forms if f.startswith("tflite_")]
         if tflite_forms:
-            from ai_edge_litert.interpreter import Interpreter
-
             source = export_tflite_saved_model(network, config.model, ids, os.path.join(tmp, "tfl"))
             for form in tflite_forms:
                 quantize = {"tflite_fp32": "none", "tflite_fp16": "fp16", "tflite_int8": "int8"}[form]
@@ -264,10 +258,14 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
 
                     builder = prepare_dataset(bench_shapes(config, workdir).data)
                     calibration = representative_dataset(builder, size, 8)
-                content = saved_model_to_tflite(source, quantize, calibration)
-                runner = Interpreter(model_content=content, num_threads=os.cpu_count()).get_signature_runner()
-                measure(form, lambda images: runner(image=images.numpy()), batched=False)
-                rows[-1]["size_mb"] = len(content) / 1e6
+                path = os.path.join(tmp, f"{form}.tflite")
+                with open(path, "wb") as f:
+                    f.write(saved_model_to_tflite(source, quantize, calibration, network_scope(network)))
+                # A fixed batch-1 input: throughput is one image per call.
+                row = {"form": form, **_litert_latency(path, runs), "batch": 1}
+                row["images_per_s"] = 1e3 / row["median_ms"]
+                row["size_mb"] = os.path.getsize(path) / 1e6
+                report(row)
     return rows
 
 

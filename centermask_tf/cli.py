@@ -275,7 +275,7 @@ def cmd_demo(args):
 def cmd_export(args):
     import tempfile
 
-    from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model
+    from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model, network_scope
     from centermask_tf.export.tflite import non_builtin_ops, representative_dataset, saved_model_to_tflite
     from centermask_tf.predict import load_workdir
 
@@ -295,9 +295,8 @@ def cmd_export(args):
         print(f"calibrating int8 on {count} training images of {config.data.train.images}")
         calibration = representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
     with tempfile.TemporaryDirectory() as tmp:
-        content = saved_model_to_tflite(
-            export_tflite_saved_model(network, config.model, ids, tmp), quantize, calibration
-        )
+        source = export_tflite_saved_model(network, config.model, ids, tmp)
+        content = saved_model_to_tflite(source, quantize, calibration, network_scope(network))
     extra = non_builtin_ops(content)
     if extra:
         raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")

@@ -34,6 +34,7 @@ BACKBONES = (
     "resnet101",
     "dla34",
     "mobilenetv3_large",
+    "mobilenetv3_large_minimalistic",
     "mobilenetv3_small",
 )
 

@@ -34,3 +34,27 @@ def test_data_benchmark_compares_pipeline_and_step(results):
     assert row["input_size"] == 128 and row["batch_size"] == 2
     assert row["images_per_s"] > 0 and row["train_images_per_s"] > 0
     assert row["pipeline_over_step"] == pytest.approx(row["images_per_s"] / row["train_images_per_s"])
+
+
+def test_litert_timing_runs_in_a_process_without_tensorflow(tmp_path):
+    """TFLite forms are timed by `python -m centermask_tf.timing`, which must not load
+    TensorFlow (it slows LiteRT's kernels in the same process)."""
+    import subprocess
+    import sys
+
+    import keras
+
+    from centermask_tf.export.tflite import keras_to_tflite
+
+    inputs = keras.Input((16, 16, 3))
+    path = tmp_path / "tiny.tflite"
+    path.write_bytes(keras_to_tflite(keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))))
+    code = (
+        "import sys, runpy; sys.argv = ['timing', sys.argv[1], '--runs', '3'];"
+        "runpy.run_module('centermask_tf.timing', run_name='__main__');"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["runs"] == 3 and 0 < row["median_ms"] <= row["p90_ms"]

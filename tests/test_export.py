@@ -165,8 +165,8 @@ def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou
 
 
 def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path):
-    """int8: uint8 input, convolutions quantised, mean mask IoU >= 0.80 over the top detections
-    of the 10 validation images."""
+    """int8: uint8 input, convolutions quantised, post-processing float, mean mask IoU >= 0.80
+    over the top detections of the 10 validation images."""
     root, config, network = workdir
     path = tmp_path / "model_int8.tflite"
     args = ["export", "--workdir", str(root), "--format", "tflite", "--quantize", "int8", "--output", str(path)]
@@ -175,12 +175,14 @@ def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path):
     assert non_builtin_ops(content) == set()
     interpreter = Interpreter(model_content=content)
     assert interpreter.get_signature_runner().get_input_details()["image"]["dtype"] == np.uint8
-    conv_inputs = [
-        interpreter.get_tensor_details()[op["inputs"][0]]["dtype"]
-        for op in interpreter._get_ops_details()
-        if op["op_name"] == "CONV_2D"
-    ]
-    assert conv_inputs and all(dtype == np.int8 for dtype in conv_inputs)
+    input_types = {}
+    for op in interpreter._get_ops_details():
+        dtype = interpreter.get_tensor_details()[op["inputs"][0]]["dtype"]
+        input_types.setdefault(op["op_name"], set()).add(np.dtype(dtype).name)
+    assert input_types["CONV_2D"] == {"int8"}  # the network is integer
+    # Post-processing stays float32: peaks, box coordinates and mask assembly.
+    for name in ("TOPK_V2", "UNPACK", "BATCH_MATMUL", "FULLY_CONNECTED"):
+        assert input_types[name] == {"float32"}, (name, input_types[name])
     ious = []
     for name in sorted(os.listdir(config.data.val.images)):
         image = load_image(os.path.join(config.data.val.images, name)).numpy()

@@ -16,6 +16,7 @@ TINY = {
     "resnet101": 0.125,
     "dla34": 0.125,
     "mobilenetv3_large": 0.25,
+    "mobilenetv3_large_minimalistic": 0.25,
     "mobilenetv3_small": 0.25,
 }
 

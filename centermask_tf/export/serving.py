@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from centermask_tf.data.pipeline import letterbox_images
-from centermask_tf.decode import detect
+from centermask_tf.decode import detect, inference_network
 
 
 # File signatures of the formats tf.io.decode_image reads.
@@ -128,6 +128,12 @@ def export_tflite_saved_model(network, model_config, category_ids, output):
     spec = tf.TensorSpec([1, size, size, 3], tf.uint8, name="image")
     _write_archive(network, {"serving_default": (detect_canvas, spec)}, output)
     return output
+
+
+def network_scope(network):
+    """The name scope of the network's own ops in the exported graph (the rest is decoding and
+    mask assembly): the part int8 export quantises."""
+    return inference_network(network).name
 
 
 def _write_archive(network, endpoints, path):

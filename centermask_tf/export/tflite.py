@@ -1,5 +1,6 @@
 """TFLite conversion with TFLITE_BUILTINS only, and running `.tflite` files with LiteRT."""
 
+import re
 import tempfile
 
 import numpy as np
@@ -22,14 +23,16 @@ def representative_dataset(builder, input_size, count, split="train"):
     return generate
 
 
-def saved_model_to_tflite(saved_model_dir, quantize="none", representative_dataset=None):
+def saved_model_to_tflite(saved_model_dir, quantize="none", representative_dataset=None, int8_scope=None):
     """Converts a SavedModel to a TFLite flatbuffer using builtin ops only (no Flex, no custom).
 
     Args:
         saved_model_dir: a SavedModel directory (e.g. from `keras.Model.export`).
-        quantize: "none", "fp16" (float16 weights) or "int8" (full-integer quantisation with a
+        quantize: "none", "fp16" (float16 weights) or "int8" (integer quantisation with a
             uint8 image input; needs `representative_dataset`).
         representative_dataset: callable yielding lists of input arrays, for "int8".
+        int8_scope: for "int8", quantise only the ops under this name scope (the network, see
+            `serving.network_scope`) and keep the rest float32; None quantises every op.
     """
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -42,9 +45,43 @@ def saved_model_to_tflite(saved_model_dir, quantize="none", representative_datas
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative_dataset
         converter.inference_input_type = tf.uint8
+        if int8_scope is not None:
+            return _quantize_scope(converter, representative_dataset, int8_scope)
     elif quantize != "none":
         raise ValueError(f"quantize must be none, fp16 or int8; got {quantize!r}.")
     return converter.convert()
+
+
+def _quantize_scope(converter, representative_dataset, scope):
+    """int8 for the ops under `scope`, float32 for the others.
+
+    Post-processing quantised to int8 costs accuracy and time: box coordinates and peak
+    indices in 256 levels, and integer kernels for small gathers and matmuls that XNNPACK does
+    not take. As the TF Object Detection API's int8 detectors do (their post-processing op
+    runs on dequantised outputs), only the network is quantised. `QuantizationDebugger` is
+    TFLite's tool for selective quantisation: it calibrates once, then quantises with a denylist
+    of the other ops.
+    """
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative_dataset
+    )
+    inside = re.compile(rf"^{re.escape(scope)}(_\d+)?/")
+    interpreter = Interpreter(model_content=debugger.calibrated_model)
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    outside, inside_types, outside_types = set(), set(), set()
+    for op in interpreter._get_ops_details():
+        outputs = [names[i] for i in op["outputs"]]
+        if all(inside.match(name) for name in outputs):
+            inside_types.add(op["op_name"])
+        else:
+            outside.update(outputs)
+            outside_types.add(op["op_name"])
+    # The quantiser does not match multi-output ops (TOPK_V2, UNPACK) by tensor name: deny the
+    # op types that only post-processing uses as well.
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_nodes=sorted(outside), denylisted_ops=sorted(outside_types - inside_types)
+    )
+    return debugger.get_nondebug_quantized_model()
 
 
 def keras_to_tflite(model, quantize="none", representative_dataset=None):

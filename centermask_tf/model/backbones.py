@@ -5,7 +5,9 @@
 - dla34 (native) with CenterNet's IDA-up path to stride 4; plain 3x3 convs stand in for the
   deformable ones and bilinear upsampling for the (bilinear-initialised) grouped deconvolutions.
 - mobilenetv3_large/small (keras.applications) with a light FPN-style neck (depthwise-separable
-  convs) for edge devices.
+  convs) for edge devices; mobilenetv3_large_minimalistic is the variant without hard-swish,
+  squeeze-excite and 5x5 kernels, which int8 runtimes run fastest (LiteRT's XNNPACK takes no
+  int8 HARD_SWISH; its fallback kernel cost about 5 ns per element here).
 
 `width_multiplier` scales every channel count we own (tiny test models use 0.125-0.25); for
 keras.applications networks it is passed as `alpha` to MobileNetV3 and scales only the neck of
@@ -23,12 +25,14 @@ _NORMALIZATION = {
     "resnet50": "caffe",
     "resnet101": "caffe",
     "mobilenetv3_large": "tf",
+    "mobilenetv3_large_minimalistic": "tf",
     "mobilenetv3_small": "tf",
 }
 _KERAS_APPLICATIONS = {
     "resnet50": "ResNet50",
     "resnet101": "ResNet101",
     "mobilenetv3_large": "MobileNetV3Large",
+    "mobilenetv3_large_minimalistic": "MobileNetV3Large",
     "mobilenetv3_small": "MobileNetV3Small",
 }
 
@@ -191,7 +195,7 @@ def _application(name, input_size, weights, width_multiplier):
     fn = getattr(keras.applications, _KERAS_APPLICATIONS[name])
     kwargs = dict(include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
     if name.startswith("mobilenetv3"):
-        kwargs.update(alpha=width_multiplier, include_preprocessing=False)
+        kwargs.update(alpha=width_multiplier, include_preprocessing=False, minimalistic=name.endswith("minimalistic"))
     try:
         return fn(**kwargs)
     except Exception as e:  # keras.utils.get_file raises a bare Exception when offline
