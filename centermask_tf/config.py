@@ -57,6 +57,9 @@ class ModelConfig:
             weights file for the backbone.
         width_multiplier: scales every channel count of the backbone and neck (tiny test models
             use 0.125-0.25; keras.applications MobileNetV3 accepts its own alpha values).
+        neck: ResNet backbones: "deconv" (CenterNet's three transposed convs from stride 32) or
+            "skip" (the same, adding 1x1 projections of the stride-16/8/4 stages: better
+            localisation for small inputs and objects at little cost).
         num_classes: number of object categories C (heatmap channels).
         input_size: square training/inference input size in pixels (a multiple of 32).
         head_conv: channels of each head's 3x3 conv (256 in the paper's DLA-34 setting).
@@ -74,6 +77,7 @@ class ModelConfig:
     backbone: str = _choice("resnet18", BACKBONES)
     weights: Optional[str] = None
     width_multiplier: float = 1.0
+    neck: str = _choice("deconv", ("deconv", "skip"))
     num_classes: int = 80
     input_size: int = 512
     head_conv: int = 256
@@ -96,6 +100,11 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}.")
         if self.width_multiplier <= 0:
             raise ConfigError(f"model.width_multiplier must be > 0, got {self.width_multiplier}.")
+        if self.neck == "skip" and not self.backbone.startswith("resnet"):
+            raise ConfigError(
+                f"model.neck=skip applies to the ResNet backbones; {self.backbone} fuses its stages "
+                "in its own neck. Remove model.neck or set it to deconv."
+            )
 
 
 @dataclass

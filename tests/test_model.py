@@ -37,6 +37,31 @@ def test_backbone_gives_stride4_features(name):
     assert features.shape[:3] == (1, 32, 32)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_skip_neck_carries_fine_stage_positions(name):
+    """With neck=skip the stride-4 features see the stride-4 stage directly: a one-pixel change
+    moves the features mostly near that pixel, where CenterNet's neck (from the 4x4 stride-32
+    map) spreads it over the whole 32x32 map."""
+    x = np.zeros((1, 128, 128, 3), np.float32)
+    poked = x.copy()
+    poked[0, 64:68, 64:68] = 255.0
+    spread = {}
+    for neck in ("deconv", "skip"):
+        backbone = build_backbone(name, 128, TINY[name], weights=None, neck=neck)
+        names = [layer.name for layer in backbone.layers]
+        assert ("neck_add2" in names) == (neck == "skip")
+        change = np.abs(np.asarray(backbone(poked)) - np.asarray(backbone(x)))[0].sum(-1)  # [32, 32]
+        spread[neck] = change[14:19, 14:19].sum() / change.sum()  # share within 2 cells
+    assert spread["skip"] > 2 * spread["deconv"], spread
+
+
+def test_skip_neck_is_refused_for_backbones_with_their_own_neck():
+    from centermask_tf.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.neck=skip"):
+        load_config("configs/shapes_tiny.yaml", overrides=["model.backbone=dla34", "model.neck=skip"])
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No network and an empty Keras cache, whatever machine runs the test."""

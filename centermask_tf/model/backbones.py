@@ -104,18 +104,24 @@ def _basic_block(x, filters, stride, name, residual=None):
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, residual]))
 
 
-def _deconv_neck(x, width_multiplier):
-    """CenterNet's ResNet neck: three 4x4 stride-2 transposed convs, 256/128/64 channels."""
+def _deconv_neck(x, width_multiplier, laterals=None):
+    """CenterNet's ResNet neck: three 4x4 stride-2 transposed convs, 256/128/64 channels.
+
+    With `laterals` (the backbone's stride-16, 8 and 4 features), each upsampled map also adds
+    a 1x1 projection of the backbone stage at its resolution before the ReLU: U-Net/FPN-style
+    skips, so positions come from the fine stages rather than only from the stride-32 map
+    (4x4 at a 128-px input).
+    """
+    laterals = list(reversed(laterals or []))  # stride 16 first
     for i, channels in enumerate((256, 128, 64)):
+        filters = scaled_channels(channels, width_multiplier)
         x = keras.layers.Conv2DTranspose(
-            scaled_channels(channels, width_multiplier),
-            4,
-            strides=2,
-            padding="same",
-            use_bias=False,
-            name=f"neck_deconv{i}",
+            filters, 4, strides=2, padding="same", use_bias=False, name=f"neck_deconv{i}"
         )(x)
         x = _batch_norm(f"neck_deconv{i}_bn")(x)
+        if laterals:
+            side = _conv_bn(laterals[i], filters, 1, relu=False, name=f"neck_lateral{i}")
+            x = keras.layers.Add(name=f"neck_add{i}")([x, side])
         x = keras.layers.ReLU(name=f"neck_deconv{i}_relu")(x)
     return x
 
@@ -123,17 +129,16 @@ def _deconv_neck(x, width_multiplier):
 # === ResNet-18 (native) ===
 
 
-def _resnet18(x, width_multiplier):
+def _resnet18(x, width_multiplier, skips=False):
     x = _conv_bn(x, scaled_channels(64, width_multiplier), 7, 2, name="stem")
     x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+    stages = []
     for stage, (channels, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
         filters = scaled_channels(channels, width_multiplier)
         x = _basic_block(x, filters, stride, name=f"stage{stage + 1}_block1")
         x = _basic_block(x, filters, 1, name=f"stage{stage + 1}_block2")
-    return _deconv_neck(x, width_multiplier)
-
-
-# === DLA-34 (native) with IDA-up ===
+        stages.append(x)
+    return _deconv_neck(x, width_multiplier, stages[:3] if skips else None)
 
 
 def _dla_tree(x, levels, filters, stride, level_root, name, children=None):
@@ -243,7 +248,7 @@ def _mobilenet_neck(features, width_multiplier):
 # === Entry point ===
 
 
-def build_backbone(name, input_size, width_multiplier=1.0, weights=None):
+def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="deconv"):
     """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to stride-4 features.
 
     Args:
@@ -251,7 +256,13 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None):
         input_size: N, a multiple of 32.
         width_multiplier: channel scale (see the module docstring).
         weights: None, "imagenet" (keras.applications backbones) or a weights file path.
+        neck: ResNets only: "deconv" (CenterNet's) or "skip" (the same with stage skips, see
+            `_deconv_neck`). DLA-34 and MobileNetV3 have their own multi-scale necks.
     """
+    if neck not in ("deconv", "skip"):
+        raise ValueError(f"Unknown neck {neck!r}; choose 'deconv' or 'skip'.")
+    if neck == "skip" and not name.startswith("resnet"):
+        raise ValueError(f"neck='skip' applies to the ResNet backbones; {name} fuses its stages already.")
     if name not in _NORMALIZATION:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(_NORMALIZATION)}.")
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
@@ -266,15 +277,18 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None):
     images = keras.Input((input_size, input_size, 3), name="images")
     x = ImageNormalization(_NORMALIZATION[name], name="normalize")(images)
     if name == "resnet18":
-        features = _resnet18(x, width_multiplier)
+        features = _resnet18(x, width_multiplier, skips=neck == "skip")
     elif name == "dla34":
         features = _dla34(x, width_multiplier)
     else:
         app = _application(name, input_size, weights, width_multiplier)
-        if name.startswith("mobilenetv3"):
+        if name.startswith("mobilenetv3") or neck == "skip":
             taps = _feature_taps(app, input_size, (4, 8, 16, 32))
-            extractor = keras.Model(app.inputs, taps, name=f"{name}_features")
-            features = _mobilenet_neck(extractor(x), width_multiplier)
+            *laterals, top = keras.Model(app.inputs, taps, name=f"{name}_features")(x)
+            if name.startswith("mobilenetv3"):
+                features = _mobilenet_neck([*laterals, top], width_multiplier)
+            else:
+                features = _deconv_neck(top, width_multiplier, laterals)
         else:
             features = _deconv_neck(app(x), width_multiplier)
     backbone = keras.Model(images, features, name=f"{name}_backbone")

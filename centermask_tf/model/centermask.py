@@ -22,7 +22,7 @@ def build_model(config) -> keras.Model:
     """
     config = getattr(config, "model", config)
     backbone = build_backbone(
-        config.backbone, config.input_size, config.width_multiplier, config.weights
+        config.backbone, config.input_size, config.width_multiplier, config.weights, config.neck
     )
     heads = build_heads(
         config.num_classes,
