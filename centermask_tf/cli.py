@@ -14,6 +14,7 @@
 """
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -82,6 +83,10 @@ def cmd_make_shapes(args):
     print(f"written to {args.output}/annotations and {args.output}/{{train,val}}")
 
 
+class UsageError(Exception):
+    """A command that cannot run as asked; the message says what to do."""
+
+
 BENCHMARK_CONFIGS = ("configs/coco_resnet18.yaml", "configs/coco_resnet50.yaml",
                      "configs/coco_dla34.yaml", "configs/edge_mobilenetv3.yaml")
 QUICK_CONFIGS = ("configs/edge_mobilenetv3.yaml", "configs/coco_resnet18.yaml")
@@ -93,6 +98,8 @@ def cmd_benchmark(args):
     from centermask_tf import benchmark
     from centermask_tf.config import load_config
 
+    if args.plots and importlib.util.find_spec("matplotlib") is None:  # fail before, not after, the run
+        raise UsageError("--plots needs matplotlib: .venv/bin/pip install -e '.[plots]'")
     paths = args.config or (QUICK_CONFIGS if args.quick else BENCHMARK_CONFIGS)
     kinds = ["inference", "efficiency", "assembly", "data", "train"] if args.what == "all" else [args.what]
     runs = args.runs or (5 if args.quick else 20)
@@ -397,7 +404,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.handler(args)
-    except (ConfigError, DataError, BackboneWeightsError, FileNotFoundError, NotImplementedError) as e:
+    except (ConfigError, DataError, BackboneWeightsError, FileNotFoundError, UsageError) as e:
         print(f"centermask {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -58,3 +58,14 @@ def test_litert_timing_runs_in_a_process_without_tensorflow(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["runs"] == 3 and 0 < row["median_ms"] <= row["p90_ms"]
+
+
+def test_plots_without_matplotlib_fail_before_benchmarking(results, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    args = ["benchmark", "assembly", "--config", "configs/shapes_tiny.yaml", "--results", str(results), "--plots"]
+    assert main(args) == 2
+    assert "pip install -e '.[plots]'" in capsys.readouterr().err
+    assert not results.exists()  # nothing was run
