@@ -34,7 +34,9 @@ def machine_info():
                 elif line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
-                    wanted = ("avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "fma", "sse4_2", "amx_tile")
+                    wanted = (
+                        "avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "fma", "sse4_2", "amx_tile"
+                    )
                     flags = sorted(set(line.split(":", 1)[1].split()) & set(wanted))
                     break
     except OSError:

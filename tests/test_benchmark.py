@@ -64,8 +64,10 @@ def test_plots_without_matplotlib_fail_before_benchmarking(results, monkeypatch,
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    args = ["benchmark", "assembly", "--config", "configs/shapes_tiny.yaml", "--results", str(results), "--plots"]
+    hide = lambda name, *rest: None if name == "matplotlib" else real(name, *rest)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hide)
+    args = ["benchmark", "assembly", "--config", "configs/shapes_tiny.yaml",
+            "--results", str(results), "--plots"]
     assert main(args) == 2
     assert "pip install -e '.[plots]'" in capsys.readouterr().err
     assert not results.exists()  # nothing was run

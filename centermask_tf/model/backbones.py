@@ -141,6 +141,9 @@ def _resnet18(x, width_multiplier, skips=False):
     return _deconv_neck(x, width_multiplier, stages[:3] if skips else None)
 
 
+# === DLA-34 (native) with IDA-up ===
+
+
 def _dla_tree(x, levels, filters, stride, level_root, name, children=None):
     """One DLA aggregation tree (CenterNet's `Tree` with BasicBlocks, no root residual)."""
     children = [] if children is None else children
@@ -200,7 +203,9 @@ def _application(name, input_size, weights, width_multiplier):
     fn = getattr(keras.applications, _KERAS_APPLICATIONS[name])
     kwargs = dict(include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
     if name.startswith("mobilenetv3"):
-        kwargs.update(alpha=width_multiplier, include_preprocessing=False, minimalistic=name.endswith("minimalistic"))
+        kwargs.update(
+            alpha=width_multiplier, include_preprocessing=False, minimalistic=name.endswith("minimalistic")
+        )
     try:
         return fn(**kwargs)
     except Exception as e:  # keras.utils.get_file raises a bare Exception when offline
