@@ -18,9 +18,10 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
+import warnings
 
-# TensorFlow's C++ start-up logging drowns the useful output of a CLI.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from centermask_tf.errors import UserError
 
 
 def _add_config_args(parser):
@@ -83,7 +84,7 @@ def cmd_make_shapes(args):
     print(f"written to {args.output}/annotations and {args.output}/{{train,val}}")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A command that cannot run as asked; the message says what to do."""
 
 
@@ -154,7 +155,7 @@ def cmd_benchmark(args):
 def cmd_train(args):
     from centermask_tf.training import train
 
-    train(_load(args), args.workdir, args.strategy)
+    train(_load(args), args.workdir, args.strategy, overwrite=args.overwrite)
 
 
 def _network_for(config, workdir, weights):
@@ -164,7 +165,14 @@ def _network_for(config, workdir, weights):
     config.model.weights = None  # the checkpoint holds every weight, the backbone's too
     network = build_model(config.model)
     path = weights_path(workdir, weights)
-    network.load_weights(path)
+    try:
+        network.load_weights(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"cannot load weights '{path}' into the network of this config "
+            f"({' '.join(str(e).split())[:200]}); pass weights trained with this config "
+            "(the workdir's own checkpoints/ or --weights from a run of the same model)."
+        ) from None
     logging.info("weights: %s", path)
     return network
 
@@ -224,6 +232,7 @@ def cmd_demo(args):
     from centermask_tf.evaluation import evaluate_network, make_detector
     from centermask_tf.predict import image_files, predict_files
     from centermask_tf.training import train
+    from centermask_tf.workdir import Workdir
 
     start = time.time()
     shapes = os.path.join(args.data, "annotations", "instances_train.json")
@@ -240,8 +249,13 @@ def cmd_demo(args):
         *args.overrides,
     ]
     config = load_config(args.config, overrides)
-    print(f"[2/5] training {args.config} into {args.workdir}")
-    train(config, args.workdir)
+    state = Workdir(args.workdir).load_state()
+    if state and state.finished and not args.overwrite and state.epochs == config.train.epochs:
+        print(f"[2/5] {args.workdir} holds a finished run of {state.epochs} epochs: using it "
+              "(--overwrite retrains, moving it into previous/)")
+    else:
+        print(f"[2/5] training {args.config} into {args.workdir}")
+        train(config, args.workdir, overwrite=args.overwrite)
     print("[3/5] COCO evaluation on the held-out split")
     network = _network_for(config, args.workdir, None)
     builder = prepare_dataset(config.data)
@@ -318,8 +332,14 @@ def build_parser():
         prog="centermask", description="CenterMask instance segmentation (TensorFlow/Keras)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up log lines")
+    common.add_argument("--debug", action="store_true", help="show the traceback of a user error")
 
-    info = commands.add_parser("info", help="parameters and FLOPs of configs' networks")
+    def command(name, **kwargs):
+        return commands.add_parser(name, parents=[common], **kwargs)
+
+    info = command("info", help="parameters and FLOPs of configs' networks")
     info.add_argument("--config", nargs="+", required=True, help="one or more YAML configs")
     info.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     info.add_argument(
@@ -329,22 +349,26 @@ def build_parser():
     )
     info.set_defaults(handler=cmd_info)
 
-    train = commands.add_parser("train", help="train a config into a workdir (resumes if rerun)")
+    train = command("train", help="train a config into a workdir (resumes if rerun)")
     _add_config_args(train)
     train.add_argument("--workdir", required=True, help="checkpoints, logs and results go here")
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in a workdir that holds a run (the old run is moved into WORKDIR/previous/)",
+    )
     train.add_argument(
         "--strategy", default="mirrored", choices=["mirrored", "one_device", "multi_worker"],
         help="mirrored: all local GPUs (else CPU); multi_worker: hosts from TF_CONFIG",
     )
     train.set_defaults(handler=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="COCO bbox/segm AP on the validation split")
+    evaluate = command("evaluate", help="COCO bbox/segm AP on the validation split")
     _add_config_args(evaluate)
     evaluate.add_argument("--workdir", required=True, help="the training workdir")
     _add_model_source_args(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="overlay PNGs + predictions.json for images")
+    predict = command("predict", help="overlay PNGs + predictions.json for images")
     predict.add_argument("--workdir", required=True, help="the training workdir")
     predict.add_argument("--input", required=True, help="an image file or a folder of images")
     predict.add_argument("--output", required=True, help="folder for overlays and predictions.json")
@@ -352,14 +376,15 @@ def build_parser():
     _add_model_source_args(predict)
     predict.set_defaults(handler=cmd_predict)
 
-    demo = commands.add_parser("demo", help="shapes set -> train -> evaluate -> overlays, in one go")
+    demo = command("demo", help="shapes set -> train -> evaluate -> overlays, in one go")
     demo.add_argument("--config", default="configs/shapes_tiny.yaml")
     demo.add_argument("--workdir", default="work/demo")
     demo.add_argument("--data", default="work/shapes", help="where the shapes set is (or goes)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--overwrite", action="store_true", help="retrain even if --workdir holds a finished run")
     demo.set_defaults(handler=cmd_demo)
 
-    export = commands.add_parser("export", help="SavedModel for TF Serving, or TFLite")
+    export = command("export", help="SavedModel for TF Serving, or TFLite")
     export.add_argument("--workdir", required=True, help="the training workdir")
     export.add_argument("--format", required=True, choices=["saved_model", "tflite"])
     export.add_argument("--output", required=True, help="saved_models/NAME, or FILE.tflite")
@@ -370,7 +395,7 @@ def build_parser():
     export.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
     export.set_defaults(handler=cmd_export)
 
-    shapes = commands.add_parser("make-shapes", help="write the synthetic COCO-format shapes set")
+    shapes = command("make-shapes", help="write the synthetic COCO-format shapes set")
     shapes.add_argument("--output", required=True, help="dataset folder to create")
     shapes.add_argument("--train", type=int, default=600, help="training images")
     shapes.add_argument("--val", type=int, default=100, help="validation images")
@@ -378,7 +403,7 @@ def build_parser():
     shapes.add_argument("--image-size", type=int, default=128, help="longest image side")
     shapes.set_defaults(handler=cmd_make_shapes)
 
-    bench = commands.add_parser("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")
+    bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")
     bench.add_argument(
         "what", choices=["inference", "efficiency", "assembly", "data", "train", "all"],
         help="inference: end-to-end latency per format; efficiency: GFLOP/s vs the matmul "
@@ -395,18 +420,60 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    from centermask_tf.config import ConfigError
-    from centermask_tf.data.coco import DataError
-    from centermask_tf.model.backbones import BackboneWeightsError
+def _import_tensorflow_quietly():
+    """Imports TensorFlow with its C++ start-up lines discarded: on a CPU-only machine they
+    include an `E0000 ... failed call to cuInit` error line that users read as a failure. These
+    lines bypass TF_CPP_MIN_LOG_LEVEL, so stderr itself is redirected while TF starts."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
 
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.buffer.write(sink.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    import absl.logging
+
+    tf.get_logger().setLevel(logging.ERROR)
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _one_line(error):
+    """The message of a user error on one line."""
+    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename:
+        return f"{error.strerror}: '{error.filename}'. Check the path and its permissions."
+    return " ".join(str(error).split())
+
+
+def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _import_tensorflow_quietly()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.handler(args)
-    except (ConfigError, DataError, BackboneWeightsError, FileNotFoundError, UsageError) as e:
-        print(f"centermask {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        # Every error a user can cause is a UserError; an OSError names the path it hit (a
+        # read-only folder, a full disk). One line, unless --debug asks for the traceback.
+        if args.debug or (isinstance(e, OSError) and not isinstance(e, UserError) and not e.filename):
+            raise
+        print(f"centermask {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"centermask {args.command}: interrupted; rerun the same command to continue.", file=sys.stderr)
+        return 130
     return 0
 
 

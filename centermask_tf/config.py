@@ -23,8 +23,10 @@ from typing import Any, Optional
 
 import yaml
 
+from centermask_tf.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key, type or value that cannot be used; the message says which and why."""
 
 
@@ -41,6 +43,20 @@ BACKBONES = (
 
 def _choice(default, choices):
     return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _bounded(default, low=None, above=None, high=None):
+    """A numeric field checked when read: `>= low`, `> above`, `<= high` (None: unbounded)."""
+    return field(default=default, metadata={"low": low, "above": above, "high": high})
+
+
+def _check_range(value, meta, dotted):
+    low, above, high = meta.get("low"), meta.get("above"), meta.get("high")
+    if (low is None or value >= low) and (above is None or value > above) and (high is None or value <= high):
+        return
+    bounds = [f">= {low}" if low is not None else None, f"> {above}" if above is not None else None,
+              f"<= {high}" if high is not None else None]
+    raise ConfigError(f"Config key '{dotted}' must be {' and '.join(b for b in bounds if b)}, got {value!r}.")
 
 
 # === Sections ===
@@ -76,18 +92,18 @@ class ModelConfig:
 
     backbone: str = _choice("resnet18", BACKBONES)
     weights: Optional[str] = None
-    width_multiplier: float = 1.0
+    width_multiplier: float = _bounded(1.0, above=0)
     neck: str = _choice("deconv", ("deconv", "skip"))
-    num_classes: int = 80
-    input_size: int = 512
-    head_conv: int = 256
+    num_classes: int = _bounded(80, low=1)
+    input_size: int = _bounded(512, low=32)
+    head_conv: int = _bounded(256, low=1)
     head_type: str = _choice("conv", ("conv", "separable"))
-    shape_size: int = 32
-    mask_size: int = 32
+    shape_size: int = _bounded(32, low=1)
+    mask_size: int = _bounded(32, low=1)
     saliency: str = _choice("agnostic", ("agnostic", "specific"))
-    max_detections: int = 100
-    score_threshold: float = 0.05
-    mask_threshold: float = 0.4
+    max_detections: int = _bounded(100, low=1)
+    score_threshold: float = _bounded(0.05, low=0, high=1)
+    mask_threshold: float = _bounded(0.4, low=0, high=1)
 
     def validate(self):
         if self.input_size % 32:
@@ -95,11 +111,6 @@ class ModelConfig:
                 f"model.input_size={self.input_size} must be a multiple of 32 "
                 "(every backbone downsamples by 32 before upsampling to stride 4)."
             )
-        for name in ("num_classes", "head_conv", "shape_size", "mask_size", "max_detections"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.width_multiplier <= 0:
-            raise ConfigError(f"model.width_multiplier must be > 0, got {self.width_multiplier}.")
         if self.neck == "skip" and not self.backbone.startswith("resnet"):
             raise ConfigError(
                 f"model.neck=skip applies to the ResNet backbones; {self.backbone} fuses its stages "
@@ -140,21 +151,19 @@ class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
     tfds_data_dir: str = "work/tfds"
-    max_instances: int = 128
+    max_instances: int = _bounded(128, low=1)
     strict: bool = False
     deterministic: bool = False
-    shuffle_buffer: int = 512
+    shuffle_buffer: int = _bounded(512, low=1)
     scale_range: list[float] = field(default_factory=lambda: [0.6, 1.3])
     flip: bool = True
-    color_jitter: float = 0.4
+    color_jitter: float = _bounded(0.4, low=0, high=1)
 
     def validate(self):
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(
                 f"data.scale_range must be [min, max] with 0 < min <= max, got {self.scale_range}."
             )
-        if self.max_instances < 1:
-            raise ConfigError(f"data.max_instances must be >= 1, got {self.max_instances}.")
 
 
 @dataclass
@@ -181,23 +190,23 @@ class TrainConfig:
         seed: random seed for weights and data order.
     """
 
-    batch_size: int = 16
-    epochs: int = 140
-    steps_per_epoch: Optional[int] = None
+    batch_size: int = _bounded(16, low=1)
+    epochs: int = _bounded(140, low=1)
+    steps_per_epoch: Optional[int] = _bounded(None, low=1)
     optimizer: str = _choice("adam", ("adam", "adamw"))
-    learning_rate: float = 2.5e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 500
+    learning_rate: float = _bounded(2.5e-4, above=0)
+    weight_decay: float = _bounded(1e-4, low=0)
+    warmup_steps: int = _bounded(500, low=0)
     schedule: str = _choice("step", ("step", "cosine"))
     decay_epochs: list[int] = field(default_factory=lambda: [90, 120])
-    clipnorm: Optional[float] = None
-    ema_decay: Optional[float] = None
+    clipnorm: Optional[float] = _bounded(None, above=0)
+    ema_decay: Optional[float] = _bounded(None, above=0, high=1)
     mixed_precision: Optional[str] = None
-    heatmap_weight: float = 1.0
-    offset_weight: float = 1.0
-    size_weight: float = 0.1
-    mask_weight: float = 1.0
-    seed: int = 0
+    heatmap_weight: float = _bounded(1.0, low=0)
+    offset_weight: float = _bounded(1.0, low=0)
+    size_weight: float = _bounded(0.1, low=0)
+    mask_weight: float = _bounded(1.0, low=0)
+    seed: int = _bounded(0, low=0)
 
     def validate(self):
         if self.mixed_precision not in (None, "mixed_float16", "mixed_bfloat16"):
@@ -205,6 +214,8 @@ class TrainConfig:
                 "train.mixed_precision must be null, 'mixed_float16' or 'mixed_bfloat16', "
                 f"got {self.mixed_precision!r}."
             )
+        if any(epoch < 1 for epoch in self.decay_epochs):
+            raise ConfigError(f"train.decay_epochs must hold epochs >= 1, got {self.decay_epochs}.")
 
 
 @dataclass
@@ -217,9 +228,9 @@ class EvalConfig:
         max_images: evaluate on at most this many validation images; null = all.
     """
 
-    batch_size: int = 8
-    every_epochs: int = 10
-    max_images: Optional[int] = None
+    batch_size: int = _bounded(8, low=1)
+    every_epochs: int = _bounded(10, low=0)
+    max_images: Optional[int] = _bounded(None, low=1)
 
 
 @dataclass
@@ -232,7 +243,7 @@ class ExportConfig:
     """
 
     quantize: str = _choice("none", ("none", "fp16", "int8"))
-    representative_images: int = 100
+    representative_images: int = _bounded(100, low=1)
 
 
 @dataclass
@@ -262,14 +273,16 @@ def _unknown_key(dotted: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"Unknown config key '{dotted}'.{hint}")
 
 
-def _coerce(value: Any, hint: Any, dotted: str, choices=None) -> Any:
-    """Checks `value` against the type hint `hint`, converting only int -> float."""
+def _coerce(value: Any, hint: Any, dotted: str, meta=None) -> Any:
+    """Checks `value` against the type hint `hint` (converting only int -> float) and against
+    the field's `meta`data: its choices or its numeric range."""
+    meta = meta or {}
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], dotted, choices)
+        return _coerce(value, args[0], dotted, meta)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"Config key '{dotted}' must be a mapping, got {value!r}.")
@@ -296,6 +309,11 @@ def _coerce(value: Any, hint: Any, dotted: str, choices=None) -> Any:
             f"Config key '{dotted}' must be of type {hint.__name__}, got {value!r} "
             f"({type(value).__name__})."
         )
+    choices = meta.get("choices")
+    if hint in (int, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"Config key '{dotted}' must be a finite number, got {value!r}.")
+        _check_range(value, meta, dotted)
     if choices and value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
         hint_text = f" Did you mean '{close[0]}'?" if close else ""
@@ -313,7 +331,7 @@ def _build(cls, values: dict, prefix: str):
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             raise _unknown_key(dotted, list(fields))
-        kwargs[key] = _coerce(value, hints[key], dotted, fields[key].metadata.get("choices"))
+        kwargs[key] = _coerce(value, hints[key], dotted, fields[key].metadata)
     return cls(**kwargs)
 
 
@@ -345,9 +363,14 @@ def load_config(path: str | os.PathLike, overrides=()) -> Config:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"Config file '{path}' does not exist; see configs/ for examples.")
+        raise ConfigError(f"Config file '{path}' does not exist; see configs/ for examples.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"Config '{path}' is a folder; pass a YAML file such as configs/shapes_tiny.yaml.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file '{path}' is not text (binary file?); pass a YAML config.") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {e}")
+        first = " ".join(str(e).split())
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {first}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of sections at top level.")
     try:

@@ -9,7 +9,6 @@ image size: what the COCO evaluation server accepts) and `workdir/eval/metrics.j
 
 import contextlib
 import io
-import json
 import logging
 import os
 
@@ -20,8 +19,10 @@ import tensorflow as tf
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations, usable_annotations
 from centermask_tf.decode import detect
+from centermask_tf.files import write_json
 from centermask_tf.model.assembly import paste_masks
 
 logger = logging.getLogger("centermask_tf.evaluation")
@@ -136,7 +137,7 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
     from centermask_tf.data.pipeline import eval_dataset
 
     if "val" not in builder.info.splits:
-        raise ValueError("Evaluation needs data.val.annotations and data.val.images in the config.")
+        raise ConfigError("Evaluation needs data.val.annotations and data.val.images in the config.")
     dataset = eval_dataset(builder, input_size=config.model.input_size, batch_size=config.eval.batch_size)
     total = builder.info.splits["val"].num_examples
     if max_images:
@@ -156,11 +157,8 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
             progress.update(len(images))
     metrics = coco_metrics(builder.builder_config.splits["val"][0], detections, image_ids)
     if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "detections.json"), "w") as f:
-            json.dump(detections, f)
-        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        write_json(os.path.join(output_dir, "detections.json"), detections, indent=None)
+        write_json(os.path.join(output_dir, "metrics.json"), metrics)
     return metrics
 
 
@@ -169,14 +167,16 @@ class CocoEvalCallback(keras.callbacks.Callback):
     epoch logs (so TensorBoard, the CSV log and checkpointing see them) and writes
     `eval/epoch_NNN.json`. Between evaluations the last values are repeated."""
 
-    def __init__(self, network, builder, config, workdir, every):
+    def __init__(self, network, builder, config, workdir, every, last=None):
         super().__init__()
         self.network = network
         self.builder = builder
         self.config = config
         self.workdir = workdir
         self.every = every
-        self.last = {"val_bbox_AP": 0.0, "val_segm_AP": 0.0}
+        # A resumed run repeats the values of its last committed epoch until it evaluates again.
+        last = last or {}
+        self.last = {name: float(last.get(name, 0.0)) for name in ("val_bbox_AP", "val_segm_AP")}
 
     def on_epoch_end(self, epoch, logs=None):
         last_epoch = epoch + 1 == self.params.get("epochs")
@@ -185,9 +185,7 @@ class CocoEvalCallback(keras.callbacks.Callback):
                 self.network, self.builder, self.config, max_images=self.config.eval.max_images
             )
             self.last = {"val_bbox_AP": metrics["bbox"]["AP"], "val_segm_AP": metrics["segm"]["AP"]}
-            os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
-            with open(os.path.join(self.workdir, "eval", f"epoch_{epoch + 1:03d}.json"), "w") as f:
-                json.dump(metrics, f, indent=1)
+            write_json(os.path.join(self.workdir, "eval", f"epoch_{epoch + 1:03d}.json"), metrics)
             print(f"\nepoch {epoch + 1}: bbox AP {self.last['val_bbox_AP']:.3f}, segm AP {self.last['val_segm_AP']:.3f}")
         if logs is not None:
             logs.update(self.last)

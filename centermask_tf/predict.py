@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from centermask_tf.config import config_from_dict
+from centermask_tf.errors import MissingError
 from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.evaluation import coco_results, to_original_image
 
@@ -29,7 +30,7 @@ def load_workdir(workdir):
         with open(os.path.join(workdir, "categories.json")) as f:
             categories = json.load(f)
     except FileNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingError(
             f"'{workdir}' is not a training workdir ({e.filename} is missing); "
             "run `centermask train --workdir` first."
         ) from None
@@ -45,10 +46,10 @@ def image_files(path):
             if name.lower().endswith(IMAGE_EXTENSIONS)
         )
         if not files:
-            raise FileNotFoundError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'.")
+            raise MissingError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'.")
         return files
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input '{path}' does not exist.")
+        raise MissingError(f"--input '{path}' does not exist.")
     return [path]
 
 

@@ -12,16 +12,20 @@ Workdir layout: `config.yaml` (resolved), `categories.json`, `checkpoints/{last,
 `eval/` (COCO metrics), `model.keras` (final network).
 """
 
-import json
+import contextlib
 import logging
 import math
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
-import yaml
 
+from centermask_tf import files
+from centermask_tf.errors import MissingError, UserError
+from centermask_tf.data.coco import DataError
 from centermask_tf.losses import LOSS_NAMES, compute_losses
+from centermask_tf.workdir import Workdir, WorkdirError
 
 logger = logging.getLogger("centermask_tf.training")
 
@@ -167,9 +171,9 @@ def make_strategy(name="mirrored"):
         return tf.distribute.OneDeviceStrategy(gpus[0].name) if gpus else tf.distribute.get_strategy()
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
-            raise ValueError("--strategy multi_worker needs the TF_CONFIG environment variable.")
+            raise UserError("--strategy multi_worker needs the TF_CONFIG environment variable.")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+    raise UserError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
 
 
 def _is_chief(strategy):
@@ -184,40 +188,57 @@ def _is_chief(strategy):
 # === Checkpoints ===
 
 
-class NetworkCheckpoint(keras.callbacks.Callback):
-    """Saves the network's weights as `last.weights.h5` every epoch and `best.weights.h5` when
-    the monitored value improves (lower loss, or higher AP for `val_*` AP metrics)."""
+def _weights_bytes(model):
+    """Bytes of a model's variables (its optimizer's too, when it has one): the size of its
+    `.weights.h5`, give or take the HDF5 overhead."""
+    variables = list(model.weights)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)
 
-    def __init__(self, network, directory, monitor="loss"):
+
+def save_weights(model, path, point):
+    """`model.save_weights` through an atomic, space-checked write."""
+    return files.atomic_write(path, model.save_weights, point, expected_size=_weights_bytes(model))
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Commits each epoch to the workdir (see `workdir.py`): backup of network and optimizer,
+    `last` and (when the monitored value improves) `best` network weights, the history row and
+    the best-so-far value, so that a kill at any moment loses at most the running epoch."""
+
+    def __init__(self, network, run, state):
         super().__init__()
         self.network = network
-        self.directory = directory
-        self.monitor = monitor
-        self.best = None
+        self.run = run
+        self.state = state
 
     def on_epoch_end(self, epoch, logs=None):
-        os.makedirs(self.directory, exist_ok=True)
-        self.network.save_weights(os.path.join(self.directory, "last.weights.h5"))
-        value = (logs or {}).get(self.monitor)
-        if value is None:
-            return
-        higher_is_better = "AP" in self.monitor
-        if self.best is None or (value > self.best if higher_is_better else value < self.best):
-            self.best = value
-            self.network.save_weights(os.path.join(self.directory, "best.weights.h5"))
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        state, run, done = self.state, self.run, epoch + 1
+        save_weights(self.model, run.join(run.backup_name(done)), "backup")
+        save_weights(self.network, run.pending("last", done), "last")
+        value = logs.get(state.monitor)
+        if state.improves(value):
+            save_weights(self.network, run.pending("best", done), "best")
+            state.best, state.best_epoch = value, done
+        state.epochs_done, state.backup = done, run.backup_name(done)
+        state.history.append({"epoch": epoch, **logs})
+        run.save_state(state)  # the commit
+        run.recover(state)
 
 
 def weights_path(workdir, weights=None):
     """The weights file to evaluate or export: explicit, else best, else last."""
     if weights:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--weights: file '{weights}' does not exist.")
+            raise MissingError(f"--weights: file '{weights}' does not exist.")
         return weights
     for name in ("best", "last"):
         path = os.path.join(workdir, "checkpoints", f"{name}.weights.h5")
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(
+    raise MissingError(
         f"No checkpoint in '{workdir}/checkpoints'; train first (centermask train --workdir "
         f"{workdir}) or pass --weights FILE."
     )
@@ -228,11 +249,8 @@ def weights_path(workdir, weights=None):
 
 def save_run_files(config, workdir, categories):
     """Writes the resolved config and the category list that evaluate/predict/export read."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    with open(os.path.join(workdir, "categories.json"), "w") as f:
-        json.dump(categories, f, indent=1)
+    Workdir(workdir).save_config(config)
+    files.write_json(os.path.join(workdir, "categories.json"), categories)
 
 
 def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch, workdir, chief):
@@ -282,8 +300,7 @@ def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch,
         epoch_var.assign(epoch + 1)
         manager.save()
         history.append(logs)
-        os.makedirs(weights_dir, exist_ok=True)
-        trainer.network.save_weights(os.path.join(weights_dir, "last.weights.h5"))
+        save_weights(trainer.network, os.path.join(weights_dir, "last.weights.h5"), "last")
     return history
 
 
@@ -304,87 +321,133 @@ def config_train_dataset(config, builder):
     )
 
 
-def train(config, workdir, strategy_name="mirrored", extra_callbacks=()):
+def train(config, workdir, strategy_name="mirrored", extra_callbacks=(), overwrite=False):
     """Trains `config` into `workdir`; rerunning the same command resumes where it stopped.
+
+    A workdir whose run finished is refused (`WorkdirError`) unless `train.epochs` is larger,
+    which continues it; `overwrite=True` moves the old run into `workdir/previous/` first. A
+    second process training into the same workdir is refused (`files.BusyError`).
 
     Returns:
         The list of per-epoch logs of the epochs run by this call.
     """
-    from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.model.centermask import build_model
-
     strategy = make_strategy(strategy_name)
+    if strategy_name == "multi_worker":
+        # Workers share the chief's workdir; only the chief writes its run files.
+        chief = _is_chief(strategy)
+        with Workdir(workdir).lock() if chief else contextlib.nullcontext():
+            return _train_multi_worker(config, workdir, strategy, chief)
+    run = Workdir(workdir)
+    with run.lock():
+        state = run.start(config, overwrite)
+        run.recover(state)
+        return _fit(config, run, state, strategy, extra_callbacks)
+
+
+def _prepare(config, workdir, strategy, save):
+    """Seeds, precision, the prepared dataset and steps per epoch; `save`: write the run files."""
+    from centermask_tf.data.tfds_builder import prepare_dataset
+
     keras.utils.set_random_seed(config.train.seed)
     if config.train.mixed_precision:
         keras.mixed_precision.set_global_policy(config.train.mixed_precision)
     builder = prepare_dataset(config.data)
     categories = builder.info.metadata["categories"]
     if len(categories) != config.model.num_classes:
-        raise ValueError(
+        raise DataError(
             f"model.num_classes={config.model.num_classes} but {config.data.train.annotations} "
             f"has {len(categories)} categories; set --set model.num_classes={len(categories)}."
         )
     batch = config.train.batch_size
     if batch % strategy.num_replicas_in_sync:
-        raise ValueError(
+        raise DataError(
             f"train.batch_size={batch} is the global batch; it must divide evenly over "
             f"{strategy.num_replicas_in_sync} replicas."
         )
     num_train = builder.info.splits["train"].num_examples
-    steps_per_epoch = config.train.steps_per_epoch or max(1, num_train // batch)
-    chief = _is_chief(strategy)
+    if num_train < batch:
+        raise DataError(
+            f"data.train ({config.data.train.annotations}) has {num_train} usable images, fewer than "
+            f"train.batch_size={batch}; the warnings above name the skipped ones. Fix the data or "
+            "lower train.batch_size."
+        )
+    steps_per_epoch = config.train.steps_per_epoch or num_train // batch
     logger.info("training on %d replica(s), %d steps per epoch", strategy.num_replicas_in_sync, steps_per_epoch)
-    if chief:
+    if save:
         save_run_files(config, workdir, categories)
+    return builder, steps_per_epoch
 
-    dataset = config_train_dataset(config, builder)
-    if strategy_name == "multi_worker":
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        dataset = dataset.with_options(options)
 
+def _build_trainer(config, steps_per_epoch):
+    from centermask_tf.model.centermask import build_model
+
+    trainer = CenterMaskTrainer(
+        build_model(config.model),
+        {
+            "heatmap": config.train.heatmap_weight,
+            "offset": config.train.offset_weight,
+            "size": config.train.size_weight,
+            "mask": config.train.mask_weight,
+        },
+    )
+    return trainer, build_optimizer(config.train, steps_per_epoch)
+
+
+def _train_multi_worker(config, workdir, strategy, chief):
+    builder, steps_per_epoch = _prepare(config, workdir, strategy, save=chief)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = config_train_dataset(config, builder).with_options(options)
     with strategy.scope():
-        network = build_model(config.model)
-        trainer = CenterMaskTrainer(
-            network,
-            {
-                "heatmap": config.train.heatmap_weight,
-                "offset": config.train.offset_weight,
-                "size": config.train.size_weight,
-                "mask": config.train.mask_weight,
-            },
-        )
-        optimizer = build_optimizer(config.train, steps_per_epoch)
+        trainer, optimizer = _build_trainer(config, steps_per_epoch)
+    return _custom_loop(
+        strategy, trainer, optimizer, dataset, config.train.epochs, steps_per_epoch, workdir, chief
+    )
 
-    if strategy_name == "multi_worker":
-        return _custom_loop(
-            strategy, trainer, optimizer, dataset, config.train.epochs, steps_per_epoch, workdir, chief
-        )
 
+def _fit(config, run, state, strategy, extra_callbacks):
+    """`model.fit` from the committed epoch of `state` to `config.train.epochs`."""
+    builder, steps_per_epoch = _prepare(config, run.path, strategy, save=state.epochs_done == 0)
+    if state.epochs_done:  # continuing: the config may hold more epochs now
+        save_run_files(config, run.path, builder.info.metadata["categories"])
     with strategy.scope():
+        trainer, optimizer = _build_trainer(config, steps_per_epoch)
         trainer.compile(optimizer=optimizer)
-        # BackupAndRestore restores into a built model and optimizer before the first step.
+        # Restoring needs a built model and optimizer.
         size = config.model.input_size
         trainer(tf.zeros([1, size, size, 3]))
         optimizer.build(trainer.trainable_variables)
+    if state.backup:
+        try:
+            trainer.load_weights(run.join(state.backup))
+        except (OSError, ValueError) as e:
+            raise WorkdirError(
+                f"cannot resume from '{run.join(state.backup)}' ({str(e).splitlines()[0][:200]}); "
+                "pass --overwrite to move this run aside and start over."
+            ) from None
+        logger.info("resuming after epoch %d of %d", state.epochs_done, state.epochs)
+    network = trainer.network
+    callbacks = []
     # Order matters: evaluation adds val_*_AP to the logs that the later callbacks record.
-    # double_checkpoint keeps the previous backup: a kill during the backup's own write leaves a
-    # corrupt file, and the restart then resumes from the epoch before.
-    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"), double_checkpoint=True)]
-    monitor = "loss"
     if "val" in builder.info.splits and config.eval.every_epochs > 0:
         from centermask_tf.evaluation import CocoEvalCallback
 
-        callbacks.append(CocoEvalCallback(network, builder, config, workdir, config.eval.every_epochs))
-        monitor = "val_segm_AP"
+        state.monitor = "val_segm_AP"
+        last = state.history[-1] if state.history else {}
+        callbacks.append(CocoEvalCallback(network, builder, config, run.path, config.eval.every_epochs, last))
     callbacks += [
         *extra_callbacks,
-        keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
-        NetworkCheckpoint(network, os.path.join(workdir, "checkpoints"), monitor),
+        keras.callbacks.TensorBoard(run.join("logs"), update_freq="epoch"),
+        RunCheckpoint(network, run, state),
     ]
-    history = trainer.fit(
-        dataset, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks
-    )
-    network.save(os.path.join(workdir, "model.keras"))
-    return [dict(zip(history.history, values)) for values in zip(*history.history.values())]
+    history = []
+    if state.epochs_done < state.epochs:
+        fitted = trainer.fit(
+            config_train_dataset(config, builder), epochs=state.epochs, initial_epoch=state.epochs_done,
+            steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+        )
+        history = [dict(zip(fitted.history, values)) for values in zip(*fitted.history.values())]
+    files.atomic_write(run.join("model.keras"), network.save, "model", expected_size=_weights_bytes(network))
+    state.finished = True
+    run.save_state(state)
+    return history

@@ -19,6 +19,8 @@ import numpy as np
 import tensorflow as tf
 from pycocotools.coco import COCO
 
+from centermask_tf.errors import UserError
+
 logger = logging.getLogger("centermask_tf.data")
 
 FAULT_KINDS = {
@@ -38,7 +40,7 @@ FAULT_KINDS = {
 _BOUNDS_SLACK = 1.0
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset fault that cannot be skipped (or any fault with strict: true)."""
 
 

@@ -15,6 +15,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from centermask_tf.errors import MissingError
+
 
 def _from_exported(outputs, input_size, category_ids):
     """Object Detection API outputs (boxes normalised to an `N x N` input, the dataset's own
@@ -44,7 +46,7 @@ def saved_model_detector(path, input_size, category_ids):
     (`saved_models/NAME/1`). A letterboxed `N x N` canvas passes the export's own letterbox
     unchanged, so its normalised boxes are in canvas units."""
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise FileNotFoundError(
+        raise MissingError(
             f"--saved-model '{path}' holds no saved_model.pb; pass the version folder, "
             "e.g. saved_models/NAME/1."
         )
@@ -64,7 +66,7 @@ def tflite_detector(path, input_size, category_ids):
     from centermask_tf.config import ConfigError
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--tflite '{path}' does not exist.")
+        raise MissingError(f"--tflite '{path}' does not exist.")
     runner = Interpreter(model_path=path).get_signature_runner()
     expected = [1, input_size, input_size, 3]
     shape = [int(v) for v in runner.get_input_details()["image"]["shape"]]

@@ -18,6 +18,8 @@ import os
 
 import keras
 
+from centermask_tf.errors import UserError
+
 # Per-channel statistics of the ImageNet-trained weights each family expects.
 _NORMALIZATION = {
     "resnet18": "torch",
@@ -37,7 +39,7 @@ _KERAS_APPLICATIONS = {
 }
 
 
-class BackboneWeightsError(ValueError):
+class BackboneWeightsError(UserError, ValueError):
     """Backbone weights that cannot be loaded; the message says how to provide them."""
 
 
