@@ -210,16 +210,21 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from centermask_tf.predict import image_files, load_workdir, predict_files
+    from centermask_tf.predict import (
+        DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, image_files, load_workdir, predict_files,
+    )
 
     config, categories = load_workdir(args.workdir)
     detect = _detector_for(args, config, categories)
     files = image_files(args.input)
-    predict_files(
+    predictions = predict_files(
         detect, files, config.model.input_size, categories, args.score,
         config.model.mask_threshold, args.output,
+        args.max_pixels or DEFAULT_MAX_PIXELS, args.max_megabytes or DEFAULT_MAX_MEGABYTES,
     )
-    print(f"wrote {len(files)} overlays and predictions.json to {args.output}")
+    skipped = sum("error" in p for p in predictions)
+    print(f"wrote {len(predictions) - skipped} overlays (*.overlay.png) and predictions.json to {args.output}"
+          + (f"; skipped {skipped} unusable files, listed in predictions.json with the reason" if skipped else ""))
 
 
 def cmd_demo(args):
@@ -373,6 +378,9 @@ def build_parser():
     predict.add_argument("--input", required=True, help="an image file or a folder of images")
     predict.add_argument("--output", required=True, help="folder for overlays and predictions.json")
     predict.add_argument("--score", type=float, default=0.3, help="minimum detection score")
+    predict.add_argument("--max-pixels", type=int,
+                         help="skip images that declare more pixels (default: PIL's limit, 89.5 M)")
+    predict.add_argument("--max-megabytes", type=float, help="skip larger files (default 200)")
     _add_model_source_args(predict)
     predict.set_defaults(handler=cmd_predict)
 

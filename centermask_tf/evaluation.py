@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -35,6 +36,35 @@ def make_detector(network, model_config):
     return tf.function(lambda images: detect(network, images, model_config))
 
 
+class InstanceMask(NamedTuple):
+    """A binary instance mask stored as the crop of its box: `crop` covers rows
+    `top:top + crop.shape[0]` and columns `left:left + crop.shape[1]` of the image; every pixel
+    outside is 0. A full-size mask per detection of a 50-megapixel photo would not fit memory."""
+
+    top: int
+    left: int
+    crop: np.ndarray
+
+    def full(self, height, width):
+        """The mask at full image size, uint8 and Fortran-ordered as pycocotools encodes it."""
+        mask = np.zeros((height, width), np.uint8, order="F")
+        mask[self.top : self.top + self.crop.shape[0], self.left : self.left + self.crop.shape[1]] = self.crop
+        return mask
+
+
+def paste_instance(box_mask, box, height, width, threshold):
+    """Pastes one box-relative `[M, M]` probability map into its box (ymin, xmin, ymax, xmax,
+    image pixels) and thresholds it; `paste_masks` on the box's own window, which is the full
+    paste there (pixel centres stay aligned) and 0 elsewhere."""
+    top, left = (int(np.clip(np.floor(v), 0, limit - 1)) for v, limit in zip(box[:2], (height, width)))
+    bottom, right = (int(np.clip(np.ceil(v), start + 1, limit)) for v, start, limit in zip(box[2:], (top, left), (height, width)))
+    local = np.asarray(box, np.float32) - np.asarray([top, left, top, left], np.float32)
+    probabilities = paste_masks(
+        tf.convert_to_tensor(box_mask[None, None]), tf.convert_to_tensor(local[None, None]), bottom - top, right - left
+    )
+    return InstanceMask(top, left, probabilities.numpy()[0, 0] >= threshold)
+
+
 def to_original_image(detections, index, scale, original_size, mask_threshold):
     """One image's detections mapped back to its original pixels.
 
@@ -47,23 +77,19 @@ def to_original_image(detections, index, scale, original_size, mask_threshold):
 
     Returns:
         dict with `boxes` [n, 4] (ymin, xmin, ymax, xmax), `scores` [n], `classes` [n]
-        (contiguous indices) and `masks` [n, height, width] bool.
+        (contiguous indices), `masks` (n `InstanceMask`s) and `size` (height, width).
     """
     n = int(detections["num_detections"][index])
     height, width = (int(v) for v in original_size)
     boxes = np.asarray(detections["boxes"][index, :n]) / float(scale)
     boxes = np.clip(boxes, 0.0, [height, width, height, width])
-    masks = paste_masks(
-        tf.convert_to_tensor(detections["masks"][index : index + 1, :n]),
-        tf.convert_to_tensor(boxes[None], tf.float32),
-        height,
-        width,
-    )
+    box_masks = np.asarray(detections["masks"][index, :n], np.float32)
     return {
         "boxes": boxes,
         "scores": np.asarray(detections["scores"][index, :n]),
         "classes": np.asarray(detections["classes"][index, :n]),
-        "masks": masks.numpy()[0] >= mask_threshold,
+        "masks": [paste_instance(m, b, height, width, mask_threshold) for m, b in zip(box_masks, boxes)],
+        "size": (height, width),
     }
 
 
@@ -71,7 +97,7 @@ def coco_results(image_id, result, category_ids):
     """COCO results-format dicts for one image (category ids from the dataset's file)."""
     entries = []
     for box, score, cls, mask in zip(result["boxes"], result["scores"], result["classes"], result["masks"]):
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle = mask_utils.encode(mask.full(*result["size"]))
         ymin, xmin, ymax, xmax = (float(v) for v in box)
         entries.append(
             {

@@ -2,24 +2,45 @@
 `predictions.json` in the COCO results format (plus the file name and category name).
 
     centermask predict --workdir work/demo --input work/shapes/val --output work/demo/predictions
+
+Prediction never stops on a bad file and never overwrites an input: each image's overlay is
+`<file name>.overlay.png` (so `a.jpg` and `a.png` get different ones, and none can replace an
+input even when `--output` is the input folder), overlay files are never read as inputs, and a
+file that cannot be used (empty, corrupt, over the size or pixel limit) is skipped with a warning
+and listed in `predictions.json` with the reason. Images are read upright (EXIF orientation
+applied, as a photo viewer shows them); the file-size and pixel limits are checked before any
+pixel is decoded.
 """
 
 import colorsys
 import json
+import logging
 import os
+import warnings
 
 import numpy as np
 import tensorflow as tf
 import yaml
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from centermask_tf.config import config_from_dict
-from centermask_tf.errors import MissingError
+from centermask_tf.errors import MissingError, UserError
+from centermask_tf.files import atomic_write, write_json
 from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.evaluation import coco_results, to_original_image
 
+logger = logging.getLogger("centermask_tf.predict")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+OVERLAY_SUFFIX = ".overlay.png"
+# PIL's own decompression-bomb limit (about 89.5 megapixels, 268 MB as RGB).
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+DEFAULT_MAX_MEGABYTES = 200
+
+
+class ImageError(UserError):
+    """An input image that cannot be used; the message says why."""
 
 
 def load_workdir(workdir):
@@ -38,12 +59,12 @@ def load_workdir(workdir):
 
 
 def image_files(path):
-    """`path` itself, or the image files in the folder `path` (sorted)."""
+    """`path` itself, or the image files in the folder `path` (sorted; overlays excluded)."""
     if os.path.isdir(path):
         files = sorted(
             os.path.join(path, name)
             for name in os.listdir(path)
-            if name.lower().endswith(IMAGE_EXTENSIONS)
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.endswith(OVERLAY_SUFFIX)
         )
         if not files:
             raise MissingError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'.")
@@ -53,17 +74,42 @@ def image_files(path):
     return [path]
 
 
-def load_image(path):
-    """RGB uint8 `[H, W, 3]` of a JPEG/PNG/BMP/GIF file (grayscale and RGBA converted)."""
+def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_MEGABYTES):
+    """RGB uint8 `[H, W, 3]` of an image file as displayed (EXIF orientation applied; grayscale,
+    palette and RGBA converted).
+
+    Raises:
+        ImageError: the file is empty, larger than `max_megabytes`, declares more than
+            `max_pixels` pixels (checked from its header, before decoding), or does not decode.
+    """
     try:
-        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except tf.errors.InvalidArgumentError as e:
-        raise ValueError(f"'{path}' is not a readable image: {str(e).splitlines()[0]}") from None
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ImageError(f"'{path}': {e.strerror}") from None
+    if size == 0:
+        raise ImageError(f"'{path}' is empty (0 bytes)")
+    if size > max_megabytes * 1e6:
+        raise ImageError(f"'{path}' is {size / 1e6:.0f} MB, over the {max_megabytes} MB limit (--max-megabytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit applies
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"'{path}' declares {width}x{height} = {width * height / 1e6:.0f} megapixels, over "
+                        f"the {max_pixels / 1e6:.0f} megapixel limit (--max-pixels)"
+                    )
+                return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"'{path}' is over PIL's hard pixel limit ({' '.join(str(e).split())[:90]})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"'{path}' is not a readable image ({' '.join(str(e).split())[:120]})") from None
 
 
 def letterbox_image(image, size):
     """`(canvas float32 [size, size, 3], scale)` exactly as the validation pipeline places it."""
-    canvases, scale = letterbox_images(image[None], size)
+    canvases, scale = letterbox_images(tf.convert_to_tensor(image)[None], size)
     return canvases[0], float(scale)
 
 
@@ -73,11 +119,13 @@ def _colour(index):
 
 
 def draw_overlay(image, result, names):
-    """The image with each detection's mask tinted, its box outlined and 'name score' written."""
-    canvas = np.asarray(image, np.float32).copy()
+    """The image with each detection's mask tinted, its box outlined and 'name score' written.
+    Tinting touches only each mask's own pixels, in uint8: no full-size float copy."""
+    canvas = np.array(image, np.uint8)
     for i, mask in enumerate(result["masks"]):
-        canvas[mask] = 0.45 * canvas[mask] + 0.55 * _colour(i)
-    picture = Image.fromarray(canvas.astype(np.uint8))
+        window = canvas[mask.top : mask.top + mask.crop.shape[0], mask.left : mask.left + mask.crop.shape[1]]
+        window[mask.crop] = (0.45 * window[mask.crop] + 0.55 * _colour(i)).astype(np.uint8)
+    picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
     for i, (box, score, cls) in enumerate(zip(result["boxes"], result["scores"], result["classes"])):
@@ -88,27 +136,40 @@ def draw_overlay(image, result, names):
     return picture
 
 
-def predict_files(detect, files, input_size, categories, score_threshold, mask_threshold, output):
+def predict_files(
+    detect, files, input_size, categories, score_threshold, mask_threshold, output,
+    max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_MEGABYTES,
+):
     """Runs `detect` (images `[1, N, N, 3]` -> decoded detections) on each file, writes an
-    overlay PNG per image and `predictions.json` into `output`; returns the predictions."""
+    overlay `<file name>.overlay.png` per image and `predictions.json` into `output`.
+
+    Returns:
+        One entry per file: `{"file", "overlay", "detections"}`, or `{"file", "error"}` for a
+        file that was skipped.
+    """
     os.makedirs(output, exist_ok=True)
     ids = [c["id"] for c in categories]
     names = [c["name"] for c in categories]
     predictions = []
     for path in tqdm(files, desc="predict", unit="img"):
-        image = load_image(path)
+        try:
+            image = load_image(path, max_pixels, max_megabytes)
+        except ImageError as e:
+            logger.warning("skipped %s", e)
+            predictions.append({"file": path, "error": str(e)})
+            continue
         canvas, scale = letterbox_image(image, input_size)
         detections = {k: np.asarray(v) for k, v in detect(canvas[None]).items()}
         keep = int(np.sum(detections["scores"][0] >= score_threshold))
         detections["num_detections"] = np.minimum(detections["num_detections"], keep)
         result = to_original_image(detections, 0, scale, image.shape[:2], mask_threshold)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        draw_overlay(image.numpy(), result, names).save(os.path.join(output, f"{stem}.png"))
+        overlay = os.path.join(output, os.path.basename(path) + OVERLAY_SUFFIX)
+        picture = draw_overlay(image, result, names)
+        atomic_write(overlay, lambda tmp: picture.save(tmp, format="PNG"), "overlay", image.size)
         entries = coco_results(0, result, ids)
         for entry, cls in zip(entries, result["classes"]):
             del entry["image_id"]
             entry["category"] = names[int(cls)]
-        predictions.append({"file": path, "detections": entries})
-    with open(os.path.join(output, "predictions.json"), "w") as f:
-        json.dump(predictions, f, indent=1)
+        predictions.append({"file": path, "overlay": overlay, "detections": entries})
+    write_json(os.path.join(output, "predictions.json"), predictions)
     return predictions

@@ -158,6 +158,11 @@ def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou
     ref = keras_reference(network, config, canvas[0])
     n = int(ref["num_detections"][0])
     assert int(got["num_detections"][0]) == n > 0
+    # All K slots may be full: a detection within the score tolerance of the last kept one can
+    # trade places with the first one left out. The ones clear of it must all be there.
+    scores = ref["scores"][0, :n]
+    n = int(np.sum(scores > scores[-1] + 2e-3)) if n == config.model.max_detections else n
+    assert n >= 5
     order = align(got, ref, n)
     np.testing.assert_allclose(got["detection_boxes"][0, order], ref["boxes"][0, :n], atol=1e-3)
     np.testing.assert_allclose(got["detection_scores"][0, order], ref["scores"][0, :n], atol=2e-3)
@@ -185,7 +190,7 @@ def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path):
         assert input_types[name] == {"float32"}, (name, input_types[name])
     ious = []
     for name in sorted(os.listdir(config.data.val.images)):
-        image = load_image(os.path.join(config.data.val.images, name)).numpy()
+        image = load_image(os.path.join(config.data.val.images, name))
         canvas, _ = letterbox_image(tf.constant(image), config.model.input_size)
         canvas = np.round(canvas.numpy()).astype(np.uint8)[None]
         got = run_tflite(content, {"image": canvas})

@@ -12,11 +12,13 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 from pycocotools.coco import COCO
 
 from centermask_tf.errors import UserError
@@ -27,7 +29,9 @@ FAULT_KINDS = {
     "missing_image": "the image file does not exist",
     "unreadable_image": "the file is not a decodable JPEG/PNG/BMP/GIF (truncated or not an image)",
     "unsafe_path": "file_name resolves outside the image root; refused",
-    "size_mismatch": "the decoded image size differs from the JSON's height/width",
+    "size_mismatch": "the JSON's height/width match neither the image as stored nor as displayed (EXIF orientation)",
+    "bad_image_record": "an 'images' entry has a field of the wrong type or value",
+    "bad_annotation_record": "an 'annotations' entry has a field of the wrong type or value",
     "orphan_annotation": "the annotation's image_id is not in 'images'",
     "unknown_category": "the annotation's category_id is not in 'categories'",
     "zero_area_box": "the bbox has zero or negative width/height (or is missing)",
@@ -96,8 +100,101 @@ def uncompressed_counts(mask):
     return np.concatenate([[0], counts]) if flat.size and flat[0] == 1 else counts
 
 
-def load_annotations(path):
-    """Reads and structurally checks a COCO instances JSON; returns a pycocotools `COCO`."""
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _image_problem(image):
+    """What is wrong with one 'images' entry, or None."""
+    if not isinstance(image, dict):
+        return f"entry {image!r:.60} is not an object"
+    if not _is_int(image.get("id")):
+        return f"id {image.get('id')!r:.60} is not an integer"
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        return f"file_name {image.get('file_name')!r:.60} is not a file name"
+    for key in ("height", "width"):
+        if not _is_int(image.get(key)) or image[key] < 1:
+            return f"{key} {image.get(key)!r:.60} is not a positive integer"
+    return None
+
+
+def _annotation_problem(ann):
+    """What is wrong with the types of one 'annotations' entry, or None (values such as a
+    zero-area box or an out-of-image polygon are checked later, with their own fault kinds)."""
+    if not isinstance(ann, dict):
+        return f"entry {ann!r:.60} is not an object"
+    for key in ("image_id", "category_id"):
+        if not _is_int(ann.get(key)):
+            return f"{key} {ann.get(key)!r:.60} is not an integer"
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        return f"bbox {bbox!r:.60} is not a list of 4 numbers [x, y, width, height]"
+    if ann.get("iscrowd", 0) not in (0, 1):
+        return f"iscrowd {ann.get('iscrowd')!r:.60} is not 0 or 1"
+    if "area" in ann and not _is_number(ann["area"]):
+        return f"area {ann['area']!r:.60} is not a number"
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, list):
+        if not all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segmentation):
+            return "segmentation polygons are not lists of numbers"
+    elif isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            return f"segmentation size {size!r:.60} is not [height, width]"
+        if not (isinstance(counts, str) or (isinstance(counts, list) and all(_is_int(v) and v >= 0 for v in counts))):
+            return "segmentation counts are neither an RLE string nor a list of run lengths"
+    elif segmentation is not None:
+        return f"segmentation {segmentation!r:.60} is neither polygons nor RLE"
+    return None
+
+
+def _drop_bad_records(data, path, report):
+    """Removes (and reports) 'images' and 'annotations' entries whose fields have the wrong
+    type, and later duplicates of an id: pycocotools indexes them blindly."""
+    images, seen = [], set()
+    for image in data["images"]:
+        problem = _image_problem(image)
+        if problem is None and image["id"] in seen:
+            problem = f"id {image['id']} appears twice"
+        if problem:
+            report.add("bad_image_record", f"{path}: images entry", problem)
+            continue
+        seen.add(image["id"])
+        images.append(image)
+    annotations, seen = [], set()
+    for ann in data["annotations"]:
+        problem = _annotation_problem(ann)
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        if problem is None and ann_id is not None and ann_id in seen:
+            problem = "the id appears twice"
+        if problem:
+            report.add("bad_annotation_record", f"{path}: annotation id {ann_id!r:.30}", problem)
+            continue
+        seen.add(ann_id)
+        annotations.append(ann)
+    return dict(data, images=images, annotations=annotations)
+
+
+def _check_categories(categories, path):
+    ids = set()
+    for category in categories:
+        if not isinstance(category, dict) or not _is_int(category.get("id")) or not isinstance(category.get("name"), str):
+            raise DataError(
+                f"Annotation file '{path}': category {category!r:.80} needs an integer 'id' and a "
+                "string 'name'."
+            )
+        if category["id"] in ids:
+            raise DataError(f"Annotation file '{path}': category id {category['id']} appears twice.")
+        ids.add(category["id"])
+
+
+def load_annotations(path, report=None):
+    """Reads and checks a COCO instances JSON; returns a pycocotools `COCO` of the entries whose
+    fields are well-typed (the others are reported to `report`, default: dropped silently)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -112,7 +209,8 @@ def load_annotations(path):
             raise DataError(f"Annotation file '{path}' has no '{key}' list (COCO instances format).")
     if not data["categories"]:
         raise DataError(f"Annotation file '{path}' has an empty 'categories' list.")
-    return index_coco(data)
+    _check_categories(data["categories"], path)
+    return index_coco(_drop_bad_records(data, path, report or FaultReport(log=False)))
 
 
 def index_coco(data):
@@ -131,21 +229,47 @@ def _resolve(root, file_name):
     return path if os.path.commonpath([root, path]) == root else None
 
 
+def exif_orientation(path):
+    """The EXIF Orientation tag of an image file (1, upright, when absent or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 1
+    return orientation if orientation in range(1, 9) else 1
+
+
 def _check_image(path, height, width, where, report):
-    """True when the file decodes as an image of the annotated size."""
+    """Whether the file decodes, and in which orientation it matches the annotated size.
+
+    Returns:
+        None (reported) when unusable; else True when the annotations are in the displayed
+        (EXIF-transposed) orientation, as annotation tools draw them, and the stored pixels
+        must be transposed; False when they fit the pixels as stored.
+    """
     if not os.path.isfile(path):
         report.add("missing_image", where, path)
-        return False
+        return None
     try:
         data = tf.io.read_file(path)
         shape = tf.io.decode_image(data, channels=3, expand_animations=False).shape
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError) as e:
         report.add("unreadable_image", where, str(e).splitlines()[0][:120])
+        return None
+    stored = (shape[0], shape[1])
+    orientation = exif_orientation(path)
+    displayed = stored[::-1] if orientation >= 5 else stored  # 5-8 turn the image by 90 degrees
+    if displayed == (height, width):
+        return orientation != 1
+    if stored == (height, width):
+        logger.warning("%s: EXIF orientation %d ignored, the JSON size fits the stored pixels", where, orientation)
         return False
-    if (shape[0], shape[1]) != (height, width):
-        report.add("size_mismatch", where, f"file {shape[0]}x{shape[1]}, JSON {height}x{width}")
-        return False
-    return True
+    report.add(
+        "size_mismatch", where,
+        f"file {stored[0]}x{stored[1]}" + (f" ({displayed[0]}x{displayed[1]} displayed)" if displayed != stored else "")
+        + f", JSON {height}x{width}",
+    )
+    return None
 
 
 def _annotation_mask(coco, ann, height, width, where, report):
@@ -231,12 +355,13 @@ def read_coco(annotations, images, categories=None, report=None):
         report: a `FaultReport` collecting skipped samples.
 
     Yields:
-        dicts with `image_id`, `path`, `height`, `width` and `objects`: a list of dicts with
+        dicts with `image_id`, `path`, `transpose` (the stored pixels must be EXIF-transposed to
+        match the annotations), `height`, `width` and `objects`: a list of dicts with
         `bbox` [ymin, xmin, ymax, xmax] (pixels), `label` (contiguous index), `is_crowd`,
         `rle` (uncompressed counts, int32, column-major).
     """
     report = report or FaultReport()
-    coco = load_annotations(annotations)
+    coco = load_annotations(annotations, report)
     categories = categories or Categories.from_coco(coco.dataset["categories"])
     known_images = set(coco.imgs)
     for ann in coco.dataset["annotations"]:
@@ -255,7 +380,8 @@ def read_coco(annotations, images, categories=None, report=None):
         if path is None:
             report.add("unsafe_path", where, f"root '{images}'")
             continue
-        if not _check_image(path, height, width, where, report):
+        transpose = _check_image(path, height, width, where, report)
+        if transpose is None:
             continue
         objects = []
         for ann in coco.imgToAnns.get(image_id, []):
@@ -276,4 +402,7 @@ def read_coco(annotations, images, categories=None, report=None):
                     "rle": uncompressed_counts(mask).astype(np.int32),
                 }
             )
-        yield {"image_id": int(image_id), "path": path, "height": height, "width": width, "objects": objects}
+        yield {
+            "image_id": int(image_id), "path": path, "transpose": transpose,
+            "height": height, "width": width, "objects": objects,
+        }

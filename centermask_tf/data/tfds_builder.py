@@ -2,26 +2,36 @@
 
 TFDS's own `coco/2017` carries no instance masks, so COCO 2017 (and any user export) goes
 through this builder: `prepare_dataset(config.data)` builds `data_dir/coco_folder/<key>/1.0.0`
-once, fully offline, and reuses it on the next run. `<key>` is a hash of the annotation files'
-contents, so editing the JSON builds a new dataset and an unchanged one is never rebuilt.
+once, fully offline, and reuses it on the next run. `<key>` is a hash of everything the build
+reads: the annotation files' contents, the image roots, the name, size and modification time of
+every image file the JSON lists, and `strict`. Editing the JSON, adding, replacing or removing an
+image, or moving the root builds a new dataset; an unchanged folder is never rebuilt. Processes
+that build the same dataset at once take turns (a lock file next to it): the second one waits
+and then uses what the first built.
 
 Each example stores the image file's original bytes (decoded in the tf.data pipeline) and, per
 object, its box, contiguous label, crowd flag and mask as uncompressed COCO RLE counts (all
 objects' counts concatenated in `rle`, each object's run count in `objects/runs`), which the
 pipeline expands with `tf.repeat` - compact on disk and decodable without `py_function`.
 Bad samples are skipped while building (see `coco.FAULT_KINDS`); their counts are kept in the
-dataset's metadata and reported again whenever it is loaded.
+dataset's metadata and reported again whenever it is loaded. An image whose EXIF orientation
+turns or flips it (phone photos) is stored upright, re-encoded as PNG, so every reader sees the
+orientation the annotations were drawn in.
 """
 
 import dataclasses
 import hashlib
+import io
+import json
 import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image, ImageOps
 
 from centermask_tf.data.coco import Categories, DataError, FaultReport, load_annotations, read_coco
+from centermask_tf.files import locked
 
 logger = logging.getLogger("centermask_tf.data")
 
@@ -80,8 +90,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split, annotations, images, categories):
         report = FaultReport(strict=self.builder_config.strict)
         for record in read_coco(annotations, images, categories, report):
-            with open(record["path"], "rb") as f:
-                image_bytes = f.read()
+            image_bytes = upright_bytes(record["path"]) if record["transpose"] else _read(record["path"])
             objects = record["objects"]
             yield record["image_id"], {
                 "image": image_bytes,
@@ -100,19 +109,55 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         logger.warning("%s split '%s': %s", annotations, split, report.summary())
 
 
-def _content_key(splits):
-    digest = hashlib.sha256(str(CocoFolder.VERSION).encode())
-    for name in sorted(splits):
-        annotations, _ = splits[name]
-        digest.update(name.encode())
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def upright_bytes(path):
+    """PNG bytes of the image with its EXIF orientation applied."""
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image)
+        buffer = io.BytesIO()
+        upright.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_stats(content, root):
+    """`file_name:size:mtime` of every image the annotation JSON lists (unparsable JSON is left
+    to the build, which reports it)."""
+    try:
+        images = json.loads(content).get("images")
+    except (ValueError, AttributeError):
+        return []
+    stats = []
+    for image in images if isinstance(images, list) else []:
+        name = image.get("file_name") if isinstance(image, dict) else None
+        if not isinstance(name, str):
+            continue
         try:
-            with open(annotations, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+            info = os.stat(os.path.join(root, name))
+            stats.append(f"{name}:{info.st_size}:{info.st_mtime_ns}")
+        except OSError:
+            stats.append(f"{name}:missing")
+    return stats
+
+
+def _content_key(splits, strict):
+    digest = hashlib.sha256(f"{CocoFolder.VERSION} strict={strict}".encode())
+    for name in sorted(splits):
+        annotations, images = splits[name]
+        try:
+            content = _read(annotations)
         except FileNotFoundError:
             raise DataError(
                 f"Annotation file '{annotations}' (data.{name}.annotations) does not exist."
             ) from None
+        except IsADirectoryError:
+            raise DataError(f"data.{name}.annotations: '{annotations}' is a folder, not a JSON file.") from None
+        digest.update(f"{name}\0{images}\0".encode())
+        digest.update(content)
+        digest.update("\n".join(_image_stats(content, images)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -140,15 +185,18 @@ def prepare_dataset(data_config, splits=SPLITS):
     if not paths:
         raise DataError("No data split configured: set data.train.annotations and data.train.images.")
 
-    config = CocoFolderConfig(name=_content_key(paths), splits=paths, strict=data_config.strict)
-    builder = CocoFolder(data_dir=data_config.tfds_data_dir, config=config)
-    if builder.is_prepared():
-        for name in paths:
-            report = FaultReport()
-            report.counts.update(builder.info.metadata.get(f"{name}_faults") or {})
-            if report.counts:
-                logger.warning("split '%s', when it was built: %s", name, report.summary())
-    else:
-        logger.info("building TFDS dataset %s in %s", config.name, data_config.tfds_data_dir)
-        builder.download_and_prepare()
+    key = _content_key(paths, data_config.strict)
+    config = CocoFolderConfig(name=key, splits=paths, strict=data_config.strict)
+    lock = os.path.join(data_config.tfds_data_dir, "coco_folder", f"{key}.lock")
+    with locked(lock, f"the dataset {key}", wait=True):
+        builder = CocoFolder(data_dir=data_config.tfds_data_dir, config=config)
+        if builder.is_prepared():
+            for name in paths:
+                report = FaultReport()
+                report.counts.update(builder.info.metadata.get(f"{name}_faults") or {})
+                if report.counts:
+                    logger.warning("split '%s', when it was built: %s", name, report.summary())
+        else:
+            logger.info("building TFDS dataset %s in %s", config.name, data_config.tfds_data_dir)
+            builder.download_and_prepare()
     return builder
