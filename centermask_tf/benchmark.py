@@ -246,7 +246,8 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
         measure("xla", lambda images: compiled(*letterbox(images)))
     with tempfile.TemporaryDirectory() as tmp:
         if "saved_model" in forms:
-            path = export_saved_model(network, config.model, ids, os.path.join(tmp, "sm"))
+            categories = [{"id": i, "name": str(i)} for i in ids]
+            path = export_saved_model(network, config.model, categories, os.path.join(tmp, "sm"))
             signature = tf.saved_model.load(path).signatures["image_tensor"]
             measure("saved_model", lambda images: signature(image_tensor=images))
         tflite_forms = [f for f in forms if f.startswith("tflite_")]

@@ -183,12 +183,11 @@ def _detector_for(args, config, categories):
     from centermask_tf.evaluation import make_detector
     from centermask_tf.export import runtime
 
-    ids = [c["id"] for c in categories]
     size = config.model.input_size
     if args.saved_model:
-        return runtime.saved_model_detector(args.saved_model, size, ids)
+        return runtime.saved_model_detector(args.saved_model, size, categories)
     if args.tflite:
-        return runtime.tflite_detector(args.tflite, size, ids)
+        return runtime.tflite_detector(args.tflite, size, categories)
     return make_detector(_network_for(config, args.workdir, args.weights), config.model)
 
 
@@ -235,6 +234,7 @@ def cmd_demo(args):
     from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.evaluation import evaluate_network, make_detector
+    from centermask_tf.export.serving import next_version
     from centermask_tf.predict import image_files, predict_files
     from centermask_tf.training import train
     from centermask_tf.workdir import Workdir
@@ -255,7 +255,8 @@ def cmd_demo(args):
     ]
     config = load_config(args.config, overrides)
     state = Workdir(args.workdir).load_state()
-    if state and state.finished and not args.overwrite and state.epochs == config.train.epochs:
+    reuse = bool(state and state.finished and not args.overwrite and state.epochs == config.train.epochs)
+    if reuse:
         print(f"[2/5] {args.workdir} holds a finished run of {state.epochs} epochs: using it "
               "(--overwrite retrains, moving it into previous/)")
     else:
@@ -276,9 +277,17 @@ def cmd_demo(args):
     print("[5/5] exporting SavedModel and TFLite")
     saved_model = os.path.join("saved_models", "shapes_tiny")
     tflite = os.path.join("saved_models", "shapes_tiny.tflite")
-    for form, output in (("saved_model", saved_model), ("tflite", tflite)):
+    # Versions are immutable for TF Serving: a new model becomes the next version.
+    version = next_version(saved_model)
+    exports = [("tflite", tflite)]
+    if reuse and version > 1:
+        version -= 1
+        print(f"SavedModel of this run: {saved_model}/{version}")
+    else:
+        exports.insert(0, ("saved_model", saved_model))
+    for form, output in exports:
         cmd_export(argparse.Namespace(
-            workdir=args.workdir, weights=None, format=form, output=output, version=1, quantize=None
+            workdir=args.workdir, weights=None, format=form, output=output, version=version, quantize=None
         ))
     minutes = (time.time() - start) / 60
     print("\n=== centermask demo summary ===")
@@ -294,7 +303,7 @@ def cmd_demo(args):
     print(f"detections     {eval_dir}/detections.json (COCO results format)")
     print(f"overlays       {overlays}/*.png, {overlays}/predictions.json")
     print(f"logs           {args.workdir}/history.csv, TensorBoard: {args.workdir}/logs")
-    print(f"SavedModel     {saved_model}/1 (TF Serving layout)")
+    print(f"SavedModel     {saved_model}/{version} (TF Serving layout)")
     print(f"TFLite         {tflite} ({os.path.getsize(tflite) / 1e6:.2f} MB, builtin ops only)")
 
 
@@ -302,14 +311,17 @@ def cmd_export(args):
     import tempfile
 
     from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model, network_scope
-    from centermask_tf.export.tflite import non_builtin_ops, representative_dataset, saved_model_to_tflite
+    from centermask_tf.export.tflite import (
+        non_builtin_ops, representative_dataset, saved_model_to_tflite, with_categories,
+    )
+    from centermask_tf.files import atomic_write
     from centermask_tf.predict import load_workdir
 
     config, categories = load_workdir(args.workdir)
     network = _network_for(config, args.workdir, args.weights)
     ids = [c["id"] for c in categories]
     if args.format == "saved_model":
-        path = export_saved_model(network, config.model, ids, args.output, args.version)
+        path = export_saved_model(network, config.model, categories, args.output, args.version)
         print(f"SavedModel (TF Serving layout) written to {path}")
         return
     quantize = args.quantize or config.export.quantize
@@ -326,9 +338,13 @@ def cmd_export(args):
     extra = non_builtin_ops(content)
     if extra:
         raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "wb") as f:
-        f.write(content)
+    content = with_categories(content, categories)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(content)
+
+    atomic_write(args.output, write, "tflite", len(content))
     print(f"TFLite ({quantize}, builtin ops only) written to {args.output}: {len(content) / 1e6:.2f} MB")
 
 

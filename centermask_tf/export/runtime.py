@@ -10,12 +10,35 @@ box-relative `masks` and `num_detections`. The artifacts receive the images as u
 client would send them.
 """
 
+import json
+import logging
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.errors import MissingError
+from centermask_tf.errors import MissingError, UserError
+
+logger = logging.getLogger("centermask_tf.export")
+
+
+class ArtifactError(UserError):
+    """An exported file that cannot be run here, or that disagrees with the workdir."""
+
+
+def _check_categories(path, carried, categories):
+    """Refuses an artifact whose categories differ from the workdir's (its class ids would be
+    read as other classes)."""
+    if carried is None:
+        logger.warning("'%s' carries no category list (exported by an older version); assuming "
+                       "the workdir's, and checking every detected id against it", path)
+        return
+    if [(c["id"], c["name"]) for c in carried] != [(c["id"], c["name"]) for c in categories]:
+        show = lambda cs: ", ".join(f"{c['id']}:{c['name']}" for c in cs[:6]) + (" ..." if len(cs) > 6 else "")  # noqa: E731
+        raise ArtifactError(
+            f"'{path}' was exported with categories [{show(carried)}] but the workdir's data has "
+            f"[{show(categories)}]; evaluate or predict it with the workdir it was exported from."
+        )
 
 
 def _from_exported(outputs, input_size, category_ids):
@@ -24,9 +47,15 @@ def _from_exported(outputs, input_size, category_ids):
     outputs = {k: np.asarray(v) for k, v in outputs.items()}
     num = outputs["num_detections"].astype(np.int32)
     index_of = {int(cid): i for i, cid in enumerate(category_ids)}
-    classes = np.vectorize(lambda cid: index_of.get(int(cid), 0), otypes=[np.int32])(
-        outputs["detection_classes"]
-    )
+    ids = outputs["detection_classes"].astype(np.int64)
+    valid = np.arange(ids.shape[1])[None, :] < num[:, None]  # entries past num are zero padding
+    unknown = set(ids[valid].tolist()) - set(index_of)
+    if unknown:
+        raise ArtifactError(
+            f"the exported model detects category ids {sorted(unknown)} that the workdir's data does "
+            f"not have ({sorted(index_of)}); use the workdir it was exported from."
+        )
+    classes = np.vectorize(lambda cid: index_of.get(int(cid), 0), otypes=[np.int32])(ids)
     return {
         "boxes": outputs["detection_boxes"] * float(input_size),
         "scores": outputs["detection_scores"],
@@ -41,16 +70,31 @@ def as_uint8(images):
     return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
 
 
-def saved_model_detector(path, input_size, category_ids):
+def _first_line(error):
+    return " ".join(str(error).split())[:200]
+
+
+def saved_model_detector(path, input_size, categories):
     """A detector running the `image_tensor` signature of an exported SavedModel version folder
     (`saved_models/NAME/1`). A letterboxed `N x N` canvas passes the export's own letterbox
     unchanged, so its normalised boxes are in canvas units."""
+    from centermask_tf.export.serving import CATEGORIES_FILE
+
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise MissingError(
             f"--saved-model '{path}' holds no saved_model.pb; pass the version folder, "
             "e.g. saved_models/NAME/1."
         )
-    signature = tf.saved_model.load(path).signatures["image_tensor"]
+    carried = None
+    if os.path.isfile(os.path.join(path, CATEGORIES_FILE)):
+        with open(os.path.join(path, CATEGORIES_FILE), encoding="utf-8") as f:
+            carried = json.load(f)
+    _check_categories(path, carried, categories)
+    try:
+        signature = tf.saved_model.load(path).signatures["image_tensor"]
+    except Exception as e:  # protobuf, OS and TF errors alike: the folder is not a usable export
+        raise ArtifactError(f"cannot load SavedModel '{path}': {_first_line(e)}") from None
+    category_ids = [c["id"] for c in categories]
 
     def detect(images):
         return _from_exported(signature(image_tensor=as_uint8(images)), input_size, category_ids)
@@ -58,20 +102,28 @@ def saved_model_detector(path, input_size, category_ids):
     return detect
 
 
-def tflite_detector(path, input_size, category_ids):
+def tflite_detector(path, input_size, categories):
     """A detector running a `.tflite` export (any quantisation) with LiteRT, one image at a time
     (the file's input is `[1, N, N, 3]` uint8)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from centermask_tf.config import ConfigError
+    from centermask_tf.export.tflite import tflite_categories
 
     if not os.path.isfile(path):
         raise MissingError(f"--tflite '{path}' does not exist.")
-    runner = Interpreter(model_path=path).get_signature_runner()
+    with open(path, "rb") as f:
+        content = f.read()
+    try:
+        runner = Interpreter(model_content=content).get_signature_runner()
+        carried = tflite_categories(content)
+        shape = [int(v) for v in runner.get_input_details()["image"]["shape"]]
+    except Exception as e:  # LiteRT raises ValueError/RuntimeError for what is not a model
+        raise ArtifactError(f"'{path}' is not a usable TFLite model: {_first_line(e)}") from None
+    _check_categories(path, carried, categories)
+    category_ids = [c["id"] for c in categories]
     expected = [1, input_size, input_size, 3]
-    shape = [int(v) for v in runner.get_input_details()["image"]["shape"]]
     if shape != expected:
-        raise ConfigError(
+        raise ArtifactError(
             f"'{path}' takes images of shape {shape} but the workdir's config has "
             f"model.input_size={input_size}; pass the workdir that produced this file."
         )

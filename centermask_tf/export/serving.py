@@ -14,6 +14,9 @@ to the original image), `detection_scores [B, K]`, `detection_classes [B, K]` (t
 category ids; float32 as in the Object Detection API), `detection_masks [B, K, M, M]`
 (box-relative mask probabilities). Entries past `num_detections` are zero.
 
+The version folder also holds `assets.extra/categories.json` (ids and names; TF Serving's place
+for extra files), which `evaluate/predict --saved-model` check against the workdir.
+
 Export goes through `keras.export.ExportArchive`, which keeps the network's weights attached
 (a bare `tf.Module` around a Keras 3 model converts to a weightless TFLite file).
 """
@@ -25,6 +28,10 @@ import tensorflow as tf
 
 from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.decode import detect, inference_network
+from centermask_tf.errors import UserError
+from centermask_tf.files import write_json
+
+CATEGORIES_FILE = os.path.join("assets.extra", "categories.json")
 
 
 # File signatures of the formats tf.io.decode_image reads.
@@ -72,9 +79,14 @@ def image_detector(network, model_config, category_ids):
     return detect_images
 
 
-def export_saved_model(network, model_config, category_ids, output, version=1):
-    """Writes the TF Serving layout `output/<version>/` and returns that path."""
+def export_saved_model(network, model_config, categories, output, version=1):
+    """Writes the TF Serving layout `output/<version>/` and returns that path.
+
+    Args:
+        categories: [{"id", "name"}] in contiguous-index order (the workdir's categories.json).
+    """
     size = model_config.input_size
+    category_ids = [c["id"] for c in categories]
     detect_images = image_detector(network, model_config, category_ids)
 
     def decode_one(encoded):
@@ -101,6 +113,13 @@ def export_saved_model(network, model_config, category_ids, output, version=1):
         return detection_outputs(network, model_config, category_ids, canvases, extents)
 
     path = os.path.join(output, str(version))
+    if os.path.exists(path):
+        raise UserError(
+            f"'{path}' exists: TF Serving treats a version as immutable. Export as a new version "
+            f"(--version {next_version(output)}) or to another --output."
+        )
+    # Written beside the target and renamed: TF Serving never sees a half-written version.
+    partial = os.path.join(output, f".tmp-{os.getpid()}-{version}")
     _write_archive(
         network,
         {
@@ -110,9 +129,19 @@ def export_saved_model(network, model_config, category_ids, output, version=1):
                 tf.TensorSpec([None, None, None, 3], tf.uint8, name="image_tensor"),
             ),
         },
-        path,
+        partial,
     )
+    write_json(os.path.join(partial, CATEGORIES_FILE), categories)
+    os.rename(partial, path)
     return path
+
+
+def next_version(output):
+    """The version number after the highest in a TF Serving model folder (1 for a new one)."""
+    if not os.path.isdir(output):
+        return 1
+    versions = [int(name) for name in os.listdir(output) if name.isdigit()]
+    return max(versions, default=0) + 1
 
 
 def export_tflite_saved_model(network, model_config, category_ids, output):

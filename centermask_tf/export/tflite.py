@@ -1,11 +1,20 @@
-"""TFLite conversion with TFLITE_BUILTINS only, and running `.tflite` files with LiteRT."""
+"""TFLite conversion with TFLITE_BUILTINS only, and running `.tflite` files with LiteRT.
 
+A `.tflite` file carries its category list (ids and names, JSON) as the flatbuffer metadata
+entry `centermask_categories`, which runtimes ignore and `tflite_categories` reads.
+"""
+
+import json
 import re
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
+from tensorflow.lite.python import schema_py_generated as schema
+from tensorflow.lite.tools import flatbuffer_utils
+
+CATEGORIES_METADATA = "centermask_categories"
 
 
 def representative_dataset(builder, input_size, count, split="train"):
@@ -89,6 +98,28 @@ def keras_to_tflite(model, quantize="none", representative_dataset=None):
     with tempfile.TemporaryDirectory() as tmp:
         model.export(tmp, format="tf_saved_model", verbose=False)
         return saved_model_to_tflite(tmp, quantize, representative_dataset)
+
+
+def with_categories(content, categories):
+    """The TFLite flatbuffer `content` with `categories` ([{"id", "name"}]) as metadata."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(categories).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = CATEGORIES_METADATA
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def tflite_categories(content):
+    """The category list a `.tflite` file carries, or None (exported without one)."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    for entry in model.metadata or []:
+        if entry.name.decode() == CATEGORIES_METADATA:
+            return json.loads(bytes(model.buffers[entry.buffer].data))
+    return None
 
 
 def tflite_op_names(content):
