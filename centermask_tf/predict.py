@@ -101,8 +101,11 @@ def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_ME
                         f"the {max_pixels / 1e6:.0f} megapixel limit (--max-pixels)"
                     )
                 return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"'{path}' is over PIL's hard pixel limit ({' '.join(str(e).split())[:90]})") from None
+    except Image.DecompressionBombError:  # PIL's own hard limit, 2x its default, hit while opening
+        raise ImageError(
+            f"'{path}' declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, over the "
+            f"{min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS) / 1e6:.0f} megapixel limit (--max-pixels)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"'{path}' is not a readable image ({' '.join(str(e).split())[:120]})") from None
 

@@ -10,17 +10,21 @@ Stand-alone on purpose: a client machine needs numpy for REST, plus TensorFlow a
 
 Both send the image files' bytes to the `serving_default` signature (decoding happens in the
 served graph) and print each image's detections above `--score`; `--output FILE` also writes the
-raw outputs as JSON.
+raw outputs as JSON. The served graph does not read EXIF: a photo whose Orientation tag turns or
+flips it (phones store them sideways) is sent upright, re-encoded as PNG with Pillow; other files
+go as they are.
 """
 
 import argparse
 import base64
+import io
 import json
 import sys
 import urllib.error
 import urllib.request
 
 import numpy as np
+from PIL import Image, ImageOps
 
 SIGNATURE = "serving_default"
 INPUT = "image_bytes"
@@ -88,6 +92,18 @@ def summarise(name, row, score):
     return "\n".join(lines)
 
 
+def upright_bytes(path):
+    """The file's bytes, or PNG bytes of it turned upright when its EXIF orientation says so."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+        if image.getexif().get(0x0112, 1) in (0, 1):
+            return data
+        buffer = io.BytesIO()
+        ImageOps.exif_transpose(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("protocol", choices=["rest", "grpc"])
@@ -100,10 +116,7 @@ def main(argv=None):
     parser.add_argument("--output", help="write all outputs to this JSON file")
     args = parser.parse_args(argv)
 
-    images = []
-    for path in args.images:
-        with open(path, "rb") as f:
-            images.append(f.read())
+    images = [upright_bytes(path) for path in args.images]
     if args.protocol == "rest":
         rows = rest_predict(images, args.model, args.host, args.port or 8501, args.version)
     else:

@@ -29,6 +29,8 @@ PLANTED_FAULTS = {
     "empty_segmentation": 1,
     "bad_rle": 1,
     "out_of_bounds": 1,
+    "bad_image_record": 2,
+    "bad_annotation_record": 3,
 }
 
 
@@ -95,6 +97,11 @@ def write_messy_coco(root, split="train"):
     add_ann(gid, 7, [], [1.0, 1.0, 4.0, 4.0])  # empty_segmentation
     add_ann(gid, 7, {"size": [h + 1, w], "counts": [h * w]}, [1.0, 1.0, 4.0, 4.0])  # bad_rle
     add_ann(gid, 7, [[1, 1, 500, 1, 500, 5]], [1.0, 1.0, 499.0, 4.0])  # out_of_bounds
+    # bad_annotation_record: wrong types, as hand-edited or exported-by-script JSON has them.
+    add_ann(gid, 7, [[1, 1, 5, 1, 5, 5]], [1.0, 1.0, 4.0, 4.0])
+    annotations[-1]["bbox"] = ["1", "1", "4", "4"]
+    add_ann(str(gid), 7, [[1, 1, 5, 1, 5, 5]], [1.0, 1.0, 4.0, 4.0])
+    add_ann(gid, "7", [[1, 1, 5, 1, 5, 5]], [1.0, 1.0, 4.0, 4.0])
 
     # Image faults.
     def add_image(file_name, height=40, width=40):
@@ -114,6 +121,9 @@ def write_messy_coco(root, split="train"):
     add_image("../outside.png")  # unsafe_path
     tf.io.write_file(os.path.join(images_dir, "wrong_size.png"), tf.io.encode_png(np.zeros((30, 40, 3), np.uint8)))
     add_image("wrong_size.png")  # size_mismatch
+    # bad_image_record: a string id, and a string height.
+    images.append({"id": "9100", "file_name": "img.png", "height": 40, "width": 40})
+    images.append({"id": 9101, "file_name": "wrong_size.png", "height": "30", "width": 40})
 
     categories = [{"id": c, "name": f"class_{c}"} for c in reversed(CATEGORY_IDS)]
     annotation_path = os.path.join(root, "annotations", f"instances_{split}.json")

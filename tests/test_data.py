@@ -179,7 +179,7 @@ def test_every_fault_is_skipped_counted_and_an_epoch_runs(messy, tmp_path, caplo
     assert builder.info.splits["train"].num_examples == GOOD_IMAGES
     text = caplog.text
     assert "truncated.jpg" in text and "does_not_exist.jpg" in text and "annotation id" in text
-    assert "skipped 12 bad samples" in text
+    assert "skipped 17 bad samples" in text
     dataset = train_dataset(builder, config, input_size=SIZE, num_classes=3, mask_size=P, batch_size=2)
     batches = list(dataset.take(GOOD_IMAGES // 2))
     assert len(batches) == GOOD_IMAGES // 2
@@ -187,7 +187,7 @@ def test_every_fault_is_skipped_counted_and_an_epoch_runs(messy, tmp_path, caplo
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="centermask_tf.data"):
         tfds_builder.prepare_dataset(config)
-    assert "skipped 12 bad samples" in caplog.text
+    assert "skipped 17 bad samples" in caplog.text
 
 
 def test_strict_raises_naming_the_first_bad_sample(messy, tmp_path):
@@ -250,3 +250,105 @@ def test_letterbox_images_equals_the_validation_letterbox(shapes_builder):
     canvases, scale = letterbox_images(sample["image"][None], SIZE)
     np.testing.assert_array_equal(canvases[0].numpy(), expected["image"].numpy())
     assert float(scale) == float(expected["scale"])
+
+
+# === Caches that cannot lie, EXIF orientation, typed records ===
+
+
+def test_cache_rebuilds_when_an_image_appears_and_keys_cover_root_and_strict(shapes_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(shapes_dir, root)
+    first = sorted((root / "train").iterdir())[0]
+    held = first.read_bytes()
+    first.unlink()
+    config = data_config(root, tmp_path / "tfds")
+    builder = tfds_builder.prepare_dataset(config)
+    assert builder.info.splits["train"].num_examples == 23
+    assert builder.info.metadata["train_faults"] == {"missing_image": 1}
+
+    first.write_bytes(held)  # the missing image is added: the cached build must not be reused
+    rebuilt = tfds_builder.prepare_dataset(config)
+    assert rebuilt.data_dir != builder.data_dir
+    assert rebuilt.info.splits["train"].num_examples == 24 and not rebuilt.info.metadata["train_faults"]
+
+    strict = tfds_builder.prepare_dataset(data_config(root, tmp_path / "tfds", strict=True))
+    elsewhere = tmp_path / "moved"
+    shutil.copytree(root, elsewhere)
+    moved = tfds_builder.prepare_dataset(data_config(elsewhere, tmp_path / "tfds"))
+    assert len({rebuilt.data_dir, strict.data_dir, moved.data_dir}) == 3
+
+
+@pytest.mark.slow
+def test_two_processes_building_one_new_dataset_both_succeed(shapes_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from centermask_tf.config import DataConfig, SplitConfig\n"
+        "from centermask_tf.data.tfds_builder import prepare_dataset\n"
+        f"train = SplitConfig({str(shapes_dir / 'annotations' / 'instances_train.json')!r}, {str(shapes_dir / 'train')!r})\n"
+        f"builder = prepare_dataset(DataConfig(train=train, tfds_data_dir={str(tmp_path / 'tfds')!r}))\n"
+        "print('EXAMPLES', builder.info.splits['train'].num_examples, builder.data_dir)\n"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-2000:]
+    lines = [[line for line in out.splitlines() if line.startswith("EXAMPLES")][0] for out, _ in outputs]
+    assert lines[0] == lines[1] and lines[0].split()[1] == "24"
+
+
+def _exif_rotated_jpeg(path, displayed, orientation=6):
+    """Stores `displayed` as a phone would with orientation 6: pixels turned, plus the tag that
+    turns them back."""
+    from PIL import Image, ImageOps
+
+    stored = Image.fromarray(displayed).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as check:  # the file displays as intended
+        assert np.abs(np.asarray(ImageOps.exif_transpose(check), float) - displayed).mean() < 3
+
+
+@pytest.mark.parametrize("height, width", [(40, 60), (48, 48)])
+def test_exif_rotated_training_image_has_its_mask_on_its_object(tmp_path, height, width):
+    from centermask_tf.predict import load_image
+
+    displayed = np.zeros((height, width, 3), np.uint8)
+    displayed[5:15, width - 25 : width - 5] = 255  # a white box near the top-right corner
+    (tmp_path / "images").mkdir()
+    _exif_rotated_jpeg(str(tmp_path / "images" / "phone.jpg"), displayed)
+    polygon = [width - 25, 5, width - 5, 5, width - 5, 15, width - 25, 15]
+    data = {
+        "images": [{"id": 1, "file_name": "phone.jpg", "height": height, "width": width},
+                   {"id": 2, "file_name": "phone.jpg", "height": height + 7, "width": width}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 200.0,
+                         "bbox": [width - 25, 5, 20, 10], "segmentation": [polygon]}],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    config = DataConfig(train=SplitConfig(str(tmp_path / "ann.json"), str(tmp_path / "images")),
+                        tfds_data_dir=str(tmp_path / "tfds"))
+    builder = tfds_builder.prepare_dataset(config)
+    assert builder.info.metadata["train_faults"] == {"size_mismatch": 1}  # JSON fits neither size
+    (example,) = list(builder.as_dataset(split="train"))
+    sample = decode_example(example)
+    image, mask = sample["image"].numpy().mean(-1), sample["masks"].numpy()[0].astype(bool)
+    assert image.shape == (height, width)
+    assert image[mask].mean() > 200 and image[~mask].mean() < 30
+    # predict and detect read the same file upright too.
+    assert np.abs(load_image(str(tmp_path / "images" / "phone.jpg")).astype(float) - displayed).mean() < 3
+
+
+def test_records_with_wrong_types_are_skipped_and_named(messy, caplog):
+    report = FaultReport()
+    with caplog.at_level(logging.WARNING, logger="centermask_tf.data"):
+        list(read_coco(str(messy / "annotations" / "instances_train.json"), str(messy / "train"), report=report))
+    assert report.counts["bad_annotation_record"] == 3 and report.counts["bad_image_record"] == 2
+    assert "bbox ['1', '1', '4', '4'] is not a list of 4 numbers" in caplog.text
+    assert "category_id '7' is not an integer" in caplog.text
+    assert "id '9100' is not an integer" in caplog.text and "height '30' is not a positive integer" in caplog.text

@@ -276,3 +276,63 @@ def test_rest_client_against_a_server_speaking_tf_servings_protocol(saved_model,
             client.rest_predict([b"not an image"], "shapes", "127.0.0.1", server.server_port, version=1)
     finally:
         server.shutdown()
+
+
+def test_exports_carry_their_categories_and_a_mismatch_is_refused(workdir, saved_model, tmp_path):
+    from centermask_tf.export import runtime
+    from centermask_tf.export.tflite import tflite_categories, with_categories
+
+    root, config, _ = workdir
+    size = config.model.input_size
+    assert json.loads((saved_model / "assets.extra" / "categories.json").read_text()) == CATEGORIES
+    other = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
+    with pytest.raises(runtime.ArtifactError, match=r"exported with categories \[3:a, 7:b, 12:c\] but the workdir's data has \[1:a"):
+        runtime.saved_model_detector(str(saved_model), size, other)
+    runtime.saved_model_detector(str(saved_model), size, CATEGORIES)
+
+    path = tmp_path / "model.tflite"
+    assert main(["export", "--workdir", str(root), "--format", "tflite", "--output", str(path)]) == 0
+    assert tflite_categories(path.read_bytes()) == CATEGORIES
+    with pytest.raises(runtime.ArtifactError, match="exported with categories"):
+        runtime.tflite_detector(str(path), size, other)
+    # The metadata changes nothing the interpreter computes.
+    plain = with_categories(path.read_bytes(), [])
+    canvas = np.random.default_rng(2).integers(0, 255, (1, size, size, 3), dtype=np.uint8)
+    for key, value in run_tflite(path.read_bytes(), {"image": canvas}).items():
+        np.testing.assert_array_equal(value, run_tflite(plain, {"image": canvas})[key])
+
+
+def test_an_artifact_without_categories_still_refuses_unknown_ids():
+    from centermask_tf.export.runtime import ArtifactError, _from_exported
+
+    outputs = {"num_detections": np.array([1.0]), "detection_boxes": np.zeros((1, 2, 4)),
+               "detection_scores": np.array([[0.9, 0.0]]), "detection_classes": np.array([[5.0, 0.0]]),
+               "detection_masks": np.zeros((1, 2, 4, 4))}
+    with pytest.raises(ArtifactError, match=r"category ids \[5\].*\[3, 7, 12\]"):
+        _from_exported(outputs, 64, FILE_IDS)
+    outputs["detection_classes"] = np.array([[7.0, 0.0]])
+    assert _from_exported(outputs, 64, FILE_IDS)["classes"].tolist() == [[1, 0]]
+
+
+def test_a_saved_model_version_is_never_overwritten(workdir, saved_model, capsys):
+    root, _, _ = workdir
+    before = (saved_model / "saved_model.pb").read_bytes()
+    args = ["export", "--workdir", str(root), "--format", "saved_model", "--output", str(saved_model.parent)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"'{saved_model}' exists: TF Serving treats a version as immutable" in err and "--version 2" in err
+    assert (saved_model / "saved_model.pb").read_bytes() == before
+
+
+def test_serve_client_sends_exif_rotated_photos_upright(tmp_path, image):
+    from PIL import Image
+
+    client = _serve_client()
+    plain = tmp_path / "plain.png"
+    plain.write_bytes(tf.io.encode_png(image).numpy())
+    assert client.upright_bytes(str(plain)) == plain.read_bytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(image).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif.tobytes())
+    sent = tf.io.decode_png(client.upright_bytes(str(tmp_path / "phone.png"))).numpy()
+    np.testing.assert_array_equal(sent, image)

@@ -15,33 +15,12 @@ from pycocotools.cocoeval import COCOeval
 
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
-from centermask_tf.data.shapes import make_shapes
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.evaluation import METRIC_NAMES, coco_metrics
 from centermask_tf.model.centermask import build_model
 from centermask_tf.training import WarmupSchedule, save_run_files
 
 CONFIG = "configs/shapes_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(str(root), train=16, val=4, seed=1)
-    overrides = [
-        f"data.train.annotations={root}/annotations/instances_train.json",
-        f"data.train.images={root}/train",
-        f"data.val.annotations={root}/annotations/instances_val.json",
-        f"data.val.images={root}/val",
-        f"data.tfds_data_dir={root}/tfds",
-        "model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
-        "model.shape_size=8", "model.mask_size=8", "data.max_instances=8",
-        "train.batch_size=4", "train.epochs=2", "train.steps_per_epoch=3", "train.warmup_steps=1",
-        "eval.every_epochs=0", "eval.batch_size=4",
-    ]
-    # Built once here, so concurrent worker processes never race to build it.
-    prepare_dataset(load_config(CONFIG, overrides).data)
-    return root, overrides
 
 
 def worker_command(overrides, workdir, strategy, logical=1):
@@ -225,8 +204,8 @@ def test_predict_overlays_differ_from_input_inside_masks(shapes, untrained_workd
     checked = 0
     for item in predictions:
         original = tf.io.decode_image(tf.io.read_file(item["file"]), channels=3).numpy().astype(int)
-        stem = os.path.splitext(os.path.basename(item["file"]))[0]
-        overlay = tf.io.decode_png(tf.io.read_file(str(out / f"{stem}.png"))).numpy().astype(int)
+        assert item["overlay"] == str(out / (os.path.basename(item["file"]) + ".overlay.png"))
+        overlay = tf.io.decode_png(tf.io.read_file(item["overlay"])).numpy().astype(int)
         assert overlay.shape == original.shape
         for detection in item["detections"]:
             assert detection["category"] in {"circle", "rectangle", "triangle"}

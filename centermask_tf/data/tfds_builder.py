@@ -89,7 +89,9 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split, annotations, images, categories):
         report = FaultReport(strict=self.builder_config.strict)
+        usable = 0
         for record in read_coco(annotations, images, categories, report):
+            usable += 1
             image_bytes = upright_bytes(record["path"]) if record["transpose"] else _read(record["path"])
             objects = record["objects"]
             yield record["image_id"], {
@@ -107,6 +109,11 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
             }
         self.info.metadata[f"{split}_faults"] = dict(report.counts)
         logger.warning("%s split '%s': %s", annotations, split, report.summary())
+        if not usable:  # TFDS cannot write an empty split; say why there is nothing in it
+            raise DataError(
+                f"data.{split} ({annotations}) has 0 usable images ({report.summary()}); the warnings "
+                "above name each one. Fix the paths or the files."
+            )
 
 
 def _read(path):

@@ -1,0 +1,245 @@
+"""Nothing a user has is lost: finished runs are refused, kills and a full disk at every write
+point resume with the right epochs and an intact `best`, and a second trainer is refused."""
+
+import csv
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from centermask_tf import files
+from centermask_tf.cli import main
+from centermask_tf.config import load_config
+from centermask_tf.training import train
+from centermask_tf.workdir import Workdir, WorkdirError
+
+CONFIG = "configs/shapes_tiny.yaml"
+# Write point -> (the hit that crashes, epochs committed after the crash). `state` is first
+# written when the run starts; `best` is written in the first epoch for sure (nothing to beat
+# yet); `history` and `model` come after their epoch's commit.
+WRITE_POINTS = {"backup": (2, 1), "last": (2, 1), "best": (1, 0), "state": (3, 1), "history": (2, 2),
+                "model": (1, 3)}
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """Arms `CENTERMASK_FAULT` (hit counts start from zero) for one train call."""
+
+    def arm(spec):
+        monkeypatch.setattr(files, "_fault_hits", files.collections.Counter())
+        monkeypatch.setenv(files.FAULT_ENV, spec)
+
+    yield arm
+    monkeypatch.delenv(files.FAULT_ENV, raising=False)
+
+
+def config_for(shapes, *extra):
+    _, overrides = shapes
+    return load_config(CONFIG, [*overrides, *extra])
+
+
+def history_epochs(workdir):
+    with open(os.path.join(workdir, "history.csv")) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def weights_of(path):
+    with h5py.File(path, "r") as f:
+        values = []
+        f.visititems(lambda name, obj: values.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return values
+
+
+def assert_complete(workdir, epochs):
+    """The run is finished, every epoch has exactly one history row, `best` is the state's best
+    epoch by loss, and no temporary or pending file is left behind."""
+    state = Workdir(str(workdir)).load_state()
+    assert state.finished and state.epochs_done == epochs
+    assert history_epochs(workdir) == list(range(epochs))
+    losses = [row["loss"] for row in state.history]
+    assert state.best == min(losses) and state.best_epoch == int(np.argmin(losses)) + 1
+    assert weights_of(workdir / "checkpoints" / "best.weights.h5")
+    assert os.path.isfile(workdir / "model.keras")
+    leftovers = [
+        name for folder in (workdir, workdir / "checkpoints", workdir / "backup")
+        for name in os.listdir(folder) if name.startswith((".tmp-", ".pending-"))
+    ]
+    assert leftovers == []
+    assert os.listdir(workdir / "backup") == [f"epoch_{epochs:04d}.weights.h5"]
+
+
+def test_finished_run_is_refused_continued_with_more_epochs_and_overwrite_moves_it(shapes, tmp_path):
+    workdir = tmp_path / "run"
+    train(config_for(shapes), str(workdir))
+    best = (workdir / "checkpoints" / "best.weights.h5").read_bytes()
+    with pytest.raises(WorkdirError, match=r"finished run of 2 epochs.*train\.epochs above 2.*--overwrite"):
+        train(config_for(shapes), str(workdir))
+    assert (workdir / "checkpoints" / "best.weights.h5").read_bytes() == best
+    with pytest.raises(WorkdirError, match=r"different config \(model\.head_conv: 8 -> 16\)"):
+        train(config_for(shapes, "model.head_conv=16", "train.epochs=3"), str(workdir))
+
+    history = train(config_for(shapes, "train.epochs=3"), str(workdir))
+    assert len(history) == 1  # only the third epoch ran
+    assert_complete(workdir, 3)
+
+    train(config_for(shapes), str(workdir), overwrite=True)
+    (previous,) = (workdir / "previous").iterdir()
+    assert Workdir(str(previous)).load_state().epochs_done == 3
+    assert history_epochs(previous) == [0, 1, 2]
+    assert_complete(workdir, 2)
+
+
+@pytest.mark.parametrize("point", WRITE_POINTS)
+def test_a_crash_at_each_write_point_resumes_to_the_right_epochs(shapes, tmp_path, fault, point):
+    """A crash after the temporary file is written and before its rename, then the same command
+    again."""
+    workdir = tmp_path / "run"
+    config = config_for(shapes, "train.epochs=3")
+    hit, committed = WRITE_POINTS[point]
+    fault(f"raise:{point}:{hit}")
+    with pytest.raises(files.InjectedFault):
+        train(config, str(workdir))
+    state = Workdir(str(workdir)).load_state()
+    assert state.epochs_done == committed and not state.finished
+    fault("none:none")
+    train(config, str(workdir))
+    assert_complete(workdir, 3)
+
+
+@pytest.mark.slow
+def test_sigkill_at_the_commit_resumes_and_keeps_best(shapes, tmp_path):
+    """A real SIGKILL, in a separate process, while state.json is being replaced."""
+    _, overrides = shapes
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "centermask_tf.cli", "train", "--config", CONFIG, "--workdir", str(workdir)]
+    for override in [*overrides, "train.epochs=3"]:
+        command += ["--set", override]
+    killed = subprocess.run(command, env=dict(os.environ, CENTERMASK_FAULT="kill:state:4"),
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert Workdir(str(workdir)).load_state().epochs_done == 2
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming after epoch 2 of 3" in rerun.stderr
+    assert_complete(workdir, 3)
+
+
+def test_disk_full_leaves_the_checkpoints_and_the_rerun_resumes(shapes, tmp_path, fault, capsys):
+    _, overrides = shapes
+    workdir = tmp_path / "run"
+    args = ["train", "--config", CONFIG, "--workdir", str(workdir)]
+    for override in [*overrides, "train.epochs=3"]:
+        args += ["--set", override]
+    fault("enospc:last:2")
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"centermask train: error: disk full while writing '{workdir}/checkpoints/.pending-last-0002"
+                     ".weights.h5'; files written before are intact. Free some space and rerun the same command."]
+    assert Workdir(str(workdir)).load_state().epochs_done == 1
+    assert weights_of(workdir / "checkpoints" / "last.weights.h5")
+    fault("none:none")
+    assert main(args) == 0
+    assert_complete(workdir, 3)
+
+
+def test_a_write_that_would_not_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    """h5py can segfault on a full disk, so the free space is checked first."""
+    target = tmp_path / "big.bin"
+    target.write_bytes(b"old")
+    usage = files.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage._replace(free=10 << 20))
+    with pytest.raises(files.DiskFullError, match=r"only 10\.5 MB free.*27\.3 MB needed"):
+        files.atomic_write(str(target), lambda tmp: open(tmp, "wb").write(b"new"), expected_size=10 << 20)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["big.bin"]
+
+
+def test_an_oserror_enospc_becomes_a_disk_full_error(tmp_path):
+    def write(tmp):
+        open(tmp, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(files.DiskFullError, match="disk full while writing"):
+        files.atomic_write(str(tmp_path / "x.json"), write)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_second_train_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(shapes, tmp_path, capsys):
+    """The holder is a real second process; SIGKILL leaves its lock file behind."""
+    _, overrides = shapes
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from centermask_tf.workdir import Workdir\n"
+         f"with Workdir({str(workdir)!r}).lock():\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["train", "--config", CONFIG, "--workdir", str(workdir)]
+        for override in overrides:
+            args += ["--set", override]
+        assert main(args) == 2
+        error = capsys.readouterr().err.strip()
+        assert f"workdir '{workdir}' is in use by process {holder.pid} (" in error and "\n" not in error
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(workdir / ".lock")
+    assert main(args) == 0
+    assert_complete(workdir, 2)
+
+
+@pytest.mark.slow
+def test_two_concurrent_trains_one_refused_the_other_finishes(shapes, tmp_path):
+    _, overrides = shapes
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "centermask_tf.cli", "train", "--config", CONFIG, "--workdir", str(workdir)]
+    for override in [*overrides, "train.epochs=4"]:
+        command += ["--set", override]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    codes = sorted(run.returncode for run in runs)
+    assert codes == [0, 2], [err[-1500:] for _, err in outputs]
+    refused = [err for run, (_, err) in zip(runs, outputs) if run.returncode == 2][0]
+    assert "is in use by process" in refused
+    assert_complete(workdir, 4)
+
+
+def test_workdir_with_checkpoints_but_no_state_is_refused(shapes, tmp_path):
+    workdir = tmp_path / "old"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "checkpoints" / "best.weights.h5").write_bytes(b"an older run's weights")
+    with pytest.raises(WorkdirError, match="no state.json.*--overwrite"):
+        train(config_for(shapes), str(workdir))
+    assert (workdir / "checkpoints" / "best.weights.h5").read_bytes() == b"an older run's weights"
+
+
+def test_the_lock_file_names_its_holder(tmp_path):
+    path = str(tmp_path / ".lock")
+    with files.locked(path, "thing"):
+        with open(path) as f:
+            assert f.read().startswith(f"process {os.getpid()} (")
+        start = time.time()
+        with pytest.raises(files.BusyError, match=rf"thing is in use by process {os.getpid()}"):
+            with files.locked(path, "thing"):
+                pass
+        assert time.time() - start < 1
+    with files.locked(path, "thing"):
+        pass
+
+
+def test_state_json_round_trips(tmp_path):
+    run = Workdir(str(tmp_path))
+    state = Workdir(str(tmp_path)).start(load_config(CONFIG), overwrite=False)
+    state.history.append({"epoch": 0, "loss": 1.5})
+    state.epochs_done, state.best, state.best_epoch = 1, 1.5, 1
+    run.save_state(state)
+    assert run.load_state() == state
+    (tmp_path / "state.json").write_text("{ not json")
+    with pytest.raises(WorkdirError, match="state.json' is damaged"):
+        run.load_state()
