@@ -301,7 +301,7 @@ def cmd_demo(args):
     print(f"network        {args.workdir}/model.keras")
     print(f"metrics        {eval_dir}/metrics.json, per epoch: {eval_dir}/epoch_*.json")
     print(f"detections     {eval_dir}/detections.json (COCO results format)")
-    print(f"overlays       {overlays}/*.png, {overlays}/predictions.json")
+    print(f"overlays       {overlays}/*.overlay.png, {overlays}/predictions.json")
     print(f"logs           {args.workdir}/history.csv, TensorBoard: {args.workdir}/logs")
     print(f"SavedModel     {saved_model}/{version} (TF Serving layout)")
     print(f"TFLite         {tflite} ({os.path.getsize(tflite) / 1e6:.2f} MB, builtin ops only)")

@@ -7,9 +7,9 @@ Single host (`mirrored`, the default, or `one_device`) trains with `model.fit`.
 instead: Keras 3's `fit` fails under that strategy (keras-team/keras#20585). Both share the
 losses, the optimiser and the checkpoint files.
 
-Workdir layout: `config.yaml` (resolved), `categories.json`, `checkpoints/{last,best}.weights.h5`
-(the network's weights), `backup/` (resume state), `logs/` (TensorBoard), `history.csv`,
-`eval/` (COCO metrics), `model.keras` (final network).
+The workdir (layout, epoch commits, resume and refusals) is described in `workdir.py`; with
+`fit`, `RunCheckpoint` commits each epoch. The multi-worker loop resumes from a
+`tf.train.CheckpointManager` in `backup/`, whose index file is replaced atomically by TF.
 """
 
 import contextlib
@@ -22,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from centermask_tf import files
-from centermask_tf.errors import MissingError, UserError
 from centermask_tf.data.coco import DataError
+from centermask_tf.errors import MissingError, UserError
 from centermask_tf.losses import LOSS_NAMES, compute_losses
 from centermask_tf.workdir import Workdir, WorkdirError
 
@@ -407,9 +407,8 @@ def _train_multi_worker(config, workdir, strategy, chief):
 
 def _fit(config, run, state, strategy, extra_callbacks):
     """`model.fit` from the committed epoch of `state` to `config.train.epochs`."""
-    builder, steps_per_epoch = _prepare(config, run.path, strategy, save=state.epochs_done == 0)
-    if state.epochs_done:  # continuing: the config may hold more epochs now
-        save_run_files(config, run.path, builder.info.metadata["categories"])
+    # Saved again when continuing a run: the config may hold more epochs now.
+    builder, steps_per_epoch = _prepare(config, run.path, strategy, save=True)
     with strategy.scope():
         trainer, optimizer = _build_trainer(config, steps_per_epoch)
         trainer.compile(optimizer=optimizer)

@@ -192,7 +192,7 @@ def test_every_fault_is_skipped_counted_and_an_epoch_runs(messy, tmp_path, caplo
 
 def test_strict_raises_naming_the_first_bad_sample(messy, tmp_path):
     config = data_config(messy, tmp_path, strict=True)
-    with pytest.raises(DataError, match=r"annotation id \d+.*image_id 999999.*data\.strict"):
+    with pytest.raises(DataError, match=r"images entry.*id '9100' is not an integer.*data\.strict"):
         tfds_builder.prepare_dataset(config)
 
 

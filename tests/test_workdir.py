@@ -43,6 +43,15 @@ def config_for(shapes, *extra):
     return load_config(CONFIG, [*overrides, *extra])
 
 
+def train_args(shapes, workdir, *extra):
+    """`centermask train` arguments for the tiny run on the shapes set."""
+    _, overrides = shapes
+    args = ["train", "--config", CONFIG, "--workdir", str(workdir)]
+    for override in [*overrides, *extra]:
+        args += ["--set", override]
+    return args
+
+
 def history_epochs(workdir):
     with open(os.path.join(workdir, "history.csv")) as f:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
@@ -114,11 +123,8 @@ def test_a_crash_at_each_write_point_resumes_to_the_right_epochs(shapes, tmp_pat
 @pytest.mark.slow
 def test_sigkill_at_the_commit_resumes_and_keeps_best(shapes, tmp_path):
     """A real SIGKILL, in a separate process, while state.json is being replaced."""
-    _, overrides = shapes
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "centermask_tf.cli", "train", "--config", CONFIG, "--workdir", str(workdir)]
-    for override in [*overrides, "train.epochs=3"]:
-        command += ["--set", override]
+    command = [sys.executable, "-m", "centermask_tf.cli", *train_args(shapes, workdir, "train.epochs=3")]
     killed = subprocess.run(command, env=dict(os.environ, CENTERMASK_FAULT="kill:state:4"),
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -130,11 +136,8 @@ def test_sigkill_at_the_commit_resumes_and_keeps_best(shapes, tmp_path):
 
 
 def test_disk_full_leaves_the_checkpoints_and_the_rerun_resumes(shapes, tmp_path, fault, capsys):
-    _, overrides = shapes
     workdir = tmp_path / "run"
-    args = ["train", "--config", CONFIG, "--workdir", str(workdir)]
-    for override in [*overrides, "train.epochs=3"]:
-        args += ["--set", override]
+    args = train_args(shapes, workdir, "train.epochs=3")
     fault("enospc:last:2")
     assert main(args) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -170,7 +173,6 @@ def test_an_oserror_enospc_becomes_a_disk_full_error(tmp_path):
 
 def test_a_second_train_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(shapes, tmp_path, capsys):
     """The holder is a real second process; SIGKILL leaves its lock file behind."""
-    _, overrides = shapes
     workdir = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c",
@@ -180,9 +182,7 @@ def test_a_second_train_is_refused_naming_the_holder_and_a_dead_holder_is_taken_
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        args = ["train", "--config", CONFIG, "--workdir", str(workdir)]
-        for override in overrides:
-            args += ["--set", override]
+        args = train_args(shapes, workdir)
         assert main(args) == 2
         error = capsys.readouterr().err.strip()
         assert f"workdir '{workdir}' is in use by process {holder.pid} (" in error and "\n" not in error
@@ -196,11 +196,8 @@ def test_a_second_train_is_refused_naming_the_holder_and_a_dead_holder_is_taken_
 
 @pytest.mark.slow
 def test_two_concurrent_trains_one_refused_the_other_finishes(shapes, tmp_path):
-    _, overrides = shapes
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "centermask_tf.cli", "train", "--config", CONFIG, "--workdir", str(workdir)]
-    for override in [*overrides, "train.epochs=4"]:
-        command += ["--set", override]
+    command = [sys.executable, "-m", "centermask_tf.cli", *train_args(shapes, workdir, "train.epochs=4")]
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
     codes = sorted(run.returncode for run in runs)
