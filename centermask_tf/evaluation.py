@@ -52,17 +52,31 @@ class InstanceMask(NamedTuple):
         return mask
 
 
-def paste_instance(box_mask, box, height, width, threshold):
-    """Pastes one box-relative `[M, M]` probability map into its box (ymin, xmin, ymax, xmax,
-    image pixels) and thresholds it; `paste_masks` on the box's own window, which is the full
-    paste there (pixel centres stay aligned) and 0 elsewhere."""
-    top, left = (int(np.clip(np.floor(v), 0, limit - 1)) for v, limit in zip(box[:2], (height, width)))
-    bottom, right = (int(np.clip(np.ceil(v), start + 1, limit)) for v, start, limit in zip(box[2:], (top, left), (height, width)))
-    local = np.asarray(box, np.float32) - np.asarray([top, left, top, left], np.float32)
-    probabilities = paste_masks(
-        tf.convert_to_tensor(box_mask[None, None]), tf.convert_to_tensor(local[None, None]), bottom - top, right - left
-    )
-    return InstanceMask(top, left, probabilities.numpy()[0, 0] >= threshold)
+# Floats per batched paste (128 MB): a few detections at a time on a 50-megapixel photo, all of
+# them at once on dataset-sized images.
+_PASTE_BUDGET = 1 << 25
+
+
+def paste_instances(box_masks, boxes, height, width, threshold):
+    """Pastes box-relative `[n, M, M]` probability maps into their boxes `[n, 4]` (ymin, xmin,
+    ymax, xmax, image pixels), thresholds them and keeps each as the crop of its box.
+
+    `paste_masks` runs on as many detections at once as `_PASTE_BUDGET` allows at full image
+    size, so memory stays bounded for large images and small ones cost one call.
+    """
+    per_call = max(1, _PASTE_BUDGET // (height * width))
+    masks = []
+    for start in range(0, len(boxes), per_call):
+        chunk = slice(start, start + per_call)
+        pasted = paste_masks(
+            tf.convert_to_tensor(box_masks[None, chunk]), tf.convert_to_tensor(boxes[None, chunk], tf.float32),
+            height, width,
+        ).numpy()[0] >= threshold  # [c, height, width]
+        for mask, box in zip(pasted, boxes[chunk]):
+            top, left = (int(np.clip(np.floor(v), 0, limit - 1)) for v, limit in zip(box[:2], (height, width)))
+            bottom, right = (int(np.clip(np.ceil(v), 0, limit)) for v, limit in zip(box[2:], (height, width)))
+            masks.append(InstanceMask(top, left, mask[top:bottom, left:right].copy()))
+    return masks
 
 
 def to_original_image(detections, index, scale, original_size, mask_threshold):
@@ -83,12 +97,13 @@ def to_original_image(detections, index, scale, original_size, mask_threshold):
     height, width = (int(v) for v in original_size)
     boxes = np.asarray(detections["boxes"][index, :n]) / float(scale)
     boxes = np.clip(boxes, 0.0, [height, width, height, width])
-    box_masks = np.asarray(detections["masks"][index, :n], np.float32)
     return {
         "boxes": boxes,
         "scores": np.asarray(detections["scores"][index, :n]),
         "classes": np.asarray(detections["classes"][index, :n]),
-        "masks": [paste_instance(m, b, height, width, mask_threshold) for m, b in zip(box_masks, boxes)],
+        "masks": paste_instances(
+            np.asarray(detections["masks"][index, :n], np.float32), boxes, height, width, mask_threshold
+        ),
         "size": (height, width),
     }
 
