@@ -125,6 +125,8 @@ def upright_bytes(path):
     """PNG bytes of the image with its EXIF orientation applied."""
     with Image.open(path) as image:
         upright = ImageOps.exif_transpose(image)
+        if upright.mode not in ("1", "L", "LA", "I", "P", "RGB", "RGBA"):  # CMYK JPEGs: PNG has no CMYK
+            upright = upright.convert("RGB")
         buffer = io.BytesIO()
         upright.save(buffer, format="PNG")
     return buffer.getvalue()
