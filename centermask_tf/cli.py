@@ -314,7 +314,7 @@ def cmd_export(args):
     from centermask_tf.export.tflite import (
         non_builtin_ops, representative_dataset, saved_model_to_tflite, with_categories,
     )
-    from centermask_tf.files import atomic_write
+    from centermask_tf.files import write_bytes
     from centermask_tf.predict import load_workdir
 
     config, categories = load_workdir(args.workdir)
@@ -339,12 +339,7 @@ def cmd_export(args):
     if extra:
         raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")
     content = with_categories(content, categories)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(content)
-
-    atomic_write(args.output, write, "tflite", len(content))
+    write_bytes(args.output, content, "tflite")
     print(f"TFLite ({quantize}, builtin ops only) written to {args.output}: {len(content) / 1e6:.2f} MB")
 
 

@@ -120,14 +120,19 @@ def atomic_write(path, write, point=None, expected_size=0):
     return path
 
 
-def write_text(path, text, point=None):
-    """`atomic_write` of a text file."""
+def write_bytes(path, data, point=None):
+    """`atomic_write` of a file's whole content."""
 
     def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
-    return atomic_write(path, write, point, expected_size=len(text.encode("utf-8")))
+    return atomic_write(path, write, point, expected_size=len(data))
+
+
+def write_text(path, text, point=None):
+    """`atomic_write` of a text file (UTF-8)."""
+    return write_bytes(path, text.encode("utf-8"), point)
 
 
 def write_json(path, data, point=None, indent=1):
