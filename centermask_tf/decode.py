@@ -9,9 +9,9 @@ import weakref
 import keras
 import tensorflow as tf
 
-from centermask_tf.losses import gather_at
 from centermask_tf.model.assembly import assemble_box_masks, assemble_masks
 from centermask_tf.model.centermask import OUTPUT_STRIDE
+from centermask_tf.ops import centre_to_corners, gather_at, unflatten_index
 
 
 _INFERENCE_NETWORKS = weakref.WeakKeyDictionary()
@@ -88,8 +88,7 @@ def decode_detections(
     scores, flat = tf.math.top_k(tf.reshape(peaks, [batch, -1]), k=k)  # [B, K]
     classes = flat % num_classes
     pixels = flat // num_classes
-    rows = tf.cast(pixels // width, tf.float32)
-    cols = tf.cast(pixels % width, tf.float32)
+    rows, cols = (tf.cast(v, tf.float32) for v in unflatten_index(pixels, width))
 
     offset = gather_at(tf.cast(outputs["offset"], tf.float32), pixels)  # [B, K, 2]
     size = tf.nn.relu(gather_at(tf.cast(outputs["size"], tf.float32), pixels))  # [B, K, 2]
@@ -110,8 +109,7 @@ def decode_detections(
     else:
         raise ValueError(f"mask_mode must be 'box' or 'full', got {mask_mode!r}.")
 
-    half_h, half_w = size[..., 0] / 2.0, size[..., 1] / 2.0
-    boxes = tf.stack([cy - half_h, cx - half_w, cy + half_h, cx + half_w], axis=-1) * stride
+    boxes = centre_to_corners(centres) * stride
     limits = tf.constant([height, width, height, width], tf.float32) * stride
     boxes = tf.clip_by_value(boxes, 0.0, limits)
 

@@ -8,6 +8,7 @@ the network runs in float16.
 import tensorflow as tf
 
 from centermask_tf.model.assembly import assemble_box_masks
+from centermask_tf.ops import gather_at, unflatten_index
 
 # CenterNet clamps probabilities to [1e-4, 1 - 1e-4] before taking logs.
 _EPS = 1e-4
@@ -30,22 +31,14 @@ def focal_loss(logits, target, normalizer):
     return -(tf.reduce_sum(pos_loss) + tf.reduce_sum(neg_loss)) / normalizer
 
 
-def gather_at(feature_map, indices):
-    """Values of `[B, H, W, D]` at flattened positions `[B, K]` (y * W + x) -> `[B, K, D]`."""
-    batch = tf.shape(feature_map)[0]
-    flat = tf.reshape(feature_map, [batch, -1, feature_map.shape[-1]])
-    return tf.gather(flat, indices, batch_dims=1)
-
-
 def _masked_l1(prediction, target, valid, normalizer):
     return tf.reduce_sum(tf.abs(prediction - target) * valid[..., None]) / normalizer
 
 
 def ground_truth_boxes(targets, output_width):
     """(cy, cx, h, w) in output pixels of every target slot: centre cell + offset, size."""
-    rows = tf.cast(targets["indices"] // output_width, tf.float32)
-    cols = tf.cast(targets["indices"] % output_width, tf.float32)
-    centre = tf.stack([rows, cols], axis=-1) + targets["offset"]
+    rows, cols = unflatten_index(targets["indices"], output_width)
+    centre = tf.cast(tf.stack([rows, cols], axis=-1), tf.float32) + targets["offset"]
     return tf.concat([centre, targets["size"]], axis=-1)  # [B, M, 4]
 
 

@@ -80,3 +80,18 @@ def test_losses_finite_with_zero_objects_and_in_float16(rng):
     for name in full:
         assert np.isfinite(half[name].numpy())
         np.testing.assert_allclose(half[name], full[name], rtol=0.05)
+
+
+def test_ops_index_and_box_helpers():
+    from centermask_tf.ops import centre_to_corners, corners_to_centre, flat_index, gather_at, unflatten_index
+
+    rows, cols = unflatten_index(tf.constant([0, 7, 23]), 5)
+    assert rows.numpy().tolist() == [0, 1, 4] and cols.numpy().tolist() == [0, 2, 3]
+    assert flat_index(rows, cols, 5).numpy().tolist() == [0, 7, 23]
+    feature_map = tf.reshape(tf.range(2 * 4 * 5 * 3, dtype=tf.float32), [2, 4, 5, 3])
+    gathered = gather_at(feature_map, tf.constant([[7, 0], [19, 3]]))
+    np.testing.assert_array_equal(gathered.numpy()[1, 0], feature_map.numpy()[1, 3, 4])
+    np.testing.assert_array_equal(gathered.numpy()[0, 0], feature_map.numpy()[0, 1, 2])
+    corners = tf.constant([[2.0, 4.0, 10.0, 7.0]])
+    np.testing.assert_allclose(corners_to_centre(corners).numpy(), [[6.0, 5.5, 8.0, 3.0]])
+    np.testing.assert_allclose(centre_to_corners(corners_to_centre(corners)).numpy(), corners.numpy())

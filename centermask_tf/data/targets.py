@@ -21,6 +21,8 @@ box grid anyway.
 
 import tensorflow as tf
 
+from centermask_tf.ops import corners_to_centre, flat_index
+
 TARGET_KEYS = ("heatmap", "indices", "offset", "size", "classes", "valid", "masks", "dropped")
 
 
@@ -150,10 +152,7 @@ def encode_targets(
     boxes = tf.gather(boxes, keep_idx)
     classes = tf.gather(classes, keep_idx)
     sizes = tf.stack([tf.gather(heights, keep_idx), tf.gather(widths, keep_idx)], axis=-1)
-    centres = tf.stack(
-        [(boxes[:, 0] + boxes[:, 2]) / (2.0 * stride), (boxes[:, 1] + boxes[:, 3]) / (2.0 * stride)],
-        axis=-1,
-    )  # [n, 2] (cy, cx) in output pixels
+    centres = corners_to_centre(boxes)[:, :2] / stride  # [n, 2] (cy, cx) in output pixels
     centres_int = tf.clip_by_value(tf.floor(centres), 0.0, out - 1.0)
     offsets = centres - centres_int
 
@@ -163,7 +162,7 @@ def encode_targets(
     heatmap = _draw_gaussians(centres_int, radii, classes, out, num_classes)
 
     centres_int = tf.cast(centres_int, tf.int32)
-    indices = centres_int[:, 0] * out + centres_int[:, 1]
+    indices = flat_index(centres_int[:, 0], centres_int[:, 1], out)
     instance_masks = _box_relative_masks(tf.gather(masks, keep_idx), boxes, mask_size)
 
     pad = max_instances - n

@@ -16,6 +16,8 @@ Conventions, used everywhere in the package:
 import keras
 import tensorflow as tf
 
+from centermask_tf.ops import corners_to_centre
+
 # Smallest box side used in divisions, so a degenerate (zero-size) box yields an empty mask
 # rather than NaN.
 _MIN_SIZE = 1e-6
@@ -157,9 +159,9 @@ def paste_masks(box_masks, boxes, height, width):
     """
     box_masks = tf.cast(box_masks, tf.float32)
     cells = box_masks.shape[-1]
-    ymin, xmin, ymax, xmax = tf.unstack(tf.cast(boxes, tf.float32), axis=-1)
-    rows, inside_y = _paste_axis((ymin + ymax) / 2.0, ymax - ymin, height, cells)
-    cols, inside_x = _paste_axis((xmin + xmax) / 2.0, xmax - xmin, width, cells)
+    cy, cx, h, w = tf.unstack(corners_to_centre(tf.cast(boxes, tf.float32)), axis=-1)
+    rows, inside_y = _paste_axis(cy, h, height, cells)
+    cols, inside_x = _paste_axis(cx, w, width, cells)
     pasted = tf.matmul(tf.matmul(rows, box_masks), cols, transpose_b=True)
     return pasted * inside_y[..., :, None] * inside_x[..., None, :]
 

@@ -5,6 +5,8 @@ import math
 import keras
 import tensorflow as tf
 
+from centermask_tf.ops import flat_index, unflatten_index
+
 # Heatmap bias -2.19 = -log((1 - 0.1) / 0.1): every location starts at p ~= 0.1 (CenterNet).
 HEATMAP_BIAS = -math.log((1.0 - 0.1) / 0.1)
 
@@ -81,7 +83,8 @@ class Head(keras.layers.Layer):
         # Neighbour (dy, dx) of (y, x) sits at (y + dy, x + dx) in the padded map, dy, dx in 0..2;
         # row-major (dy, dx, channel) order is the order of the conv kernel's reshape below.
         offsets = tf.constant([dy * (width + 2) + dx for dy in range(3) for dx in range(3)], tf.int32)
-        centres = (pixels // width) * (width + 2) + pixels % width
+        rows, cols = unflatten_index(pixels, width)
+        centres = flat_index(rows, cols, width + 2)  # the same position in the padded map
         neighbours = tf.reshape(centres[..., None] + offsets, [batch, k * 9])
         patches = tf.reshape(tf.gather(padded, neighbours, batch_dims=1), [batch, k, 9 * channels])
         if self.separable:  # depthwise: per-channel weighted sum of the 9 neighbours, then pointwise
