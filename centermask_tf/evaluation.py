@@ -151,7 +151,7 @@ def coco_metrics(annotations, detections, image_ids):
             evaluator.accumulate()
             evaluator.summarize()
         summary = [line for line in printed.getvalue().splitlines() if line.startswith(" Average")]
-        logger.info("%s:\n%s", iou_type, "\n".join(summary))
+        logger.debug("%s:\n%s", iou_type, "\n".join(summary))
         metrics[iou_type] = {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, evaluator.stats)}
     return metrics
 
@@ -186,7 +186,8 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
         total = min(total, max_images)
     category_ids = [c["id"] for c in builder.info.metadata["categories"]]
     detections, image_ids = [], []
-    with tqdm(total=total, desc="evaluate", unit="img", leave=False) as progress:
+    # disable=None: no bar when stderr is not a terminal (a log file would get one per update).
+    with tqdm(total=total, desc="evaluate", unit="img", leave=False, disable=None) as progress:
         for images, info in dataset:
             batch = {k: np.asarray(v) for k, v in detect(images).items()}
             for i, image_id in enumerate(info["image_id"].numpy()):

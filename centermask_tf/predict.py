@@ -154,7 +154,7 @@ def predict_files(
     ids = [c["id"] for c in categories]
     names = [c["name"] for c in categories]
     predictions = []
-    for path in tqdm(files, desc="predict", unit="img"):
+    for path in tqdm(files, desc="predict", unit="img", disable=None):  # no bar in log files
         try:
             image = load_image(path, max_pixels, max_megabytes)
         except ImageError as e:

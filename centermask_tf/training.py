@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 
 import keras
 import numpy as np
@@ -444,6 +445,10 @@ def _fit(config, run, state, strategy, extra_callbacks):
         fitted = trainer.fit(
             config_train_dataset(config, builder), epochs=state.epochs, initial_epoch=state.epochs_done,
             steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+            # A progress bar redrawn at every step makes a log file megabytes long: one line
+            # per epoch when stdout is not a terminal.
+            verbose=1 if sys.stdout.isatty() else 2,
+            shuffle=False,  # the pipeline shuffles; Keras warns that it cannot
         )
         history = [dict(zip(fitted.history, values)) for values in zip(*fitted.history.values())]
     files.atomic_write(run.join("model.keras"), network.save, "model", expected_size=_weights_bytes(network))

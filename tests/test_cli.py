@@ -165,3 +165,18 @@ def test_predict_into_its_input_folder_skips_bad_files_and_changes_no_input(shap
     overlays = {os.path.basename(p["overlay"]) for p in predictions if "overlay" in p}
     assert overlays == {name + ".overlay.png" for name in good}
     assert all((folder / name).is_file() for name in overlays)
+
+
+def test_training_piped_to_a_file_prints_a_few_lines_per_epoch(shapes, tmp_path):
+    """No progress bar redrawn per step in a log file: Keras's one-line-per-epoch mode."""
+    _, overrides = shapes
+    command = [sys.executable, "-m", "centermask_tf.cli", "train", "--config", CONFIG,
+               "--workdir", str(tmp_path / "run")]
+    for override in [*overrides, "eval.every_epochs=1"]:
+        command += ["--set", override]
+    with open(tmp_path / "log.txt", "w") as log:
+        run = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    text = (tmp_path / "log.txt").read_text()
+    assert run.returncode == 0, text[-2000:]
+    assert "\r" not in text and "━" not in text
+    assert text.count("Epoch ") == 2 and len(text.splitlines()) <= 2 * 10, text

@@ -129,7 +129,7 @@ def _write_split(output, split, count, rng, image_size, first_image_id):
     folder = os.path.join(output, split)
     os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
-    for index in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False):
+    for index in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False, disable=None):
         height = int(image_size * rng.uniform(0.75, 1.0))
         width = int(image_size * rng.uniform(0.75, 1.0))
         image_id = first_image_id + index

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -207,5 +208,7 @@ def prepare_dataset(data_config, splits=SPLITS):
                     logger.warning("split '%s', when it was built: %s", name, report.summary())
         else:
             logger.info("building TFDS dataset %s in %s", config.name, data_config.tfds_data_dir)
+            if not sys.stderr.isatty():  # progress bars in a log file are a line per update
+                tfds.disable_progress_bar()
             builder.download_and_prepare()
     return builder
