@@ -221,11 +221,14 @@ class CocoEvalCallback(keras.callbacks.Callback):
         self.last = {name: float(last.get(name, 0.0)) for name in ("val_bbox_AP", "val_segm_AP")}
 
     def on_epoch_end(self, epoch, logs=None):
+        from centermask_tf.training import averaged_weights
+
         last_epoch = epoch + 1 == self.params.get("epochs")
         if (epoch + 1) % self.every == 0 or last_epoch:
-            metrics = evaluate_network(
-                self.network, self.builder, self.config, max_images=self.config.eval.max_images
-            )
+            with averaged_weights(self.model):
+                metrics = evaluate_network(
+                    self.network, self.builder, self.config, max_images=self.config.eval.max_images
+                )
             self.last = {"val_bbox_AP": metrics["bbox"]["AP"], "val_segm_AP": metrics["segm"]["AP"]}
             write_json(os.path.join(self.workdir, "eval", f"epoch_{epoch + 1:03d}.json"), metrics)
             print(f"\nepoch {epoch + 1}: bbox AP {self.last['val_bbox_AP']:.3f}, segm AP {self.last['val_segm_AP']:.3f}")

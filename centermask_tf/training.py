@@ -203,10 +203,32 @@ def save_weights(model, path, point):
     return files.atomic_write(path, model.save_weights, point, expected_size=_weights_bytes(model))
 
 
+@contextlib.contextmanager
+def averaged_weights(model):
+    """Inside the block, `model`'s trainable variables hold its optimizer's exponential moving
+    averages (`train.ema_decay`); their trained values come back on exit. Keras swaps the
+    averages in only when `fit` ends, so per-epoch evaluation and checkpoints ask for them here.
+    Without EMA this does nothing."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not optimizer.use_ema:
+        yield
+        return
+    variables = model.trainable_variables
+    trained = [v.numpy() for v in variables]
+    optimizer.finalize_variable_values(variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, trained):
+            variable.assign(value)
+
+
 class RunCheckpoint(keras.callbacks.Callback):
     """Commits each epoch to the workdir (see `workdir.py`): backup of network and optimizer,
     `last` and (when the monitored value improves) `best` network weights, the history row and
-    the best-so-far value, so that a kill at any moment loses at most the running epoch."""
+    the best-so-far value, so that a kill at any moment loses at most the running epoch.
+    `last` and `best` hold the averaged weights when training keeps an EMA; the backup holds the
+    trained ones, from which training resumes."""
 
     def __init__(self, network, run, state):
         super().__init__()
@@ -218,11 +240,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         state, run, done = self.state, self.run, epoch + 1
         save_weights(self.model, run.join(run.backup_name(done)), "backup")
-        save_weights(self.network, run.pending("last", done), "last")
         value = logs.get(state.monitor)
-        if state.improves(value):
-            save_weights(self.network, run.pending("best", done), "best")
-            state.best, state.best_epoch = value, done
+        with averaged_weights(self.model):
+            save_weights(self.network, run.pending("last", done), "last")
+            if state.improves(value):
+                save_weights(self.network, run.pending("best", done), "best")
+                state.best, state.best_epoch = value, done
         state.epochs_done, state.backup = done, run.backup_name(done)
         state.history.append({"epoch": epoch, **logs})
         run.save_state(state)  # the commit

@@ -240,3 +240,35 @@ def test_state_json_round_trips(tmp_path):
     (tmp_path / "state.json").write_text("{ not json")
     with pytest.raises(WorkdirError, match="state.json' is damaged"):
         run.load_state()
+
+
+def test_with_ema_evaluation_and_last_use_the_averaged_weights(shapes, tmp_path, monkeypatch):
+    import keras
+
+    from centermask_tf import evaluation
+    from centermask_tf.model.centermask import build_model
+
+    seen = {}  # epoch -> weights the evaluation ran with, the EMA and the trained values
+
+    def record_evaluation(network, *args, **kwargs):
+        seen.setdefault("evaluated", []).append([v.numpy() for v in network.trainable_variables])
+        return {t: {name: 0.0 for name in evaluation.METRIC_NAMES} for t in ("bbox", "segm")}
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.setdefault("ema", []).append([v.numpy() for v in self.model.optimizer._model_variables_moving_average])
+            seen.setdefault("trained", []).append([v.numpy() for v in self.model.trainable_variables])
+
+    monkeypatch.setattr(evaluation, "evaluate_network", record_evaluation)
+    config = config_for(shapes, "train.ema_decay=0.5", "eval.every_epochs=1", "train.learning_rate=0.01")
+    train(config, str(tmp_path / "run"), extra_callbacks=[Probe()])
+    assert len(seen["evaluated"]) == len(seen["ema"]) == 2
+    for evaluated, ema, trained in zip(seen["evaluated"], seen["ema"], seen["trained"]):
+        for a, b in zip(evaluated, ema):
+            np.testing.assert_array_equal(a, b)
+        assert max(np.abs(a - b).max() for a, b in zip(ema, trained)) > 1e-4  # EMA made a difference
+    config.model.weights = None
+    last = build_model(config.model)
+    last.load_weights(str(tmp_path / "run" / "checkpoints" / "last.weights.h5"))
+    for a, b in zip(last.trainable_variables, seen["ema"][-1]):
+        np.testing.assert_array_equal(a.numpy(), b)
