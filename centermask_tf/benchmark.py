@@ -129,13 +129,13 @@ def train_throughput(config, *, runs=3, steps=5, workdir=None):
     """Training-step images/s (forward, losses, backward, Adam update) on one cached batch, so
     the input pipeline is not in the measurement."""
     from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.model.centermask import build_model
-    from centermask_tf.training import CenterMaskTrainer, config_train_dataset
+    from centermask_tf.detector import CenterMask
+    from centermask_tf.training import config_train_dataset
 
     bench_shapes(config, workdir)
     config.model.weights = None  # same cost; no download
     batch = config_train_dataset(config, prepare_dataset(config.data)).take(1).cache().repeat()
-    trainer = CenterMaskTrainer(build_model(config.model))
+    trainer = CenterMask(config)
     trainer.compile(optimizer=keras.optimizers.Adam(1e-4))
     times = timings(lambda: trainer.fit(batch, epochs=1, steps_per_epoch=steps, verbose=0), runs, warmup=1)
     step = statistics.median(times) / steps
@@ -209,12 +209,11 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
         image_detector,
         network_scope,
     )
+    from centermask_tf.detector import CenterMask
     from centermask_tf.export.tflite import representative_dataset, saved_model_to_tflite
-    from centermask_tf.model.centermask import build_model
 
     config.model.weights = None
-    network = build_model(config.model)
-    ids = list(range(1, config.model.num_classes + 1))
+    detector = CenterMask(config)
     size = config.model.input_size
     rng = np.random.default_rng(0)
     one = tf.constant(rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8))
@@ -232,27 +231,26 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
         print(f"  {row['form']:12s} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms  "
               f"{row['images_per_s']:6.2f} images/s", flush=True)
 
-    detect_images = image_detector(network, config.model, ids)
+    detect_images = image_detector(detector)
     if "keras" in forms:
         measure("keras", tf.function(detect_images))
     if "xla" in forms:  # XLA has no CropAndResize kernel: the letterbox stays outside
         from centermask_tf.export.serving import detection_outputs, letterbox_with_extents
 
         compiled = tf.function(
-            lambda canvases, extents: detection_outputs(network, config.model, ids, canvases, extents),
+            lambda canvases, extents: detection_outputs(detector, canvases, extents),
             jit_compile=True,
         )
         letterbox = tf.function(lambda images: letterbox_with_extents(images, size))
         measure("xla", lambda images: compiled(*letterbox(images)))
     with tempfile.TemporaryDirectory() as tmp:
         if "saved_model" in forms:
-            categories = [{"id": i, "name": str(i)} for i in ids]
-            path = export_saved_model(network, config.model, categories, os.path.join(tmp, "sm"))
+            path = export_saved_model(detector, os.path.join(tmp, "sm"))
             signature = tf.saved_model.load(path).signatures["image_tensor"]
             measure("saved_model", lambda images: signature(image_tensor=images))
         tflite_forms = [f for f in forms if f.startswith("tflite_")]
         if tflite_forms:
-            source = export_tflite_saved_model(network, config.model, ids, os.path.join(tmp, "tfl"))
+            source = export_tflite_saved_model(detector, os.path.join(tmp, "tfl"))
             for form in tflite_forms:
                 quantize = {"tflite_fp32": "none", "tflite_fp16": "fp16", "tflite_int8": "int8"}[form]
                 calibration = None
@@ -263,7 +261,7 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
                     calibration = representative_dataset(builder, size, 8)
                 path = os.path.join(tmp, f"{form}.tflite")
                 with open(path, "wb") as f:
-                    f.write(saved_model_to_tflite(source, quantize, calibration, network_scope(network)))
+                    f.write(saved_model_to_tflite(source, quantize, calibration, network_scope(detector)))
                 # A fixed batch-1 input: throughput is one image per call.
                 row = {"form": form, **_litert_latency(path, runs), "batch": 1}
                 row["images_per_s"] = 1e3 / row["median_ms"]

@@ -158,29 +158,19 @@ def cmd_train(args):
     train(_load(args), args.workdir, args.strategy, overwrite=args.overwrite)
 
 
-def _network_for(config, workdir, weights):
-    from centermask_tf.model.centermask import build_model
+def _detector(config, categories, workdir, weights):
+    """The `CenterMask` detector of `config` with the workdir's (or the given) weights."""
+    from centermask_tf.detector import CenterMask
     from centermask_tf.training import weights_path
 
-    config.model.weights = None  # the checkpoint holds every weight, the backbone's too
-    network = build_model(config.model)
     path = weights_path(workdir, weights)
-    try:
-        network.load_weights(path)
-    except (OSError, ValueError) as e:
-        raise UsageError(
-            f"cannot load weights '{path}' into the network of this config "
-            f"({' '.join(str(e).split())[:200]}); pass weights trained with this config "
-            "(the workdir's own checkpoints/ or --weights from a run of the same model)."
-        ) from None
     logging.info("weights: %s", path)
-    return network
+    return CenterMask.with_weights(config, categories, path)
 
 
-def _detector_for(args, config, categories):
-    """The detector `evaluate`/`predict` run: the workdir's Keras network, or the exported
-    SavedModel / TFLite file given with --saved-model / --tflite."""
-    from centermask_tf.evaluation import make_detector
+def _detect_for(args, config, categories):
+    """What `evaluate`/`predict` run on letterboxed canvases: the workdir's `CenterMask`, or the
+    exported SavedModel / TFLite file given with --saved-model / --tflite."""
     from centermask_tf.export import runtime
 
     size = config.model.input_size
@@ -188,7 +178,7 @@ def _detector_for(args, config, categories):
         return runtime.saved_model_detector(args.saved_model, size, categories)
     if args.tflite:
         return runtime.tflite_detector(args.tflite, size, categories)
-    return make_detector(_network_for(config, args.workdir, args.weights), config.model)
+    return _detector(config, categories, args.workdir, args.weights).detect_canvases
 
 
 def cmd_evaluate(args):
@@ -197,7 +187,7 @@ def cmd_evaluate(args):
 
     config = _load(args)
     builder = prepare_dataset(config.data)
-    detect = _detector_for(args, config, builder.info.metadata["categories"])
+    detect = _detect_for(args, config, builder.info.metadata["categories"])
     output = os.path.join(args.workdir, "eval")
     artifact = args.saved_model or args.tflite
     if artifact:  # keep the Keras model's metrics.json; each artifact gets its own folder
@@ -214,7 +204,7 @@ def cmd_predict(args):
     )
 
     config, categories = load_workdir(args.workdir)
-    detect = _detector_for(args, config, categories)
+    detect = _detect_for(args, config, categories)
     files = image_files(args.input)
     predictions = predict_files(
         detect, files, config.model.input_size, categories, args.score,
@@ -233,7 +223,7 @@ def cmd_demo(args):
     from centermask_tf.config import load_config
     from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.evaluation import evaluate_network, make_detector
+    from centermask_tf.evaluation import evaluate_detector
     from centermask_tf.export.serving import next_version
     from centermask_tf.predict import image_files, predict_files
     from centermask_tf.training import train
@@ -263,16 +253,17 @@ def cmd_demo(args):
         print(f"[2/5] training {args.config} into {args.workdir}")
         train(config, args.workdir, overwrite=args.overwrite)
     print("[3/5] COCO evaluation on the held-out split")
-    network = _network_for(config, args.workdir, None)
     builder = prepare_dataset(config.data)
+    categories = builder.info.metadata["categories"]
+    detector = _detector(config, categories, args.workdir, None)
     eval_dir = os.path.join(args.workdir, "eval")
-    metrics = evaluate_network(network, builder, config, eval_dir)
+    metrics = evaluate_detector(detector.detect_canvases, builder, config, eval_dir)
     overlays = os.path.join(args.workdir, "predictions")
     print(f"[4/5] overlays of 8 validation images in {overlays}")
     files = image_files(config.data.val.images)[:8]
     predict_files(
-        make_detector(network, config.model), files, config.model.input_size,
-        builder.info.metadata["categories"], 0.3, config.model.mask_threshold, overlays,
+        detector.detect_canvases, files, config.model.input_size, categories, 0.3,
+        config.model.mask_threshold, overlays,
     )
     print("[5/5] exporting SavedModel and TFLite")
     saved_model = os.path.join("saved_models", "shapes_tiny")
@@ -318,10 +309,9 @@ def cmd_export(args):
     from centermask_tf.predict import load_workdir
 
     config, categories = load_workdir(args.workdir)
-    network = _network_for(config, args.workdir, args.weights)
-    ids = [c["id"] for c in categories]
+    detector = _detector(config, categories, args.workdir, args.weights)
     if args.format == "saved_model":
-        path = export_saved_model(network, config.model, categories, args.output, args.version)
+        path = export_saved_model(detector, args.output, args.version)
         print(f"SavedModel (TF Serving layout) written to {path}")
         return
     quantize = args.quantize or config.export.quantize
@@ -333,8 +323,8 @@ def cmd_export(args):
         print(f"calibrating int8 on {count} training images of {config.data.train.images}")
         calibration = representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
     with tempfile.TemporaryDirectory() as tmp:
-        source = export_tflite_saved_model(network, config.model, ids, tmp)
-        content = saved_model_to_tflite(source, quantize, calibration, network_scope(network))
+        source = export_tflite_saved_model(detector, tmp)
+        content = saved_model_to_tflite(source, quantize, calibration, network_scope(detector))
     extra = non_builtin_ops(content)
     if extra:
         raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")

@@ -27,28 +27,68 @@ def inference_network(network):
     return _INFERENCE_NETWORKS[network]
 
 
-def detect(network, images, model_config, sparse_shape=True):
-    """Network + decoding with the config's K, score threshold and box-relative M x M masks.
+@keras.saving.register_keras_serializable(package="centermask")
+class CenterMaskDecoder(keras.layers.Layer):
+    """Head outputs -> detections (`decode_detections`) with box-relative M x M masks.
 
-    With `sparse_shape` (the default) the Shape head runs at the K peaks only (`Head.call_at`):
-    the same numbers as the dense head, without computing S*S channels at every location.
+    Args:
+        max_detections: K peaks kept over all classes.
+        score_threshold: peaks below it are not detections.
+        mask_size: M, the side of each box-relative mask.
+        stride: output stride of the head maps.
+
+    Example:
+
+    >>> decoder = CenterMaskDecoder(max_detections=5, score_threshold=0.1, mask_size=8)
+    >>> outputs = {"heatmap": tf.zeros([1, 16, 16, 3]), "offset": tf.zeros([1, 16, 16, 2]),
+    ...            "size": tf.ones([1, 16, 16, 2]), "shape": tf.zeros([1, 16, 16, 64]),
+    ...            "saliency": tf.zeros([1, 16, 16, 1])}
+    >>> decoder(outputs)["masks"].shape
+    TensorShape([1, 5, 8, 8])
+
+    With `shape_head` (the network's Shape `Head`) and `outputs["shape_features"]` in place of
+    `outputs["shape"]`, the Shape head runs at the K peaks only (`Head.call_at`): the same
+    numbers as the dense head, without S*S channels at every location.
     """
-    if sparse_shape:
-        outputs = inference_network(network)(images, training=False)
-        shape_head = network.get_layer("shape")
-        features = outputs.pop("shape_features")
-        shape_at = lambda pixels: shape_head.call_at(features, pixels)  # noqa: E731
-    else:
-        outputs, shape_at = network(images, training=False), None
-    return decode_detections(
-        outputs,
-        max_detections=model_config.max_detections,
-        score_threshold=model_config.score_threshold,
-        stride=OUTPUT_STRIDE,
-        mask_mode="box",
-        mask_size=model_config.mask_size,
-        shape_at=shape_at,
-    )
+
+    def __init__(self, max_detections=100, score_threshold=0.05, mask_size=32, stride=OUTPUT_STRIDE, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.max_detections = max_detections
+        self.score_threshold = score_threshold
+        self.mask_size = mask_size
+        self.stride = stride
+
+    @classmethod
+    def from_model_config(cls, model_config, **kwargs):
+        return cls(model_config.max_detections, model_config.score_threshold, model_config.mask_size, **kwargs)
+
+    def call(self, outputs, shape_head=None):
+        shape_at = None
+        if shape_head is not None:
+            features = outputs["shape_features"]
+            shape_at = lambda pixels: shape_head.call_at(features, pixels)  # noqa: E731
+        return decode_detections(
+            outputs,
+            max_detections=self.max_detections,
+            score_threshold=self.score_threshold,
+            stride=self.stride,
+            mask_mode="box",
+            mask_size=self.mask_size,
+            shape_at=shape_at,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "max_detections": self.max_detections,
+                "score_threshold": self.score_threshold,
+                "mask_size": self.mask_size,
+                "stride": self.stride,
+            }
+        )
+        return config
 
 
 def decode_detections(

@@ -22,18 +22,12 @@ from tqdm import tqdm
 
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations, usable_annotations
-from centermask_tf.decode import detect
 from centermask_tf.files import write_json
 from centermask_tf.model.assembly import paste_masks
 
 logger = logging.getLogger("centermask_tf.evaluation")
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def make_detector(network, model_config):
-    """A `tf.function`: images `[B, N, N, 3]` -> decoded detections (box-relative masks)."""
-    return tf.function(lambda images: detect(network, images, model_config))
 
 
 class InstanceMask(NamedTuple):
@@ -57,22 +51,26 @@ class InstanceMask(NamedTuple):
 _PASTE_BUDGET = 1 << 25
 
 
-def paste_instances(box_masks, boxes, height, width, threshold):
-    """Pastes box-relative `[n, M, M]` probability maps into their boxes `[n, 4]` (ymin, xmin,
-    ymax, xmax, image pixels), thresholds them and keeps each as the crop of its box.
-
-    `paste_masks` runs on as many detections at once as `_PASTE_BUDGET` allows at full image
-    size, so memory stays bounded for large images and small ones cost one call.
-    """
+def paste_in_batches(box_masks, boxes, height, width, threshold):
+    """Yields `(boxes, binary masks [c, height, width])` for consecutive chunks of detections:
+    box-relative `[n, M, M]` probabilities pasted into their boxes `[n, 4]` (ymin, xmin, ymax,
+    xmax, image pixels) with `paste_masks`, as many at once as `_PASTE_BUDGET` allows."""
     per_call = max(1, _PASTE_BUDGET // (height * width))
-    masks = []
     for start in range(0, len(boxes), per_call):
         chunk = slice(start, start + per_call)
         pasted = paste_masks(
             tf.convert_to_tensor(box_masks[None, chunk]), tf.convert_to_tensor(boxes[None, chunk], tf.float32),
             height, width,
-        ).numpy()[0] >= threshold  # [c, height, width]
-        for mask, box in zip(pasted, boxes[chunk]):
+        )
+        yield boxes[chunk], pasted.numpy()[0] >= threshold
+
+
+def paste_instances(box_masks, boxes, height, width, threshold):
+    """`paste_in_batches`, each mask kept as the crop of its box (`InstanceMask`): memory stays
+    bounded for large images, and small ones cost one call."""
+    masks = []
+    for chunk_boxes, pasted in paste_in_batches(box_masks, boxes, height, width, threshold):
+        for mask, box in zip(pasted, chunk_boxes):
             top, left = (int(np.clip(np.floor(v), 0, limit - 1)) for v, limit in zip(box[:2], (height, width)))
             bottom, right = (int(np.clip(np.ceil(v), 0, limit)) for v, limit in zip(box[2:], (height, width)))
             masks.append(InstanceMask(top, left, mask[top:bottom, left:right].copy()))
@@ -118,7 +116,7 @@ def coco_results(image_id, result, category_ids):
             {
                 "image_id": int(image_id),
                 "category_id": int(category_ids[int(cls)]),
-                "bbox": [round(xmin, 2), round(ymin, 2), round(xmax - xmin, 2), round(ymax - ymin, 2)],
+                "bbox": [round(xmin, 3), round(ymin, 3), round(xmax - xmin, 3), round(ymax - ymin, 3)],
                 "score": round(float(score), 5),
                 "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
             }
@@ -156,17 +154,12 @@ def coco_metrics(annotations, detections, image_ids):
     return metrics
 
 
-def evaluate_network(network, builder, config, output_dir=None, max_images=None):
-    """`evaluate_detector` with the Keras network's in-graph detector."""
-    return evaluate_detector(make_detector(network, config.model), builder, config, output_dir, max_images)
-
-
 def evaluate_detector(detect, builder, config, output_dir=None, max_images=None):
     """Runs a detector over the validation split and computes COCO metrics.
 
     Args:
-        detect: letterboxed images `[B, N, N, 3]` -> decoded detections (`make_detector`, or an
-            exported artifact's `export.runtime` detector).
+        detect: letterboxed images `[B, N, N, 3]` -> decoded detections (`CenterMask`'s
+            `detect_canvases`, or an exported artifact's `export.runtime` detector).
         builder: the prepared TFDS builder (with a `val` split).
         config: the full `Config`.
         output_dir: where to write detections.json and metrics.json (None: not written).
@@ -209,9 +202,9 @@ class CocoEvalCallback(keras.callbacks.Callback):
     epoch logs (so TensorBoard, the CSV log and checkpointing see them) and writes
     `eval/epoch_NNN.json`. Between evaluations the last values are repeated."""
 
-    def __init__(self, network, builder, config, workdir, every, last=None):
+    def __init__(self, detector, builder, config, workdir, every, last=None):
         super().__init__()
-        self.network = network
+        self.detector = detector
         self.builder = builder
         self.config = config
         self.workdir = workdir
@@ -226,8 +219,8 @@ class CocoEvalCallback(keras.callbacks.Callback):
         last_epoch = epoch + 1 == self.params.get("epochs")
         if (epoch + 1) % self.every == 0 or last_epoch:
             with averaged_weights(self.model):
-                metrics = evaluate_network(
-                    self.network, self.builder, self.config, max_images=self.config.eval.max_images
+                metrics = evaluate_detector(
+                    self.detector.detect_canvases, self.builder, self.config, max_images=self.config.eval.max_images
                 )
             self.last = {"val_bbox_AP": metrics["bbox"]["AP"], "val_segm_AP": metrics["segm"]["AP"]}
             write_json(os.path.join(self.workdir, "eval", f"epoch_{epoch + 1:03d}.json"), metrics)

@@ -1,4 +1,4 @@
-"""Training: the loss-computing Keras model, optimiser and schedule, strategies, and `train()`.
+"""Training: optimiser and schedule, strategies, epoch commits, and `train()` of a `CenterMask`.
 
     centermask train --config configs/shapes_tiny.yaml --workdir work/demo
 
@@ -25,7 +25,7 @@ import tensorflow as tf
 from centermask_tf import files
 from centermask_tf.data.coco import DataError
 from centermask_tf.errors import MissingError, UserError
-from centermask_tf.losses import LOSS_NAMES, compute_losses
+from centermask_tf.losses import compute_losses
 from centermask_tf.workdir import Workdir, WorkdirError
 
 logger = logging.getLogger("centermask_tf.training")
@@ -33,65 +33,6 @@ logger = logging.getLogger("centermask_tf.training")
 STRATEGIES = ("mirrored", "one_device", "multi_worker")
 
 # === Layers ===
-
-
-@keras.saving.register_keras_serializable(package="centermask")
-class CenterMaskTrainer(keras.Model):
-    """Wraps the functional network so that `fit` computes the CenterMask losses.
-
-    `fit` takes `(images, targets)` batches where `targets` is a batch of `encode_targets`
-    dicts. Every loss term is tracked as a metric (`heatmap_loss`, `offset_loss`, `size_loss`,
-    `mask_loss`), so it shows in the progress bar and in TensorBoard.
-
-    Args:
-        network: the functional model from `build_model`.
-        loss_weights: {"heatmap", "offset", "size", "mask"} -> lambda.
-
-    Example:
-
-        trainer = CenterMaskTrainer(build_model(config))
-        trainer.compile(optimizer="adam")
-        trainer.fit(dataset, epochs=10)
-    """
-
-    def __init__(self, network, loss_weights=None, **kwargs):
-        super().__init__(**kwargs)
-        self.network = network
-        self.loss_weights = dict(
-            loss_weights or {"heatmap": 1.0, "offset": 1.0, "size": 0.1, "mask": 1.0}
-        )
-        self.loss_trackers = {name: keras.metrics.Mean(name=f"{name}_loss") for name in LOSS_NAMES}
-
-    def call(self, images, training=False):
-        return self.network(images, training=training)
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        losses = compute_losses(y_pred, y, self.loss_weights)
-        for name in LOSS_NAMES:
-            self.loss_trackers[name].update_state(losses[name])
-        # Gradients are summed over replicas, so each replica's loss is divided by their count.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return losses["total"] / tf.cast(replicas, tf.float32)
-
-    @property
-    def metrics(self):
-        return [*super().metrics, *self.loss_trackers.values()]
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "network": keras.saving.serialize_keras_object(self.network),
-                "loss_weights": self.loss_weights,
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["network"] = keras.saving.deserialize_keras_object(config["network"])
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="centermask")
@@ -277,11 +218,11 @@ def save_run_files(config, workdir, categories):
     files.write_json(os.path.join(workdir, "categories.json"), categories)
 
 
-def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch, workdir, chief):
+def _custom_loop(strategy, detector, optimizer, dataset, epochs, steps_per_epoch, workdir, chief):
     """Epoch loop with `strategy.run` (used for multi-worker); resumes from `backup/`."""
     distributed = iter(strategy.experimental_distribute_dataset(dataset))
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    checkpoint = tf.train.Checkpoint(network=trainer.network, optimizer=optimizer, epoch=epoch_var)
+    checkpoint = tf.train.Checkpoint(network=detector.network, optimizer=optimizer, epoch=epoch_var)
     # Non-chief workers write their (identical) state to a scratch folder of their own.
     scratch = os.path.join(workdir, f"worker_{strategy.cluster_resolver.task_id}")
     backup = os.path.join(workdir, "backup") if chief else os.path.join(scratch, "backup")
@@ -292,10 +233,10 @@ def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch,
 
     def replica_step(images, targets):
         with tf.GradientTape() as tape:
-            outputs = trainer.network(images, training=True)
-            losses = compute_losses(outputs, targets, trainer.loss_weights)
+            outputs = detector.network(images, training=True)
+            losses = compute_losses(outputs, targets, detector.loss_weights)
             scaled = losses["total"] / strategy.num_replicas_in_sync
-        variables = trainer.network.trainable_variables
+        variables = detector.network.trainable_variables
         optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         return losses
 
@@ -304,7 +245,7 @@ def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch,
         losses = strategy.run(replica_step, args=batch)
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in losses.items()}
 
-    statistics = trainer.network.non_trainable_variables
+    statistics = detector.network.non_trainable_variables
 
     @tf.function
     def sync_statistics():
@@ -324,7 +265,7 @@ def _custom_loop(strategy, trainer, optimizer, dataset, epochs, steps_per_epoch,
         epoch_var.assign(epoch + 1)
         manager.save()
         history.append(logs)
-        save_weights(trainer.network, os.path.join(weights_dir, "last.weights.h5"), "last")
+        save_weights(detector.network, os.path.join(weights_dir, "last.weights.h5"), "last")
     return history
 
 
@@ -369,7 +310,8 @@ def train(config, workdir, strategy_name="mirrored", extra_callbacks=(), overwri
 
 
 def _prepare(config, workdir, strategy, save):
-    """Seeds, precision, the prepared dataset and steps per epoch; `save`: write the run files."""
+    """Seeds, precision, the prepared dataset, its categories and steps per epoch; `save`:
+    write the run files."""
     from centermask_tf.data.tfds_builder import prepare_dataset
 
     keras.utils.set_random_seed(config.train.seed)
@@ -399,57 +341,48 @@ def _prepare(config, workdir, strategy, save):
     logger.info("training on %d replica(s), %d steps per epoch", strategy.num_replicas_in_sync, steps_per_epoch)
     if save:
         save_run_files(config, workdir, categories)
-    return builder, steps_per_epoch
+    return builder, categories, steps_per_epoch
 
 
-def _build_trainer(config, steps_per_epoch):
-    from centermask_tf.model.centermask import build_model
+def _build_detector(config, categories, steps_per_epoch):
+    from centermask_tf.detector import CenterMask
 
-    trainer = CenterMaskTrainer(
-        build_model(config.model),
-        {
-            "heatmap": config.train.heatmap_weight,
-            "offset": config.train.offset_weight,
-            "size": config.train.size_weight,
-            "mask": config.train.mask_weight,
-        },
-    )
-    return trainer, build_optimizer(config.train, steps_per_epoch)
+    return CenterMask(config, categories), build_optimizer(config.train, steps_per_epoch)
 
 
 def _train_multi_worker(config, workdir, strategy, chief):
-    builder, steps_per_epoch = _prepare(config, workdir, strategy, save=chief)
+    builder, categories, steps_per_epoch = _prepare(config, workdir, strategy, save=chief)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = config_train_dataset(config, builder).with_options(options)
     with strategy.scope():
-        trainer, optimizer = _build_trainer(config, steps_per_epoch)
+        detector, optimizer = _build_detector(config, categories, steps_per_epoch)
     return _custom_loop(
-        strategy, trainer, optimizer, dataset, config.train.epochs, steps_per_epoch, workdir, chief
+        strategy, detector, optimizer, dataset, config.train.epochs, steps_per_epoch, workdir, chief
     )
 
 
 def _fit(config, run, state, strategy, extra_callbacks):
     """`model.fit` from the committed epoch of `state` to `config.train.epochs`."""
     # Saved again when continuing a run: the config may hold more epochs now.
-    builder, steps_per_epoch = _prepare(config, run.path, strategy, save=True)
+    builder, categories, steps_per_epoch = _prepare(config, run.path, strategy, save=True)
     with strategy.scope():
-        trainer, optimizer = _build_trainer(config, steps_per_epoch)
-        trainer.compile(optimizer=optimizer)
+        detector, optimizer = _build_detector(config, categories, steps_per_epoch)
+        detector.compile(optimizer=optimizer)
         # Restoring needs a built model and optimizer.
         size = config.model.input_size
-        trainer(tf.zeros([1, size, size, 3]))
-        optimizer.build(trainer.trainable_variables)
+        detector(tf.zeros([1, size, size, 3]))
+        optimizer.build(detector.trainable_variables)
     if state.backup:
         try:
-            trainer.load_weights(run.join(state.backup))
+            detector.load_weights(run.join(state.backup))
         except (OSError, ValueError) as e:
             raise WorkdirError(
                 f"cannot resume from '{run.join(state.backup)}' ({str(e).splitlines()[0][:200]}); "
                 "pass --overwrite to move this run aside and start over."
             ) from None
         logger.info("resuming after epoch %d of %d", state.epochs_done, state.epochs)
-    network = trainer.network
+    network = detector.network
     callbacks = []
     # Order matters: evaluation adds val_*_AP to the logs that the later callbacks record.
     if "val" in builder.info.splits and config.eval.every_epochs > 0:
@@ -457,7 +390,7 @@ def _fit(config, run, state, strategy, extra_callbacks):
 
         state.monitor = "val_segm_AP"
         last = state.history[-1] if state.history else {}
-        callbacks.append(CocoEvalCallback(network, builder, config, run.path, config.eval.every_epochs, last))
+        callbacks.append(CocoEvalCallback(detector, builder, config, run.path, config.eval.every_epochs, last))
     callbacks += [
         *extra_callbacks,
         keras.callbacks.TensorBoard(run.join("logs"), update_freq="epoch"),
@@ -465,7 +398,7 @@ def _fit(config, run, state, strategy, extra_callbacks):
     ]
     history = []
     if state.epochs_done < state.epochs:
-        fitted = trainer.fit(
+        fitted = detector.fit(
             config_train_dataset(config, builder), epochs=state.epochs, initial_epoch=state.epochs_done,
             steps_per_epoch=steps_per_epoch, callbacks=callbacks,
             # A progress bar redrawn at every step makes a log file megabytes long: one line

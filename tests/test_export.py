@@ -16,12 +16,11 @@ from ai_edge_litert.interpreter import Interpreter
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.data.shapes import make_shapes
-from centermask_tf.evaluation import make_detector
+from centermask_tf.detector import CenterMask
 from centermask_tf.export.tflite import non_builtin_ops, run_tflite
-from centermask_tf.model.centermask import build_model
 from centermask_tf.predict import load_image, letterbox_image
 from centermask_tf.data.tfds_builder import prepare_dataset
-from centermask_tf.training import CenterMaskTrainer, config_train_dataset, save_run_files
+from centermask_tf.training import config_train_dataset, save_run_files
 
 TINY = ["model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
         "model.shape_size=8", "model.mask_size=8", "model.max_detections=20"]
@@ -47,16 +46,15 @@ def workdir(tmp_path_factory):
     # The same network every run: fp16 and int8 comparisons depend on how peaked its heatmaps
     # are, and a differently trained network each run made them flaky.
     keras.utils.set_random_seed(0)
-    network = build_model(config.model)
+    detector = CenterMask(config, CATEGORIES)
     # A briefly trained network: random heads give near-constant masks, on which the int8
     # quantisation error would be all there is to measure.
-    trainer = CenterMaskTrainer(network)
-    trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
+    detector.compile(optimizer=keras.optimizers.Adam(3e-3))
     dataset = config_train_dataset(config, prepare_dataset(config.data))
-    trainer.fit(dataset, epochs=1, steps_per_epoch=150, verbose=0)
+    detector.fit(dataset, epochs=1, steps_per_epoch=150, verbose=0)
     (root / "checkpoints").mkdir()
-    network.save_weights(str(root / "checkpoints" / "last.weights.h5"))
-    return root, config, network
+    detector.network.save_weights(str(root / "checkpoints" / "last.weights.h5"))
+    return root, config, detector
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +86,10 @@ def align(got, ref, n, same_class=True):
     return np.array(order)
 
 
-def keras_reference(network, config, image):
+def keras_reference(detector, config, image):
     """The Keras path's detections, expressed like the export's (normalised, file ids)."""
     canvas, scale = letterbox_image(tf.constant(image), config.model.input_size)
-    out = {k: v.numpy() for k, v in make_detector(network, config.model)(canvas[None]).items()}
+    out = {k: v.numpy() for k, v in detector.detect_canvases(canvas[None]).items()}
     extents = np.array(image.shape[:2]) * scale
     out["boxes"] = np.clip(out["boxes"] / np.tile(extents, 2), 0, 1)
     return out
@@ -106,11 +104,11 @@ def saved_model(workdir, tmp_path_factory):
 
 
 def test_saved_model_matches_keras(workdir, saved_model, image):
-    _, config, network = workdir
+    _, config, detector = workdir
     loaded = tf.saved_model.load(str(saved_model))
     assert set(loaded.signatures) == {"serving_default", "image_tensor"}
     got = {k: v.numpy() for k, v in loaded.signatures["image_tensor"](image_tensor=tf.constant(image[None])).items()}
-    ref = keras_reference(network, config, image)
+    ref = keras_reference(detector, config, image)
     n = int(ref["num_detections"][0])
     assert int(got["num_detections"][0]) == n > 0
     np.testing.assert_allclose(got["detection_boxes"][0, :n], ref["boxes"][0, :n], atol=1e-3)
@@ -150,7 +148,7 @@ def test_saved_model_rejects_wrong_dtype_and_rank(saved_model):
 
 @pytest.mark.parametrize("quantize, min_iou", [("none", 0.98), ("fp16", 0.95)])
 def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou):
-    root, config, network = workdir
+    root, config, detector = workdir
     path = tmp_path / f"model_{quantize}.tflite"
     args = ["export", "--workdir", str(root), "--format", "tflite", "--quantize", quantize, "--output", str(path)]
     assert main(args) == 0
@@ -159,7 +157,7 @@ def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou
     size = config.model.input_size
     canvas = np.random.default_rng(5).integers(0, 255, (1, size, size, 3), dtype=np.uint8)
     got = run_tflite(content, {"image": canvas})
-    ref = keras_reference(network, config, canvas[0])
+    ref = keras_reference(detector, config, canvas[0])
     n = int(ref["num_detections"][0])
     assert int(got["num_detections"][0]) == n > 0
     # All K slots may be full: a detection within the score tolerance of the last kept one can
@@ -176,7 +174,7 @@ def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou
 def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path):
     """int8: uint8 input, convolutions quantised, post-processing float, mean mask IoU >= 0.80
     over the top detections of the 10 validation images."""
-    root, config, network = workdir
+    root, config, detector = workdir
     path = tmp_path / "model_int8.tflite"
     args = ["export", "--workdir", str(root), "--format", "tflite", "--quantize", "int8", "--output", str(path)]
     assert main(args) == 0
@@ -198,7 +196,7 @@ def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path):
         canvas, _ = letterbox_image(tf.constant(image), config.model.input_size)
         canvas = np.round(canvas.numpy()).astype(np.uint8)[None]
         got = run_tflite(content, {"image": canvas})
-        ref = keras_reference(network, config, canvas[0])
+        ref = keras_reference(detector, config, canvas[0])
         top = min(5, int(ref["num_detections"][0]))
         order = align(got, ref, top, same_class=False)
         ious.append(mask_iou(got["detection_masks"][0, order], ref["masks"][0, :top]))

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from centermask_tf.config import ModelConfig
+from centermask_tf.config import Config, ModelConfig
 from centermask_tf.data.targets import encode_targets
 from centermask_tf.decode import decode_detections
 from centermask_tf.model.assembly import paste_masks
-from centermask_tf.model.centermask import build_model
-from centermask_tf.training import CenterMaskTrainer
+from centermask_tf.detector import CenterMask
 
 SIZE = 128
 
@@ -66,7 +65,7 @@ def test_tiny_model_overfits_two_images():
     batch = {k: tf.stack([t[k] for t in targets]) for k in targets[0]}
     dataset = tf.data.Dataset.from_tensors((images, batch)).repeat()
 
-    trainer = CenterMaskTrainer(build_model(config))
+    trainer = CenterMask(Config(model=config))
     trainer.compile(optimizer=keras.optimizers.Adam(2e-3))
     history = trainer.fit(dataset, epochs=10, steps_per_epoch=30, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]

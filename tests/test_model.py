@@ -150,16 +150,17 @@ def test_head_call_at_equals_dense_head_at_those_locations(rng, separable):
 
 @pytest.mark.parametrize("saliency", ["agnostic", "specific"])
 def test_sparse_shape_detection_equals_dense(rng, saliency):
-    from centermask_tf.decode import detect
+    from centermask_tf.config import Config
+    from centermask_tf.detector import CenterMask
 
     config = ModelConfig(
         backbone="resnet18", weights=None, width_multiplier=0.125, num_classes=3, input_size=64,
         head_conv=8, shape_size=8, mask_size=8, saliency=saliency, max_detections=10, score_threshold=0.0,
     )
-    model = build_model(config)
+    detector = CenterMask(Config(model=config))
     images = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
-    sparse = detect(model, images, config)
-    dense = detect(model, images, config, sparse_shape=False)
+    sparse = detector.decode(images)
+    dense = detector.decoder(detector.network(images))
     assert int(dense["num_detections"][0]) == 10
     for key in ("boxes", "scores", "classes", "masks"):
         np.testing.assert_allclose(sparse[key].numpy(), dense[key].numpy(), atol=1e-5)

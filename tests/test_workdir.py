@@ -250,7 +250,8 @@ def test_with_ema_evaluation_and_last_use_the_averaged_weights(shapes, tmp_path,
 
     seen = {}  # epoch -> weights the evaluation ran with, the EMA and the trained values
 
-    def record_evaluation(network, *args, **kwargs):
+    def record_evaluation(detect, *args, **kwargs):
+        network = detect.__self__.network  # CenterMask.detect_canvases
         seen.setdefault("evaluated", []).append([v.numpy() for v in network.trainable_variables])
         return {t: {name: 0.0 for name in evaluation.METRIC_NAMES} for t in ("bbox", "segm")}
 
@@ -259,7 +260,7 @@ def test_with_ema_evaluation_and_last_use_the_averaged_weights(shapes, tmp_path,
             seen.setdefault("ema", []).append([v.numpy() for v in self.model.optimizer._model_variables_moving_average])
             seen.setdefault("trained", []).append([v.numpy() for v in self.model.trainable_variables])
 
-    monkeypatch.setattr(evaluation, "evaluate_network", record_evaluation)
+    monkeypatch.setattr(evaluation, "evaluate_detector", record_evaluation)
     config = config_for(shapes, "train.ema_decay=0.5", "eval.every_epochs=1", "train.learning_rate=0.01")
     train(config, str(tmp_path / "run"), extra_callbacks=[Probe()])
     assert len(seen["evaluated"]) == len(seen["ema"]) == 2

@@ -5,7 +5,7 @@ and show exactly what a SavedModel or a `.tflite` file returns.
     centermask predict --workdir work/demo --saved-model saved_models/shapes_tiny/1 --input IMAGES --output DIR
 
 A detector takes letterboxed images `[B, N, N, 3]` (float, 0..255) and returns what
-`evaluation.make_detector` returns: `boxes` in input pixels, `scores`, contiguous `classes`,
+`CenterMask.detect_canvases` returns: `boxes` in input pixels, `scores`, contiguous `classes`,
 box-relative `masks` and `num_detections`. The artifacts receive the images as uint8, as a
 client would send them.
 """
@@ -43,7 +43,7 @@ def _check_categories(path, carried, categories):
 
 def _from_exported(outputs, input_size, category_ids):
     """Object Detection API outputs (boxes normalised to an `N x N` input, the dataset's own
-    category ids) -> the decoded-detections dict of `make_detector`."""
+    category ids) -> the decoded-detections dict of `CenterMask.detect_canvases`."""
     outputs = {k: np.asarray(v) for k, v in outputs.items()}
     num = outputs["num_detections"].astype(np.int32)
     index_of = {int(cid): i for i, cid in enumerate(category_ids)}

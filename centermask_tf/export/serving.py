@@ -27,7 +27,7 @@ import keras
 import tensorflow as tf
 
 from centermask_tf.data.pipeline import letterbox_images
-from centermask_tf.decode import detect, inference_network
+from centermask_tf.decode import inference_network
 from centermask_tf.errors import UserError
 from centermask_tf.files import write_json
 
@@ -45,13 +45,13 @@ def _is_image(encoded):
     )
 
 
-def detection_outputs(network, model_config, category_ids, canvases, extents):
-    """Runs the network and decoding; boxes are normalised by `extents` `[B, 2]` (the original
-    image's size in input pixels: h * scale, w * scale)."""
-    detections = detect(network, canvases, model_config)
+def detection_outputs(detector, canvases, extents):
+    """Runs a `CenterMask` detector's network and decoding; boxes are normalised by `extents`
+    `[B, 2]` (the original image's size in input pixels: h * scale, w * scale)."""
+    detections = detector.decode(canvases)
     normaliser = tf.tile(extents, [1, 2])[:, None, :]  # [B, 1, 4]
     valid = tf.cast(detections["scores"] > 0, tf.float32)
-    ids = tf.constant(category_ids, tf.float32)
+    ids = tf.constant(detector.category_ids, tf.float32)
     return {
         "num_detections": tf.cast(detections["num_detections"], tf.float32),
         "detection_boxes": tf.clip_by_value(detections["boxes"] / normaliser, 0.0, 1.0),
@@ -69,25 +69,21 @@ def letterbox_with_extents(image_tensor, size):
     return canvases, tf.tile((original * scale)[None], [tf.shape(image_tensor)[0], 1])
 
 
-def image_detector(network, model_config, category_ids):
+def image_detector(detector):
     """The `image_tensor` endpoint's function: uint8 `[B, H, W, 3]` (any H, W) -> outputs."""
 
     def detect_images(image_tensor):
-        canvases, extents = letterbox_with_extents(image_tensor, model_config.input_size)
-        return detection_outputs(network, model_config, category_ids, canvases, extents)
+        canvases, extents = letterbox_with_extents(image_tensor, detector.input_size)
+        return detection_outputs(detector, canvases, extents)
 
     return detect_images
 
 
-def export_saved_model(network, model_config, categories, output, version=1):
-    """Writes the TF Serving layout `output/<version>/` and returns that path.
-
-    Args:
-        categories: [{"id", "name"}] in contiguous-index order (the workdir's categories.json).
-    """
-    size = model_config.input_size
-    category_ids = [c["id"] for c in categories]
-    detect_images = image_detector(network, model_config, category_ids)
+def export_saved_model(detector, output, version=1):
+    """Writes a `CenterMask` detector in the TF Serving layout `output/<version>/` (with its
+    categories in `assets.extra/categories.json`) and returns that path."""
+    size = detector.input_size
+    detect_images = image_detector(detector)
 
     def decode_one(encoded):
         # Named here: decode_image's own error does not say which input was wrong.
@@ -110,7 +106,7 @@ def export_saved_model(network, model_config, categories, output, version=1):
                 tf.TensorSpec([2], tf.float32),
             ),
         )
-        return detection_outputs(network, model_config, category_ids, canvases, extents)
+        return detection_outputs(detector, canvases, extents)
 
     path = os.path.join(output, str(version))
     if os.path.exists(path):
@@ -121,7 +117,7 @@ def export_saved_model(network, model_config, categories, output, version=1):
     # Written beside the target and renamed: TF Serving never sees a half-written version.
     partial = os.path.join(output, f".tmp-{os.getpid()}-{version}")
     _write_archive(
-        network,
+        detector,
         {
             "serving_default": (detect_bytes, tf.TensorSpec([None], tf.string, name="image_bytes")),
             "image_tensor": (
@@ -131,7 +127,7 @@ def export_saved_model(network, model_config, categories, output, version=1):
         },
         partial,
     )
-    write_json(os.path.join(partial, CATEGORIES_FILE), categories)
+    write_json(os.path.join(partial, CATEGORIES_FILE), detector.categories)
     os.rename(partial, path)
     return path
 
@@ -144,32 +140,32 @@ def next_version(output):
     return max(versions, default=0) + 1
 
 
-def export_tflite_saved_model(network, model_config, category_ids, output):
+def export_tflite_saved_model(detector, output):
     """A SavedModel for TFLite conversion: fixed uint8 `[1, N, N, 3]` input (already letterboxed
     by the client), boxes normalised to that input; everything else as `image_tensor`."""
-    size = model_config.input_size
+    size = detector.input_size
 
     def detect_canvas(image):
         canvases = tf.cast(image, tf.float32)
         extents = tf.constant([[size, size]], tf.float32)
-        return detection_outputs(network, model_config, category_ids, canvases, extents)
+        return detection_outputs(detector, canvases, extents)
 
     spec = tf.TensorSpec([1, size, size, 3], tf.uint8, name="image")
-    _write_archive(network, {"serving_default": (detect_canvas, spec)}, output)
+    _write_archive(detector, {"serving_default": (detect_canvas, spec)}, output)
     return output
 
 
-def network_scope(network):
+def network_scope(detector):
     """The name scope of the network's own ops in the exported graph (the rest is decoding and
     mask assembly): the part int8 export quantises."""
-    return inference_network(network).name
+    return inference_network(detector.network).name
 
 
-def _write_archive(network, endpoints, path):
+def _write_archive(detector, endpoints, path):
     """Writes a SavedModel with the network's weights tracked and one endpoint per
     `name: (function, input TensorSpec)`."""
     archive = keras.export.ExportArchive()
-    archive.track(network)
+    archive.track(detector.network)
     for name, (function, spec) in endpoints.items():
         archive.add_endpoint(name, function, input_signature=[spec])
     archive.write_out(path, verbose=False)

@@ -1,0 +1,234 @@
+"""`CenterMask`: the detector object, from training to prediction on images in memory.
+
+One Keras model owns the functional five-head network (`build_model`), the losses (so
+`compile`/`fit` train it), the decoder (`CenterMaskDecoder`), the letterbox preprocessing, and
+the dataset's category ids and names. Training, evaluation, prediction, benchmarks and exports
+all take it.
+
+    from centermask_tf import CenterMask
+
+    detector = CenterMask.from_workdir("work/demo")
+    (result,) = detector.detect("work/shapes/val/100001.jpg")
+    result["boxes"], result["class_names"], result["masks"].shape   # [N, 4] xyxy, names, [N, H, W]
+
+    detector.save_to_preset("presets/shapes")   # config.yaml, categories.json, model.weights.h5
+    detector = CenterMask.from_preset("presets/shapes")
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+import yaml
+
+from centermask_tf.config import Config, config_from_dict
+from centermask_tf.decode import CenterMaskDecoder, inference_network
+from centermask_tf.errors import UserError
+from centermask_tf.files import write_json, write_text
+from centermask_tf.losses import LOSS_NAMES, compute_losses
+from centermask_tf.model.centermask import build_model
+
+PRESET_WEIGHTS = "model.weights.h5"
+
+
+class PresetError(UserError):
+    """A preset handle or folder that cannot be loaded."""
+
+
+@keras.saving.register_keras_serializable(package="centermask")
+class CenterMask(keras.Model):
+    """CenterMask instance segmentation: network, losses, decoding, preprocessing, categories.
+
+    Args:
+        config: a `Config` (or its dict form): the model section builds the network and the
+            decoder; the train section gives the loss weights.
+        categories: `[{"id", "name"}]` in contiguous-index order (default: ids 1..C, names
+            "class_<id>").
+        network: an already built functional network (default: `build_model(config.model)`).
+
+    Example:
+
+        detector = CenterMask(load_config("configs/shapes_tiny.yaml"))
+        detector.compile(optimizer="adam")
+        detector.fit(train_batches, epochs=1)     # (images, targets) from data.pipeline
+        results = detector.detect([image_a, image_b])
+    """
+
+    def __init__(self, config, categories=None, network=None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config if isinstance(config, Config) else config_from_dict(config)
+        model = self.config.model
+        self.categories = [dict(c) for c in categories] if categories else [
+            {"id": i + 1, "name": f"class_{i + 1}"} for i in range(model.num_classes)
+        ]
+        if len(self.categories) != model.num_classes:
+            raise UserError(
+                f"{len(self.categories)} categories for model.num_classes={model.num_classes}; "
+                "they must agree."
+            )
+        self.network = network or build_model(model)
+        self.decoder = CenterMaskDecoder.from_model_config(model)
+        train = self.config.train
+        self.loss_weights = {
+            "heatmap": train.heatmap_weight, "offset": train.offset_weight,
+            "size": train.size_weight, "mask": train.mask_weight,
+        }
+        self.loss_trackers = {name: keras.metrics.Mean(name=f"{name}_loss") for name in LOSS_NAMES}
+        self._detect_canvases = None
+        self.built = True  # the functional network is built; the rest holds no weights
+
+    # === Training ===
+
+    def call(self, images, training=False):
+        return self.network(images, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        losses = compute_losses(y_pred, y, self.loss_weights)
+        for name in LOSS_NAMES:
+            self.loss_trackers[name].update_state(losses[name])
+        # Gradients are summed over replicas, so each replica's loss is divided by their count.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return losses["total"] / tf.cast(replicas, tf.float32)
+
+    @property
+    def metrics(self):
+        return [*super().metrics, *self.loss_trackers.values()]
+
+    # === Detection ===
+
+    @property
+    def input_size(self):
+        return self.config.model.input_size
+
+    @property
+    def category_ids(self):
+        return [c["id"] for c in self.categories]
+
+    def decode(self, canvases):
+        """Letterboxed float images `[B, N, N, 3]` (0..255) -> decoded detections: `boxes`
+        (ymin, xmin, ymax, xmax, canvas pixels), `scores`, contiguous `classes`, box-relative
+        `masks [B, K, M, M]` and `num_detections`. The Shape head runs at the peaks only."""
+        outputs = inference_network(self.network)(canvases, training=False)
+        return self.decoder(outputs, shape_head=self.network.get_layer("shape"))
+
+    def detect_canvases(self, canvases):
+        """`decode` as one compiled graph (traced once per batch size)."""
+        if self._detect_canvases is None:
+            self._detect_canvases = tf.function(self.decode)
+        return self._detect_canvases(canvases)
+
+    def detect(self, images, score_threshold=None, max_detections=None, batch_size=8):
+        """Detects instances in images in memory or in files.
+
+        Args:
+            images: one `[H, W, 3]` uint8 array, a file path, or a list of them (sizes may
+                differ). Files are read upright (EXIF orientation applied).
+            score_threshold: keep detections scoring at least this (default: the config's).
+            max_detections: keep at most this many per image (at most the config's K).
+            batch_size: images per network call.
+
+        Returns:
+            One dict per image: `boxes` float32 `[N, 4]` (x_min, y_min, x_max, y_max) in that
+            image's pixels, `scores [N]`, `class_ids [N]` (the dataset's own ids),
+            `class_names` (N strings) and `masks` bool `[N, H, W]` at the image's size.
+        """
+        from centermask_tf.evaluation import paste_in_batches
+        from centermask_tf.predict import letterbox_image, load_image
+
+        single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
+        arrays = [load_image(x) if isinstance(x, (str, os.PathLike)) else _as_image(x) for x in ([images] if single else images)]
+        threshold = self.config.model.score_threshold if score_threshold is None else score_threshold
+        limit = self.config.model.max_detections if max_detections is None else max_detections
+        results = []
+        for start in range(0, len(arrays), batch_size):
+            chunk = arrays[start : start + batch_size]
+            placed = [letterbox_image(image, self.input_size) for image in chunk]
+            batch = self.detect_canvases(tf.stack([canvas for canvas, _ in placed]))
+            batch = {k: np.asarray(v) for k, v in batch.items()}
+            for i, (image, (_, scale)) in enumerate(zip(chunk, placed)):
+                height, width = image.shape[:2]
+                n = min(int(np.sum(batch["scores"][i] >= threshold)), int(batch["num_detections"][i]), limit)
+                boxes = np.clip(batch["boxes"][i, :n] / scale, 0.0, [height, width, height, width]).astype(np.float32)
+                masks = [m for _, m in paste_in_batches(batch["masks"][i, :n], boxes, height, width,
+                                                        self.config.model.mask_threshold)]
+                classes = batch["classes"][i, :n]
+                results.append({
+                    "boxes": boxes[:, [1, 0, 3, 2]],
+                    "scores": batch["scores"][i, :n].astype(np.float32),
+                    "class_ids": np.asarray(self.category_ids, np.int64)[classes],
+                    "class_names": [self.categories[c]["name"] for c in classes],
+                    "masks": np.concatenate(masks) if masks else np.zeros((0, height, width), bool),
+                })
+        return results
+
+    # === Saving and loading ===
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "config": self.config.to_dict(),
+            "categories": [dict(c) for c in self.categories],
+            "network": keras.saving.serialize_keras_object(self.network),
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["network"] = keras.saving.deserialize_keras_object(config["network"])
+        return cls(**config)
+
+    @classmethod
+    def from_workdir(cls, workdir, weights=None):
+        """The detector a training run made: its config and categories, and `weights` (default:
+        the best checkpoint, else the last)."""
+        from centermask_tf.predict import load_workdir
+        from centermask_tf.training import weights_path
+
+        config, categories = load_workdir(workdir)
+        return cls.with_weights(config, categories, weights_path(workdir, weights))
+
+    @classmethod
+    def from_preset(cls, path):
+        """A detector saved with `save_to_preset`: a local folder holding `config.yaml`,
+        `categories.json` and `model.weights.h5`. Hub handles (`kaggle://`, `hf://`) are not
+        supported: download the folder first."""
+        from centermask_tf.predict import load_workdir
+
+        if "://" in str(path):
+            raise PresetError(
+                f"'{path}': only local preset folders are supported; download it and pass the folder."
+            )
+        config, categories = load_workdir(path)
+        return cls.with_weights(config, categories, os.path.join(path, PRESET_WEIGHTS))
+
+    def save_to_preset(self, path):
+        """Writes `config.yaml`, `categories.json` and `model.weights.h5` (the network's weights)
+        into the folder `path`, each file atomically."""
+        from centermask_tf.training import save_weights
+
+        write_text(os.path.join(path, "config.yaml"), yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        write_json(os.path.join(path, "categories.json"), self.categories)
+        save_weights(self.network, os.path.join(path, PRESET_WEIGHTS), "preset")
+
+    @classmethod
+    def with_weights(cls, config, categories, weights):
+        """`CenterMask(config, categories)` with its network's weights read from `weights`."""
+        config.model.weights = None  # the checkpoint holds every weight, the backbone's too
+        detector = cls(config, categories)
+        try:
+            detector.network.load_weights(weights)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot load weights '{weights}' into the network of this config "
+                f"({' '.join(str(e).split())[:200]}); pass weights trained with this config."
+            ) from None
+        return detector
+
+
+def _as_image(array):
+    image = np.asarray(array)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise UserError(f"detect() takes uint8 [H, W, 3] images; got {image.dtype} {list(image.shape)}.")
+    return image

@@ -1,0 +1,118 @@
+"""The `CenterMask` detector object: images in memory in, per-image results in their own pixels
+out, equal to what `centermask evaluate` writes; `.keras` and preset round trips."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import tensorflow as tf
+
+from centermask_tf import CenterMask
+from centermask_tf.cli import main
+from centermask_tf.config import load_config
+from centermask_tf.detector import PresetError
+from centermask_tf.training import save_run_files
+
+CONFIG = "configs/shapes_tiny.yaml"
+CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"}, {"id": 3, "name": "triangle"}]
+
+
+@pytest.fixture(scope="module")
+def workdir(shapes, tmp_path_factory):
+    """Random weights whose boxes have real extent, and a mask threshold that keeps masks."""
+    _, overrides = shapes
+    overrides = overrides + ["model.mask_threshold=0.1", "model.score_threshold=0.0"]
+    config = load_config(CONFIG, overrides)
+    workdir = tmp_path_factory.mktemp("detector")
+    save_run_files(config, str(workdir), CATEGORIES)
+    detector = CenterMask(config, CATEGORIES)
+    detector.network.get_layer("size").out.bias.assign([6.0, 6.0])
+    (workdir / "checkpoints").mkdir()
+    detector.network.save_weights(str(workdir / "checkpoints" / "last.weights.h5"))
+    return workdir, overrides
+
+
+def val_images(shapes):
+    root, _ = shapes
+    names = sorted(os.listdir(root / "val"))
+    return names, [tf.io.decode_image(tf.io.read_file(str(root / "val" / n)), channels=3).numpy() for n in names]
+
+
+def mask_iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_detect_equals_what_evaluate_writes(shapes, workdir):
+    root, _ = shapes
+    directory, overrides = workdir
+    names, images = val_images(shapes)
+    assert len({image.shape for image in images}) >= 3  # different sizes
+    detector = CenterMask.from_workdir(str(directory))
+    results = detector.detect(images)
+    args = ["evaluate", "--config", CONFIG, "--workdir", str(directory)]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    written = json.loads((directory / "eval" / "detections.json").read_text())
+    ids = {img["file_name"]: img["id"] for img in json.loads((root / "annotations" / "instances_val.json").read_text())["images"]}
+    compared = 0
+    for name, image, result in zip(names, images, results):
+        height, width = image.shape[:2]
+        n = len(result["scores"])
+        assert result["boxes"].shape == (n, 4) and result["masks"].shape == (n, height, width)
+        assert result["masks"].dtype == bool and result["boxes"].dtype == np.float32
+        assert (result["boxes"] >= 0).all() and (result["boxes"][:, [0, 2]] <= width).all()
+        assert (result["boxes"][:, [1, 3]] <= height).all()
+        assert set(result["class_names"]) <= {"circle", "rectangle", "triangle"}
+        theirs = [d for d in written if d["image_id"] == ids[name]]
+        assert len(theirs) == n > 0
+        for i, d in enumerate(theirs):
+            x, y, w, h = d["bbox"]
+            np.testing.assert_allclose(result["boxes"][i], [x, y, x + w, y + h], atol=1e-3)
+            assert result["class_ids"][i] == d["category_id"]
+            assert result["scores"][i] == pytest.approx(d["score"], abs=1e-5)
+            assert mask_iou(result["masks"][i], mask_utils.decode(d["segmentation"]).astype(bool)) >= 0.99
+            compared += 1
+    assert compared >= 10
+
+
+def test_detect_takes_paths_one_array_and_thresholds(shapes, workdir):
+    root, _ = shapes
+    directory, _ = workdir
+    detector = CenterMask.from_workdir(str(directory))
+    names, images = val_images(shapes)
+    png = [i for i, n in enumerate(names) if n.endswith(".png")][0]  # decodes identically everywhere
+    (from_path,) = detector.detect(str(root / "val" / names[png]))
+    (from_array,) = detector.detect(images[png])
+    np.testing.assert_array_equal(from_path["boxes"], from_array["boxes"])
+    (few,) = detector.detect(images[png], score_threshold=float(from_array["scores"][2]), max_detections=2)
+    assert len(few["scores"]) == 2 and (few["scores"] >= from_array["scores"][2]).all()
+    with pytest.raises(Exception, match=r"uint8 \[H, W, 3\]"):
+        detector.detect([images[0].astype(np.float32)])
+
+
+def test_keras_file_and_preset_round_trips_detect_identically(shapes, workdir, tmp_path):
+    directory, _ = workdir
+    detector = CenterMask.from_workdir(str(directory))
+    _, images = val_images(shapes)
+    expected = detector.detect(images)
+
+    detector.save(str(tmp_path / "detector.keras"))
+    loaded = keras.saving.load_model(str(tmp_path / "detector.keras"), safe_mode=True)
+    detector.save_to_preset(str(tmp_path / "preset"))
+    preset = CenterMask.from_preset(str(tmp_path / "preset"))
+    assert sorted(os.listdir(tmp_path / "preset")) == ["categories.json", "config.yaml", "model.weights.h5"]
+    for other in (loaded, preset):
+        assert isinstance(other, CenterMask) and other.categories == CATEGORIES
+        for got, want in zip(other.detect(images), expected):
+            for key in ("boxes", "scores", "class_ids", "masks"):
+                np.testing.assert_array_equal(got[key], want[key])
+            assert got["class_names"] == want["class_names"]
+
+
+def test_hub_handles_get_a_clear_error():
+    with pytest.raises(PresetError, match="only local preset folders are supported"):
+        CenterMask.from_preset("hf://someone/centermask")
