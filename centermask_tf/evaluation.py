@@ -197,10 +197,19 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
     return metrics
 
 
+# Validation images shown in TensorBoard at each evaluation, and the score they are drawn from.
+IMAGE_SAMPLES = 4
+IMAGE_SCORE = 0.3
+
+
 class CocoEvalCallback(keras.callbacks.Callback):
     """Runs COCO evaluation every `every` epochs; adds `val_bbox_AP` and `val_segm_AP` to the
     epoch logs (so TensorBoard, the CSV log and checkpointing see them) and writes
-    `eval/epoch_NNN.json`. Between evaluations the last values are repeated."""
+    `eval/epoch_NNN.json`. Between evaluations the last values are repeated.
+
+    At each evaluation it also writes `logs/images`: for the first `IMAGE_SAMPLES` validation
+    images, the detections (masks, boxes, class names) beside the Global Saliency map, as the
+    TF Object Detection API's side-by-side evaluation images."""
 
     def __init__(self, detector, builder, config, workdir, every, last=None):
         super().__init__()
@@ -212,6 +221,7 @@ class CocoEvalCallback(keras.callbacks.Callback):
         # A resumed run repeats the values of its last committed epoch until it evaluates again.
         last = last or {}
         self.last = {name: float(last.get(name, 0.0)) for name in ("val_bbox_AP", "val_segm_AP")}
+        self._samples = self._writer = None
 
     def on_epoch_end(self, epoch, logs=None):
         from centermask_tf.training import averaged_weights
@@ -222,8 +232,34 @@ class CocoEvalCallback(keras.callbacks.Callback):
                 metrics = evaluate_detector(
                     self.detector.detect_canvases, self.builder, self.config, max_images=self.config.eval.max_images
                 )
+                self._log_images(epoch + 1)
             self.last = {"val_bbox_AP": metrics["bbox"]["AP"], "val_segm_AP": metrics["segm"]["AP"]}
             write_json(os.path.join(self.workdir, "eval", f"epoch_{epoch + 1:03d}.json"), metrics)
             print(f"\nepoch {epoch + 1}: bbox AP {self.last['val_bbox_AP']:.3f}, segm AP {self.last['val_segm_AP']:.3f}")
         if logs is not None:
             logs.update(self.last)
+
+    def _log_images(self, step):
+        from centermask_tf.data.pipeline import eval_dataset
+        from centermask_tf.predict import draw_overlay
+
+        if self._samples is None:  # the same images at every evaluation
+            size = self.config.model.input_size
+            self._samples, _ = next(iter(eval_dataset(self.builder, input_size=size, batch_size=IMAGE_SAMPLES)))
+            self._writer = tf.summary.create_file_writer(os.path.join(self.workdir, "logs", "images"))
+        canvases = self._samples
+        size = canvases.shape[1]
+        detections = {k: np.asarray(v) for k, v in self.detector.detect_canvases(canvases).items()}
+        shown = (detections["scores"] >= IMAGE_SCORE).sum(axis=1)
+        detections["num_detections"] = np.minimum(detections["num_detections"], shown)
+        saliency = tf.sigmoid(self.detector.network(canvases, training=False)["saliency"])
+        saliency = tf.image.resize(tf.reduce_max(saliency, axis=-1, keepdims=True), [size, size])  # [B, N, N, 1]
+        names = [c["name"] for c in self.detector.categories]
+        panels = []
+        for i, canvas in enumerate(np.asarray(tf.cast(tf.round(canvases), tf.uint8))):
+            result = to_original_image(detections, i, 1.0, (size, size), self.config.model.mask_threshold)
+            heat = np.repeat(np.asarray(saliency[i] * 255.0).astype(np.uint8), 3, axis=-1)
+            panels.append(np.concatenate([np.asarray(draw_overlay(canvas, result, names)), heat], axis=1))
+        with self._writer.as_default():
+            tf.summary.image("validation/detections_and_saliency", np.stack(panels), step=step, max_outputs=IMAGE_SAMPLES)
+        self._writer.flush()

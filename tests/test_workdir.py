@@ -273,3 +273,19 @@ def test_with_ema_evaluation_and_last_use_the_averaged_weights(shapes, tmp_path,
     last.load_weights(str(tmp_path / "run" / "checkpoints" / "last.weights.h5"))
     for a, b in zip(last.trainable_variables, seen["ema"][-1]):
         np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_each_evaluation_writes_detection_and_saliency_images_to_tensorboard(shapes, tmp_path):
+    import tensorflow as tf
+
+    train(config_for(shapes, "eval.every_epochs=1"), str(tmp_path / "run"))
+    (events,) = (tmp_path / "run" / "logs" / "images").iterdir()
+    steps = {}
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+        for value in event.summary.value:
+            if value.tag == "validation/detections_and_saliency":
+                images = tf.make_ndarray(value.tensor)  # [width, height, png, png, ...]
+                first = tf.io.decode_png(images[2]).numpy()
+                steps[event.step] = (len(images) - 2, first.shape)
+    # 4 validation images, each its 64 x 64 canvas beside its 64 x 64 saliency map.
+    assert steps == {1: (4, (64, 128, 3)), 2: (4, (64, 128, 3))}
