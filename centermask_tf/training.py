@@ -13,6 +13,7 @@ The workdir (layout, epoch commits, resume and refusals) is described in `workdi
 """
 
 import contextlib
+import csv
 import logging
 import math
 import os
@@ -218,8 +219,13 @@ def save_run_files(config, workdir, categories):
     files.write_json(os.path.join(workdir, "categories.json"), categories)
 
 
-def _custom_loop(strategy, detector, optimizer, dataset, epochs, steps_per_epoch, workdir, chief):
-    """Epoch loop with `strategy.run` (used for multi-worker); resumes from `backup/`."""
+def _custom_loop(strategy, detector, optimizer, dataset, epochs, steps_per_epoch, workdir, chief, callbacks):
+    """Epoch loop with `strategy.run` (used for multi-worker); resumes from `backup/`.
+
+    What `fit` has, the chief has too: `callbacks` (COCO evaluation, TensorBoard) after every
+    epoch and `history.csv`; `last.weights.h5` holds the averaged weights under EMA, as with
+    `fit`. Every worker saves `last` (non-chief ones into a scratch folder), so all of them run
+    the same ops."""
     distributed = iter(strategy.experimental_distribute_dataset(dataset))
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(network=detector.network, optimizer=optimizer, epoch=epoch_var)
@@ -255,18 +261,46 @@ def _custom_loop(strategy, detector, optimizer, dataset, epochs, steps_per_epoch
         for variable, value in zip(statistics, local):
             variable.assign(strategy.reduce("MEAN", value, axis=None))
 
+    run = Workdir(workdir)
+    start = int(epoch_var.numpy())
+    # Rows of the epochs before a resume come from the history.csv the chief wrote then.
+    rows = [row for row in _read_history(run) if row["epoch"] < start] if chief else []
     history = []
-    for epoch in range(int(epoch_var.numpy()), epochs):
+    # Called one by one, not through keras' CallbackList, which hands each callback a copy of
+    # the logs: the evaluation's val_*_AP must reach history.csv.
+    for callback in callbacks:
+        callback.set_model(detector)
+        callback.set_params({"epochs": epochs, "steps": steps_per_epoch, "verbose": 0})
+        callback.on_train_begin()
+    for epoch in range(start, epochs):
         progress = keras.utils.Progbar(steps_per_epoch, verbose=1 if chief else 0)
         for step in range(steps_per_epoch):
-            logs = {k: float(v) for k, v in train_step(next(distributed)).items()}
+            losses = train_step(next(distributed))
+            # The names `fit` logs: `loss` and `<term>_loss`.
+            logs = {("loss" if k == "total" else f"{k}_loss"): float(v) for k, v in losses.items()}
             progress.update(step + 1, [(k, v) for k, v in logs.items()])
         sync_statistics()
         epoch_var.assign(epoch + 1)
         manager.save()
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
         history.append(logs)
-        save_weights(detector.network, os.path.join(weights_dir, "last.weights.h5"), "last")
+        with averaged_weights(detector):
+            save_weights(detector.network, os.path.join(weights_dir, "last.weights.h5"), "last")
+        if chief:
+            rows.append({"epoch": epoch, **logs})
+            run.write_history(rows)
+    for callback in callbacks:
+        callback.on_train_end()
     return history
+
+
+def _read_history(run):
+    try:
+        with open(run.join("history.csv"), encoding="utf-8") as f:
+            return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        return []
 
 
 def config_train_dataset(config, builder):
@@ -357,8 +391,16 @@ def _train_multi_worker(config, workdir, strategy, chief):
     dataset = config_train_dataset(config, builder).with_options(options)
     with strategy.scope():
         detector, optimizer = _build_detector(config, categories, steps_per_epoch)
+        detector.compile(optimizer=optimizer)  # not for fit: so that averaged_weights finds the EMA
+    callbacks = []
+    if chief:
+        if "val" in builder.info.splits and config.eval.every_epochs > 0:
+            from centermask_tf.evaluation import CocoEvalCallback
+
+            callbacks.append(CocoEvalCallback(detector, builder, config, workdir, config.eval.every_epochs))
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"))
     return _custom_loop(
-        strategy, detector, optimizer, dataset, config.train.epochs, steps_per_epoch, workdir, chief
+        strategy, detector, optimizer, dataset, config.train.epochs, steps_per_epoch, workdir, chief, callbacks
     )
 
 

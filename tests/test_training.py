@@ -62,7 +62,9 @@ def test_mirrored_over_two_logical_cpus_trains_with_falling_loss(shapes, tmp_pat
 
 @pytest.mark.slow
 def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path):
+    """Also what `fit` has, on the chief: per-epoch evaluation, TensorBoard, history.csv, EMA."""
     _, overrides = shapes
+    overrides = overrides + ["eval.every_epochs=1", "train.ema_decay=0.9"]
     workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     processes = []
     for index in range(2):
@@ -83,7 +85,13 @@ def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path)
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     histories = [history_of(out) for out, _ in outputs]
-    assert len(histories[0]) == 2 and all(np.isfinite(h["total"]) for h in histories[0])
+    assert len(histories[0]) == 2 and all(np.isfinite(h["loss"]) for h in histories[0])
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run / "eval")) == ["epoch_001.json", "epoch_002.json"]
+    assert os.listdir(run / "logs" / "images") and os.listdir(run / "logs" / "train")
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1] and "val_segm_AP" in rows[0]
     chief = tmp_path / "run" / "checkpoints" / "last.weights.h5"
     other = tmp_path / "run" / "worker_1" / "last.weights.h5"
     with h5py.File(chief, "r") as a, h5py.File(other, "r") as b:
