@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 
 from centermask_tf.errors import UserError
 
@@ -150,12 +151,19 @@ def remove_stale_temporaries(directory):
                 os.remove(os.path.join(directory, name))
 
 
-def _holder(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip() or "an unknown process"
-    except OSError:
-        return "an unknown process"
+def _holder(path, attempts=40):
+    """Who holds the lock: the holder writes itself into the file right after taking the lock,
+    so an empty file means it is about to; wait for it briefly."""
+    for _ in range(attempts):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        if text:
+            return text
+        time.sleep(0.05)
+    return "an unknown process"
 
 
 @contextlib.contextmanager

@@ -289,3 +289,19 @@ def test_each_evaluation_writes_detection_and_saliency_images_to_tensorboard(sha
                 steps[event.step] = (len(images) - 2, first.shape)
     # 4 validation images, each its 64 x 64 canvas beside its 64 x 64 saliency map.
     assert steps == {1: (4, (64, 128, 3)), 2: (4, (64, 128, 3))}
+
+
+def test_a_holder_that_has_not_written_its_name_yet_is_waited_for(tmp_path):
+    import fcntl
+    import threading
+
+    path = tmp_path / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # taken, name not written yet (the moment the race hits)
+    threading.Timer(0.3, lambda: os.write(fd, b"process 4242 (centermask train)")).start()
+    try:
+        with pytest.raises(files.BusyError, match=r"in use by process 4242 \(centermask train\)"):
+            with files.locked(str(path), "workdir 'run'"):
+                pass
+    finally:
+        os.close(fd)
