@@ -20,12 +20,10 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-import yaml
 
 from centermask_tf.config import Config, config_from_dict
 from centermask_tf.decode import CenterMaskDecoder, inference_network
 from centermask_tf.errors import UserError
-from centermask_tf.files import write_json, write_text
 from centermask_tf.losses import LOSS_NAMES, compute_losses
 from centermask_tf.model.centermask import build_model
 
@@ -206,10 +204,9 @@ class CenterMask(keras.Model):
     def save_to_preset(self, path):
         """Writes `config.yaml`, `categories.json` and `model.weights.h5` (the network's weights)
         into the folder `path`, each file atomically."""
-        from centermask_tf.training import save_weights
+        from centermask_tf.training import save_run_files, save_weights
 
-        write_text(os.path.join(path, "config.yaml"), yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        write_json(os.path.join(path, "categories.json"), self.categories)
+        save_run_files(self.config, path, self.categories)  # what `load_workdir` reads back
         save_weights(self.network, os.path.join(path, PRESET_WEIGHTS), "preset")
 
     @classmethod

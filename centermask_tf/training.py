@@ -13,7 +13,6 @@ The workdir (layout, epoch commits, resume and refusals) is described in `workdi
 """
 
 import contextlib
-import csv
 import logging
 import math
 import os
@@ -264,7 +263,7 @@ def _custom_loop(strategy, detector, optimizer, dataset, epochs, steps_per_epoch
     run = Workdir(workdir)
     start = int(epoch_var.numpy())
     # Rows of the epochs before a resume come from the history.csv the chief wrote then.
-    rows = [row for row in _read_history(run) if row["epoch"] < start] if chief else []
+    rows = [row for row in run.read_history() if row["epoch"] < start] if chief else []
     history = []
     # Called one by one, not through keras' CallbackList, which hands each callback a copy of
     # the logs: the evaluation's val_*_AP must reach history.csv.
@@ -293,14 +292,6 @@ def _custom_loop(strategy, detector, optimizer, dataset, epochs, steps_per_epoch
     for callback in callbacks:
         callback.on_train_end()
     return history
-
-
-def _read_history(run):
-    try:
-        with open(run.join("history.csv"), encoding="utf-8") as f:
-            return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except FileNotFoundError:
-        return []
 
 
 def config_train_dataset(config, builder):

@@ -225,6 +225,17 @@ class Workdir:
     def backup_name(self, epoch):
         return os.path.join("backup", f"epoch_{epoch:04d}.weights.h5")
 
+    def read_history(self):
+        """The rows of `history.csv` (epoch int, values float; a value a row lacks is left out)."""
+        try:
+            with open(self.join("history.csv"), encoding="utf-8") as f:
+                return [
+                    {k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""}
+                    for row in csv.DictReader(f)
+                ]
+        except FileNotFoundError:
+            return []
+
     def write_history(self, rows):
         if not rows:
             return

@@ -62,3 +62,12 @@ def run_model_saving_test(model, inputs, tmp_path, atol=1e-6):
     assert json_config(restored) == json_config(model)
     actual = restored(inputs if len(inputs) > 1 else inputs[0])
     assert_outputs_close(actual, expected, atol=atol)
+
+
+def train_args(shapes, workdir, *extra):
+    """`centermask train` arguments for the tiny run on the `shapes` fixture's set."""
+    _, overrides = shapes
+    args = ["train", "--config", "configs/shapes_tiny.yaml", "--workdir", str(workdir)]
+    for override in [*overrides, *extra]:
+        args += ["--set", override]
+    return args

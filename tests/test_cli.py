@@ -15,6 +15,7 @@ from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.model.centermask import build_model
 from centermask_tf.training import save_run_files
+from tests.helpers import train_args
 
 CONFIG = "configs/shapes_tiny.yaml"
 
@@ -169,11 +170,7 @@ def test_predict_into_its_input_folder_skips_bad_files_and_changes_no_input(shap
 
 def test_training_piped_to_a_file_prints_a_few_lines_per_epoch(shapes, tmp_path):
     """No progress bar redrawn per step in a log file: Keras's one-line-per-epoch mode."""
-    _, overrides = shapes
-    command = [sys.executable, "-m", "centermask_tf.cli", "train", "--config", CONFIG,
-               "--workdir", str(tmp_path / "run")]
-    for override in [*overrides, "eval.every_epochs=1"]:
-        command += ["--set", override]
+    command = [sys.executable, "-m", "centermask_tf.cli", *train_args(shapes, tmp_path / "run", "eval.every_epochs=1")]
     with open(tmp_path / "log.txt", "w") as log:
         run = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=600)
     text = (tmp_path / "log.txt").read_text()

@@ -17,6 +17,7 @@ from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.training import train
 from centermask_tf.workdir import Workdir, WorkdirError
+from tests.helpers import train_args
 
 CONFIG = "configs/shapes_tiny.yaml"
 # Write point -> (the hit that crashes, epochs committed after the crash). `state` is first
@@ -41,15 +42,6 @@ def fault(monkeypatch):
 def config_for(shapes, *extra):
     _, overrides = shapes
     return load_config(CONFIG, [*overrides, *extra])
-
-
-def train_args(shapes, workdir, *extra):
-    """`centermask train` arguments for the tiny run on the shapes set."""
-    _, overrides = shapes
-    args = ["train", "--config", CONFIG, "--workdir", str(workdir)]
-    for override in [*overrides, *extra]:
-        args += ["--set", override]
-    return args
 
 
 def history_epochs(workdir):
