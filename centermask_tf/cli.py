@@ -24,16 +24,24 @@ import warnings
 from centermask_tf.errors import UserError
 
 
-def _add_config_args(parser):
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/).")
+def _add_set_arg(parser, example="model.backbone=resnet50"):
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.backbone=resnet50 (repeatable)",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
     )
+
+
+def _add_config_args(parser):
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/).")
+    _add_set_arg(parser)
+
+
+# How a trained network decodes can change after training; its structure cannot.
+_INFERENCE_SETTING = "model.mask_factors=shape (or eval.flip_test=true)"
 
 
 def _add_model_source_args(parser):
@@ -160,12 +168,14 @@ def cmd_train(args):
 
 def _detector(config, categories, workdir, weights):
     """The `CenterMask` detector of `config` with the workdir's (or the given) weights."""
-    from centermask_tf.detector import CenterMask
+    from centermask_tf.detector import CenterMask, trained_factors
     from centermask_tf.training import weights_path
 
     path = weights_path(workdir, weights)
     logging.info("weights: %s", path)
-    return CenterMask.with_weights(config, categories, path)
+    # The network's mask heads are the ones it was trained with; `config` picks the assembly.
+    trained = trained_factors(workdir) if os.path.exists(os.path.join(workdir, "config.yaml")) else None
+    return CenterMask.with_weights(config, categories, path, trained)
 
 
 def _detect_for(args, config, categories):
@@ -203,7 +213,7 @@ def cmd_predict(args):
         DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, image_files, load_workdir, predict_files,
     )
 
-    config, categories = load_workdir(args.workdir)
+    config, categories = load_workdir(args.workdir, args.overrides)
     detect = _detect_for(args, config, categories)
     files = image_files(args.input)
     predictions = predict_files(
@@ -278,7 +288,7 @@ def cmd_demo(args):
         exports.insert(0, ("saved_model", saved_model))
     for form, output in exports:
         cmd_export(argparse.Namespace(
-            workdir=args.workdir, weights=None, format=form, output=output, version=version, quantize=None
+            workdir=args.workdir, weights=None, format=form, output=output, version=version, quantize=None, overrides=[]
         ))
     minutes = (time.time() - start) / 60
     print("\n=== centermask demo summary ===")
@@ -308,7 +318,7 @@ def cmd_export(args):
     from centermask_tf.files import write_bytes
     from centermask_tf.predict import load_workdir
 
-    config, categories = load_workdir(args.workdir)
+    config, categories = load_workdir(args.workdir, args.overrides)
     detector = _detector(config, categories, args.workdir, args.weights)
     if args.format == "saved_model":
         path = export_saved_model(detector, args.output, args.version)
@@ -347,7 +357,7 @@ def build_parser():
 
     info = command("info", help="parameters and FLOPs of configs' networks")
     info.add_argument("--config", nargs="+", required=True, help="one or more YAML configs")
-    info.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(info, "model.input_size=256")
     info.add_argument(
         "--no-weights",
         action="store_true",
@@ -382,6 +392,7 @@ def build_parser():
     predict.add_argument("--max-pixels", type=int,
                          help="skip images that declare more pixels (default: PIL's limit, 89.5 M)")
     predict.add_argument("--max-megabytes", type=float, help="skip larger files (default 200)")
+    _add_set_arg(predict, _INFERENCE_SETTING)
     _add_model_source_args(predict)
     predict.set_defaults(handler=cmd_predict)
 
@@ -389,7 +400,7 @@ def build_parser():
     demo.add_argument("--config", default="configs/shapes_tiny.yaml")
     demo.add_argument("--workdir", default="work/demo")
     demo.add_argument("--data", default="work/shapes", help="where the shapes set is (or goes)")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(demo, "train.epochs=10")
     demo.add_argument("--overwrite", action="store_true", help="retrain even if --workdir holds a finished run")
     demo.set_defaults(handler=cmd_demo)
 
@@ -402,6 +413,7 @@ def build_parser():
         "--quantize", choices=["none", "fp16", "int8"], help="default: the config's export.quantize"
     )
     export.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    _add_set_arg(export, _INFERENCE_SETTING)
     export.set_defaults(handler=cmd_export)
 
     shapes = command("make-shapes", help="write the synthetic COCO-format shapes set")
@@ -420,7 +432,7 @@ def build_parser():
         "images/s; all: every one",
     )
     bench.add_argument("--config", nargs="+", help="configs (default: the four COCO/edge configs)")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(bench)
     bench.add_argument("--quick", action="store_true", help="two configs, few runs: minutes, not an hour")
     bench.add_argument("--runs", type=int, help="timed runs (default 20, 5 with --quick)")
     bench.add_argument("--results", default="benchmarks/results.json", help="JSON file appended to")

@@ -85,6 +85,14 @@ class ModelConfig:
         shape_size: S, the side of the Local Shape; the Shape head has S*S channels.
         mask_size: M, the side of box-relative masks (loss targets and exports).
         saliency: "agnostic" (one channel) or "specific" (C channels, one per class).
+        mask_factors: what a mask is made of (the paper's ablation): "both" (Local Shape times
+            Global Saliency), "shape" (Local Shape alone) or "saliency" (the saliency crop
+            alone). At training it also picks the heads: a "shape" network has no Saliency head,
+            a "saliency" one no Shape head. A network trained with "both" can be evaluated,
+            run and exported with any of the three.
+        assembly: "box" (each mask on an M x M grid over its box: fixed-size outputs, what the
+            exports carry) or "native" (each mask at output-map resolution inside its box, the
+            paper's h x w Local Shape times the saliency crop), in the loss and in evaluation.
         max_detections: K, peaks kept by decoding.
         score_threshold: detections below this score are dropped.
         mask_threshold: mask probability above which a pixel belongs to the instance.
@@ -101,6 +109,8 @@ class ModelConfig:
     shape_size: int = _bounded(32, low=1)
     mask_size: int = _bounded(32, low=1)
     saliency: str = _choice("agnostic", ("agnostic", "specific"))
+    mask_factors: str = _choice("both", ("both", "shape", "saliency"))
+    assembly: str = _choice("box", ("box", "native"))
     max_detections: int = _bounded(100, low=1)
     score_threshold: float = _bounded(0.05, low=0, high=1)
     mask_threshold: float = _bounded(0.4, low=0, high=1)
@@ -187,6 +197,10 @@ class TrainConfig:
         offset_weight: lambda_off.
         size_weight: lambda_size.
         mask_weight: lambda_mask.
+        saliency_weight: weight of a per-pixel BCE of the saliency map against the union of
+            the instance masks (per class for class-specific saliency); the paper reports
+            +0.5 AP from this supervision. 0 (default) trains the saliency through the mask
+            loss only.
         seed: random seed for weights and data order.
     """
 
@@ -206,6 +220,7 @@ class TrainConfig:
     offset_weight: float = _bounded(1.0, low=0)
     size_weight: float = _bounded(0.1, low=0)
     mask_weight: float = _bounded(1.0, low=0)
+    saliency_weight: float = _bounded(0.0, low=0)
     seed: int = _bounded(0, low=0)
 
     def validate(self):
@@ -226,11 +241,15 @@ class EvalConfig:
         batch_size: images per evaluation batch.
         every_epochs: run COCO evaluation during training every N epochs (0 disables).
         max_images: evaluate on at most this many validation images; null = all.
+        flip_test: average the head outputs over each image and its mirror image before
+            decoding (CenterNet's flip test): about 2x the network cost. Also applies to
+            `predict`, `detect` and exports.
     """
 
     batch_size: int = _bounded(8, low=1)
     every_epochs: int = _bounded(10, low=0)
     max_images: Optional[int] = _bounded(None, low=1)
+    flip_test: bool = False
 
 
 @dataclass

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from centermask_tf.model.assembly import assemble_box_masks, assemble_masks
 from centermask_tf.model.centermask import OUTPUT_STRIDE
-from centermask_tf.ops import centre_to_corners, gather_at, unflatten_index
+from centermask_tf.ops import centre_to_corners, flat_index, gather_at, unflatten_index
 
 
 _INFERENCE_NETWORKS = weakref.WeakKeyDictionary()
@@ -21,10 +21,66 @@ def inference_network(network):
     """`network` with the Shape head's input features (`shape_features`) in place of its dense
     `[B, H, W, S*S]` output, sharing every layer and weight. Built once per network."""
     if network not in _INFERENCE_NETWORKS:
-        outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")}
-        outputs["shape_features"] = network.get_layer("shape").input
+        names = [layer.name for layer in network.layers]
+        outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")
+                   if name in names}
+        if "shape" in names:
+            outputs["shape_features"] = network.get_layer("shape").input
         _INFERENCE_NETWORKS[network] = keras.Model(network.input, outputs, name=f"{network.name}_inference")
     return _INFERENCE_NETWORKS[network]
+
+
+def _mirror(maps):
+    return tf.reverse(maps, axis=[2])
+
+
+def _mirror_shape_grids(vectors):
+    """Shape vectors `[..., S*S]` with each S x S grid mirrored left-right."""
+    cells = int(round(vectors.shape[-1] ** 0.5))
+    grids = tf.reshape(vectors, tf.concat([tf.shape(vectors)[:-1], [cells, cells]], axis=0))
+    return tf.reshape(tf.reverse(grids, axis=[-1]), tf.shape(vectors))
+
+
+def flip_averaged(outputs, mirrored):
+    """Head outputs averaged over an image (`outputs`) and its mirror image (`mirrored`), each
+    map flipped back first (CenterNet's flip test).
+
+    - heatmap: the mean of the two probabilities (as CenterNet), returned as logits;
+    - size: the mean; offset: dy the mean, dx the mean of dx and 1 - dx' (a centre at column
+      x + dx sits at W - x - dx in the mirror image, i.e. at cell W - 1 - x with offset 1 - dx);
+    - saliency and dense Shape logits: the mean of the logits, each Shape grid mirrored back.
+
+    `shape_features` is not averaged here (the Shape head runs at the peaks: see
+    `flip_averaged_shape`); other keys are kept from `outputs`.
+    """
+    averaged = dict(outputs)
+    back = {name: _mirror(value) for name, value in mirrored.items() if name != "shape_features"}
+    heatmap = 0.5 * (tf.sigmoid(outputs["heatmap"]) + tf.sigmoid(back["heatmap"]))
+    heatmap = tf.clip_by_value(heatmap, 1e-7, 1.0 - 1e-7)
+    averaged["heatmap"] = tf.math.log(heatmap) - tf.math.log1p(-heatmap)
+    averaged["size"] = 0.5 * (outputs["size"] + back["size"])
+    dy, dx = tf.unstack(outputs["offset"], axis=-1)
+    dy_back, dx_back = tf.unstack(back["offset"], axis=-1)
+    averaged["offset"] = tf.stack([0.5 * (dy + dy_back), 0.5 * (dx + 1.0 - dx_back)], axis=-1)
+    if "saliency" in outputs:
+        averaged["saliency"] = 0.5 * (outputs["saliency"] + back["saliency"])
+    if "shape" in outputs:
+        averaged["shape"] = 0.5 * (outputs["shape"] + _mirror_shape_grids(back["shape"]))
+    return averaged
+
+
+def flip_averaged_shape(shape_head, features, mirrored_features):
+    """`shape_at` for the flip test: the Shape head at the peaks of the image and at the
+    mirrored peaks of the mirror image, the latter's grids mirrored back, averaged."""
+    width = features.shape[2]
+
+    def shape_at(pixels):
+        rows, cols = unflatten_index(pixels, width)
+        mirrored_pixels = flat_index(rows, width - 1 - cols, width)
+        mirrored = _mirror_shape_grids(shape_head.call_at(mirrored_features, mirrored_pixels))
+        return 0.5 * (shape_head.call_at(features, pixels) + mirrored)
+
+    return shape_at
 
 
 @keras.saving.register_keras_serializable(package="centermask")
@@ -36,6 +92,7 @@ class CenterMaskDecoder(keras.layers.Layer):
         score_threshold: peaks below it are not detections.
         mask_size: M, the side of each box-relative mask.
         stride: output stride of the head maps.
+        mask_factors: "both", "shape" or "saliency": what each mask is made of.
 
     Example:
 
@@ -48,26 +105,35 @@ class CenterMaskDecoder(keras.layers.Layer):
 
     With `shape_head` (the network's Shape `Head`) and `outputs["shape_features"]` in place of
     `outputs["shape"]`, the Shape head runs at the K peaks only (`Head.call_at`): the same
-    numbers as the dense head, without S*S channels at every location.
+    numbers as the dense head, without S*S channels at every location. With `mirrored` (the
+    outputs for the mirror images) the two are averaged first (`flip_averaged`).
     """
 
-    def __init__(self, max_detections=100, score_threshold=0.05, mask_size=32, stride=OUTPUT_STRIDE, **kwargs):
+    def __init__(self, max_detections=100, score_threshold=0.05, mask_size=32, stride=OUTPUT_STRIDE,
+                 mask_factors="both", **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.max_detections = max_detections
         self.score_threshold = score_threshold
         self.mask_size = mask_size
         self.stride = stride
+        self.mask_factors = mask_factors
 
     @classmethod
     def from_model_config(cls, model_config, **kwargs):
-        return cls(model_config.max_detections, model_config.score_threshold, model_config.mask_size, **kwargs)
+        return cls(model_config.max_detections, model_config.score_threshold, model_config.mask_size,
+                   mask_factors=model_config.mask_factors, **kwargs)
 
-    def call(self, outputs, shape_head=None):
+    def call(self, outputs, shape_head=None, mirrored=None):
         shape_at = None
-        if shape_head is not None:
+        if shape_head is not None and self.mask_factors != "saliency":
             features = outputs["shape_features"]
-            shape_at = lambda pixels: shape_head.call_at(features, pixels)  # noqa: E731
+            if mirrored is None:
+                shape_at = lambda pixels: shape_head.call_at(features, pixels)  # noqa: E731
+            else:
+                shape_at = flip_averaged_shape(shape_head, features, mirrored["shape_features"])
+        if mirrored is not None:
+            outputs = flip_averaged(outputs, mirrored)
         return decode_detections(
             outputs,
             max_detections=self.max_detections,
@@ -76,6 +142,7 @@ class CenterMaskDecoder(keras.layers.Layer):
             mask_mode="box",
             mask_size=self.mask_size,
             shape_at=shape_at,
+            mask_factors=self.mask_factors,
         )
 
     def get_config(self):
@@ -86,6 +153,7 @@ class CenterMaskDecoder(keras.layers.Layer):
                 "score_threshold": self.score_threshold,
                 "mask_size": self.mask_size,
                 "stride": self.stride,
+                "mask_factors": self.mask_factors,
             }
         )
         return config
@@ -100,6 +168,7 @@ def decode_detections(
     mask_mode="box",
     mask_size=32,
     shape_at=None,
+    mask_factors="both",
 ):
     """Decodes a batch of head outputs.
 
@@ -112,6 +181,8 @@ def decode_detections(
         mask_size: M for the "box" mode.
         shape_at: flattened peak positions `[B, K]` -> shape vectors `[B, K, S*S]`; default:
             gathered from `outputs["shape"]`.
+        mask_factors: "both" (Local Shape x saliency), "shape" or "saliency" alone; the
+            outputs need only the heads it uses.
 
     Returns:
         dict with `boxes [B, K, 4]` (ymin, xmin, ymax, xmax) in input pixels, `scores [B, K]`,
@@ -132,20 +203,20 @@ def decode_detections(
 
     offset = gather_at(tf.cast(outputs["offset"], tf.float32), pixels)  # [B, K, 2]
     size = tf.nn.relu(gather_at(tf.cast(outputs["size"], tf.float32), pixels))  # [B, K, 2]
-    if shape_at is None:
-        shape_vectors = gather_at(tf.cast(outputs["shape"], tf.float32), pixels)
-    else:
-        shape_vectors = shape_at(pixels)  # [B, K, S*S]
     cy = rows + offset[..., 0]
     cx = cols + offset[..., 1]
     centres = tf.stack([cy, cx, size[..., 0], size[..., 1]], axis=-1)  # [B, K, 4]
 
-    saliency = outputs["saliency"]
-    mask_classes = classes if saliency.shape[-1] > 1 else None
+    shape_vectors = saliency = mask_classes = None
+    if mask_factors in ("both", "shape"):
+        shape_vectors = shape_at(pixels) if shape_at else gather_at(outputs["shape"], pixels)  # [B, K, S*S]
+    if mask_factors in ("both", "saliency"):
+        saliency = outputs["saliency"]
+        mask_classes = classes if saliency.shape[-1] > 1 else None
     if mask_mode == "box":
         masks = assemble_box_masks(shape_vectors, centres, saliency, mask_size, mask_classes)
     elif mask_mode == "full":
-        masks = assemble_masks(shape_vectors, centres, saliency, mask_classes)
+        masks = assemble_masks(shape_vectors, centres, saliency, mask_classes, map_size=(height, width))
     else:
         raise ValueError(f"mask_mode must be 'box' or 'full', got {mask_mode!r}.")
 

@@ -15,6 +15,7 @@ all take it.
     detector = CenterMask.from_preset("presets/shapes")
 """
 
+import dataclasses
 import os
 
 import keras
@@ -24,8 +25,9 @@ import tensorflow as tf
 from centermask_tf.config import Config, config_from_dict
 from centermask_tf.decode import CenterMaskDecoder, inference_network
 from centermask_tf.errors import UserError
-from centermask_tf.losses import LOSS_NAMES, compute_losses
-from centermask_tf.model.centermask import build_model
+from centermask_tf.losses import compute_losses, loss_names
+from centermask_tf.model.centermask import build_model, network_factors
+from centermask_tf.model.heads import mask_heads
 
 PRESET_WEIGHTS = "model.weights.h5"
 
@@ -66,13 +68,23 @@ class CenterMask(keras.Model):
                 "they must agree."
             )
         self.network = network or build_model(model)
+        trained = network_factors(self.network)
+        missing = set(mask_heads(model.mask_factors)) - set(mask_heads(trained))
+        if missing:
+            raise UserError(
+                f"model.mask_factors={model.mask_factors} needs the {missing.pop().capitalize()} head, "
+                f"which a network trained with mask_factors={trained} does not have; use "
+                f"model.mask_factors={trained}."
+            )
         self.decoder = CenterMaskDecoder.from_model_config(model)
         train = self.config.train
         self.loss_weights = {
-            "heatmap": train.heatmap_weight, "offset": train.offset_weight,
-            "size": train.size_weight, "mask": train.mask_weight,
+            "heatmap": train.heatmap_weight, "offset": train.offset_weight, "size": train.size_weight,
+            "mask": train.mask_weight, "saliency": train.saliency_weight,
         }
-        self.loss_trackers = {name: keras.metrics.Mean(name=f"{name}_loss") for name in LOSS_NAMES}
+        self.loss_trackers = {
+            name: keras.metrics.Mean(name=f"{name}_loss") for name in loss_names(self.loss_weights)
+        }
         self._detect_canvases = None
         self.built = True  # the functional network is built; the rest holds no weights
 
@@ -83,8 +95,8 @@ class CenterMask(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         losses = compute_losses(y_pred, y, self.loss_weights)
-        for name in LOSS_NAMES:
-            self.loss_trackers[name].update_state(losses[name])
+        for name, tracker in self.loss_trackers.items():
+            tracker.update_state(losses[name])
         # Gradients are summed over replicas, so each replica's loss is divided by their count.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return losses["total"] / tf.cast(replicas, tf.float32)
@@ -103,12 +115,26 @@ class CenterMask(keras.Model):
     def category_ids(self):
         return [c["id"] for c in self.categories]
 
+    @property
+    def mask_factors(self):
+        """What masks are made of at inference: "both", "shape" or "saliency"."""
+        return self.config.model.mask_factors
+
     def decode(self, canvases):
         """Letterboxed float images `[B, N, N, 3]` (0..255) -> decoded detections: `boxes`
         (ymin, xmin, ymax, xmax, canvas pixels), `scores`, contiguous `classes`, box-relative
-        `masks [B, K, M, M]` and `num_detections`. The Shape head runs at the peaks only."""
-        outputs = inference_network(self.network)(canvases, training=False)
-        return self.decoder(outputs, shape_head=self.network.get_layer("shape"))
+        `masks [B, K, M, M]` and `num_detections`. The Shape head runs at the peaks only.
+        With `eval.flip_test` the network also runs on the mirror images (in the same batch)
+        and the decoder averages the two."""
+        network = inference_network(self.network)
+        shape_head = self.network.get_layer("shape") if "shape_features" in network.output else None
+        if not self.config.eval.flip_test:
+            return self.decoder(network(canvases, training=False), shape_head=shape_head)
+        both = network(tf.concat([canvases, tf.reverse(canvases, axis=[2])], axis=0), training=False)
+        batch = tf.shape(canvases)[0]
+        outputs = {name: value[:batch] for name, value in both.items()}
+        mirrored = {name: value[batch:] for name, value in both.items()}
+        return self.decoder(outputs, shape_head=shape_head, mirrored=mirrored)
 
     def detect_canvases(self, canvases):
         """`decode` as one compiled graph (traced once per batch size)."""
@@ -178,50 +204,65 @@ class CenterMask(keras.Model):
         return cls(**config)
 
     @classmethod
-    def from_workdir(cls, workdir, weights=None):
+    def from_workdir(cls, workdir, weights=None, overrides=()):
         """The detector a training run made: its config and categories, and `weights` (default:
-        the best checkpoint, else the last)."""
+        the best checkpoint, else the last). `overrides` (`"key=value"`) change how it decodes,
+        e.g. `["model.mask_factors=shape", "eval.flip_test=true"]`."""
         from centermask_tf.predict import load_workdir
         from centermask_tf.training import weights_path
 
-        config, categories = load_workdir(workdir)
-        return cls.with_weights(config, categories, weights_path(workdir, weights))
+        config, categories = load_workdir(workdir, overrides)
+        return cls.with_weights(config, categories, weights_path(workdir, weights), trained_factors(workdir))
 
     @classmethod
-    def from_preset(cls, path):
+    def from_preset(cls, path, overrides=()):
         """A detector saved with `save_to_preset`: a local folder holding `config.yaml`,
         `categories.json` and `model.weights.h5`. Hub handles (`kaggle://`, `hf://`) are not
-        supported: download the folder first."""
+        supported: download the folder first. `overrides` as in `from_workdir`."""
         from centermask_tf.predict import load_workdir
 
         if "://" in str(path):
             raise PresetError(
                 f"'{path}': only local preset folders are supported; download it and pass the folder."
             )
-        config, categories = load_workdir(path)
-        return cls.with_weights(config, categories, os.path.join(path, PRESET_WEIGHTS))
+        config, categories = load_workdir(path, overrides)
+        return cls.with_weights(config, categories, os.path.join(path, PRESET_WEIGHTS), trained_factors(path))
 
     def save_to_preset(self, path):
         """Writes `config.yaml`, `categories.json` and `model.weights.h5` (the network's weights)
-        into the folder `path`, each file atomically."""
+        into the folder `path`, each file atomically. The config records the mask heads the
+        network has (its trained `mask_factors`)."""
         from centermask_tf.training import save_run_files, save_weights
 
-        save_run_files(self.config, path, self.categories)  # what `load_workdir` reads back
+        config = config_from_dict(self.config.to_dict(), [f"model.mask_factors={network_factors(self.network)}"])
+        save_run_files(config, path, self.categories)  # what `load_workdir` reads back
         save_weights(self.network, os.path.join(path, PRESET_WEIGHTS), "preset")
 
     @classmethod
-    def with_weights(cls, config, categories, weights):
-        """`CenterMask(config, categories)` with its network's weights read from `weights`."""
+    def with_weights(cls, config, categories, weights, trained_factors=None):
+        """`CenterMask(config, categories)` with its network's weights read from `weights`.
+
+        `trained_factors` is the `model.mask_factors` the weights were trained with (default:
+        the config's); it picks the network's mask heads, while the config's value picks how
+        masks are assembled."""
         config.model.weights = None  # the checkpoint holds every weight, the backbone's too
-        detector = cls(config, categories)
+        trained = trained_factors or config.model.mask_factors
+        network = build_model(dataclasses.replace(config.model, mask_factors=trained))
         try:
-            detector.network.load_weights(weights)
+            network.load_weights(weights)
         except (OSError, ValueError) as e:
             raise UserError(
                 f"cannot load weights '{weights}' into the network of this config "
                 f"({' '.join(str(e).split())[:200]}); pass weights trained with this config."
             ) from None
-        return detector
+        return cls(config, categories, network)
+
+
+def trained_factors(folder):
+    """The `model.mask_factors` a workdir or preset was trained with (its saved config's)."""
+    from centermask_tf.predict import load_workdir
+
+    return load_workdir(folder)[0].model.mask_factors
 
 
 def _as_image(array):

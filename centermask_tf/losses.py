@@ -1,4 +1,5 @@
-"""CenterMask losses: focal heatmap loss, L1 offset/size, and mask BCE on assembled masks.
+"""CenterMask losses: focal heatmap loss, L1 offset/size, mask BCE on assembled masks, and an
+optional per-pixel saliency BCE.
 
 Every term is normalised by the number of objects in the batch (at least 1, so an image with no
 objects gives finite values) and computed in float32 with clamped logs, so it is also stable when
@@ -7,13 +8,19 @@ the network runs in float16.
 
 import tensorflow as tf
 
-from centermask_tf.model.assembly import assemble_box_masks
-from centermask_tf.ops import gather_at, unflatten_index
+from centermask_tf.model.assembly import assemble_box_masks, paste_masks
+from centermask_tf.ops import centre_to_corners, gather_at, unflatten_index
 
 # CenterNet clamps probabilities to [1e-4, 1 - 1e-4] before taking logs.
 _EPS = 1e-4
 
-LOSS_NAMES = ("heatmap", "offset", "size", "mask")
+LOSS_NAMES = ("heatmap", "offset", "size", "mask", "saliency")
+PAPER_WEIGHTS = {"heatmap": 1.0, "offset": 1.0, "size": 0.1, "mask": 1.0, "saliency": 0.0}
+
+
+def loss_names(weights):
+    """The terms computed for `weights`: the saliency BCE only when its weight is above 0."""
+    return [name for name in LOSS_NAMES if name != "saliency" or weights.get(name, 0.0) > 0]
 
 
 def focal_loss(logits, target, normalizer):
@@ -42,19 +49,53 @@ def ground_truth_boxes(targets, output_width):
     return tf.concat([centre, targets["size"]], axis=-1)  # [B, M, 4]
 
 
-def mask_loss(outputs, targets, normalizer):
-    """BCE between masks assembled at the ground-truth boxes and the box-relative GT masks."""
-    saliency = tf.cast(outputs["saliency"], tf.float32)
-    shape_vectors = gather_at(tf.cast(outputs["shape"], tf.float32), targets["indices"])
-    boxes = ground_truth_boxes(targets, saliency.shape[2] or tf.shape(saliency)[2])
-    mask_size = targets["masks"].shape[-1]
-    classes = targets["classes"] if saliency.shape[-1] > 1 else None
-    prob = assemble_box_masks(shape_vectors, boxes, saliency, mask_size, classes)  # [B, M, P, P]
+def _bce(prob, truth):
     prob = tf.clip_by_value(prob, _EPS, 1.0 - _EPS)
-    truth = tf.cast(targets["masks"], tf.float32)
-    bce = -(truth * tf.math.log(prob) + (1.0 - truth) * tf.math.log(1.0 - prob))
-    per_instance = tf.reduce_mean(bce, axis=[2, 3])  # [B, M]
+    return -(truth * tf.math.log(prob) + (1.0 - truth) * tf.math.log(1.0 - prob))
+
+
+def mask_loss(outputs, targets, normalizer):
+    """BCE between masks assembled at the ground-truth boxes and the box-relative GT masks.
+
+    The mask is made of the factors the network has: Local Shape times saliency, or the one of
+    them a `mask_factors` shape / saliency network carries.
+    """
+    saliency = tf.cast(outputs["saliency"], tf.float32) if "saliency" in outputs else None
+    shape_vectors = gather_at(outputs["shape"], targets["indices"]) if "shape" in outputs else None
+    output_width = (outputs.get("saliency", outputs.get("shape"))).shape[2]
+    boxes = ground_truth_boxes(targets, output_width)
+    mask_size = targets["masks"].shape[-1]
+    classes = targets["classes"] if saliency is not None and saliency.shape[-1] > 1 else None
+    prob = assemble_box_masks(shape_vectors, boxes, saliency, mask_size, classes)  # [B, M, P, P]
+    per_instance = tf.reduce_mean(_bce(prob, tf.cast(targets["masks"], tf.float32)), axis=[2, 3])
     return tf.reduce_sum(per_instance * targets["valid"]) / normalizer
+
+
+def saliency_target(targets, height, width, channels):
+    """`[B, H, W, channels]` 0/1 map: the union of the instance masks, pasted from the
+    box-relative mask targets onto the output map (one channel per class when `channels` > 1)."""
+    boxes = centre_to_corners(ground_truth_boxes(targets, width))
+    pasted = paste_masks(tf.cast(targets["masks"], tf.float32), boxes, height, width)  # [B, M, H, W]
+    inside = tf.cast(pasted >= 0.5, tf.float32) * targets["valid"][..., None, None]
+    if channels == 1:
+        return tf.reduce_max(inside, axis=1)[..., None]
+    # Max over the instances of each (image, class); padding slots go to one extra segment.
+    batch, slots = tf.shape(inside)[0], tf.shape(inside)[1]
+    segments = tf.range(batch)[:, None] * channels + targets["classes"]
+    segments = tf.where(targets["valid"] > 0, segments, batch * channels)
+    per_class = tf.math.unsorted_segment_max(
+        tf.reshape(inside, [batch * slots, height, width]), tf.reshape(segments, [-1]), batch * channels + 1
+    )[:-1]  # [B * C, H, W]; empty segments come back as the lowest float
+    per_class = tf.reshape(tf.maximum(per_class, 0.0), [batch, channels, height, width])
+    return tf.transpose(per_class, [0, 2, 3, 1])
+
+
+def saliency_loss(outputs, targets):
+    """Per-pixel BCE of the saliency map against `saliency_target`, averaged over pixels."""
+    logits = tf.cast(outputs["saliency"], tf.float32)
+    _, height, width, channels = logits.shape
+    truth = saliency_target(targets, height, width, channels)
+    return tf.reduce_mean(_bce(tf.sigmoid(logits), truth))
 
 
 def compute_losses(outputs, targets, weights=None):
@@ -63,13 +104,13 @@ def compute_losses(outputs, targets, weights=None):
     Args:
         outputs: the model's dict of head outputs (batched).
         targets: a batch of `encode_targets` dicts.
-        weights: {"heatmap", "offset", "size", "mask"} -> lambda; defaults to the paper's
-            1, 1, 0.1, 1.
+        weights: `LOSS_NAMES` -> lambda; defaults to `PAPER_WEIGHTS` (1, 1, 0.1, 1, and no
+            saliency supervision).
 
     Returns:
-        {"heatmap", "offset", "size", "mask", "total"} scalar float32 tensors.
+        {"heatmap", "offset", "size", "mask", ["saliency",] "total"} scalar float32 tensors.
     """
-    weights = weights or {"heatmap": 1.0, "offset": 1.0, "size": 0.1, "mask": 1.0}
+    weights = {**PAPER_WEIGHTS, **(weights or {})}
     valid = tf.cast(targets["valid"], tf.float32)
     normalizer = tf.maximum(tf.reduce_sum(valid), 1.0)
     offset = gather_at(tf.cast(outputs["offset"], tf.float32), targets["indices"])
@@ -80,5 +121,9 @@ def compute_losses(outputs, targets, weights=None):
         "size": _masked_l1(size, targets["size"], valid, normalizer),
         "mask": mask_loss(outputs, targets, normalizer),
     }
-    losses["total"] = tf.add_n([weights[name] * losses[name] for name in LOSS_NAMES])
+    if "saliency" in loss_names(weights):
+        if "saliency" not in outputs:
+            raise ValueError("train.saliency_weight > 0 needs a Saliency head (model.mask_factors both or saliency).")
+        losses["saliency"] = saliency_loss(outputs, targets)
+    losses["total"] = tf.add_n([weights[name] * value for name, value in losses.items()])
     return losses

@@ -43,11 +43,12 @@ class ImageError(UserError):
     """An input image that cannot be used; the message says why."""
 
 
-def load_workdir(workdir):
-    """The resolved `Config` and category list a training run saved in its workdir."""
+def load_workdir(workdir, overrides=()):
+    """The resolved `Config` (with `overrides`, "key=value") and category list a training run
+    saved in its workdir."""
     try:
         with open(os.path.join(workdir, "config.yaml")) as f:
-            config = config_from_dict(yaml.safe_load(f))
+            config = config_from_dict(yaml.safe_load(f), overrides)
         with open(os.path.join(workdir, "categories.json")) as f:
             categories = json.load(f)
     except FileNotFoundError as e:

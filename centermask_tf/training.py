@@ -372,6 +372,11 @@ def _prepare(config, workdir, strategy, save):
 def _build_detector(config, categories, steps_per_epoch):
     from centermask_tf.detector import CenterMask
 
+    if config.train.saliency_weight > 0 and config.model.mask_factors == "shape":
+        raise UserError(
+            "train.saliency_weight > 0 supervises the Saliency head, which a model.mask_factors=shape "
+            "network does not have; set train.saliency_weight=0 or another model.mask_factors."
+        )
     return CenterMask(config, categories), build_optimizer(config.train, steps_per_epoch)
 
 

@@ -30,6 +30,7 @@ from typing import Optional
 import yaml
 
 from centermask_tf import files
+from centermask_tf.config import config_from_dict
 from centermask_tf.errors import UserError
 
 logger = logging.getLogger("centermask_tf.workdir")
@@ -171,7 +172,8 @@ class Workdir:
             self.save_state(state)
             return state
         with open(self.join("config.yaml"), encoding="utf-8") as f:
-            differences = config_differences(yaml.safe_load(f) or {}, config.to_dict())
+            # Read through the current Config, so keys added since the run default as they did.
+            differences = config_differences(config_from_dict(yaml.safe_load(f)).to_dict(), config.to_dict())
         if differences:
             shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
             raise WorkdirError(

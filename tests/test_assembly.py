@@ -42,14 +42,17 @@ def resize_onto_box(grid, box, height, width):
     return out
 
 
-def reference_full(shape, box, saliency):
-    """Independent reference: resize of the S x S logits onto the box, x saliency, 0 outside."""
+def reference_full(shape, box, saliency, factors="both"):
+    """Independent reference: resize of the S x S logits onto the box, x saliency, 0 outside
+    (one of the two alone for `factors` shape / saliency)."""
     cells = int(np.sqrt(shape.size))
     local = resize_onto_box(shape.reshape(cells, cells), box, *saliency.shape)
-    return np.nan_to_num(sigmoid(local) * sigmoid(saliency), nan=0.0)
+    inside = np.where(np.isnan(local), 0.0, 1.0)
+    local = sigmoid(np.nan_to_num(local)) if factors != "saliency" else 1.0
+    return inside * local * (sigmoid(saliency) if factors != "shape" else 1.0)
 
 
-def reference_box(shape, box, saliency, size):
+def reference_box(shape, box, saliency, size, factors="both"):
     cells = int(np.sqrt(shape.size))
     grid = shape.reshape(cells, cells)
     cy, cx, h, w = box
@@ -59,8 +62,14 @@ def reference_box(shape, box, saliency, size):
             local = bilinear(grid, (m + 0.5) * cells / size - 0.5, (n + 0.5) * cells / size - 0.5)
             y = cy - h / 2 + (m + 0.5) / size * h
             x = cx - w / 2 + (n + 0.5) / size * w
-            out[m, n] = sigmoid(local) * sigmoid(bilinear(saliency, y - 0.5, x - 0.5))
+            crop = bilinear(saliency, y - 0.5, x - 0.5)
+            out[m, n] = {"both": sigmoid(local) * sigmoid(crop), "shape": sigmoid(local), "saliency": sigmoid(crop)}[factors]
     return out
+
+
+def leave_out(shape, saliency, factors):
+    """The Shape / saliency inputs of an assembly with `factors` (None: not a factor)."""
+    return (None if factors == "saliency" else shape), (None if factors == "shape" else saliency)
 
 
 @pytest.fixture
@@ -79,23 +88,37 @@ def case(rng):
     return shape, boxes, saliency
 
 
-def test_full_masks_match_reference(case):
+FACTORS = ["both", "shape", "saliency"]
+
+
+@pytest.mark.parametrize("factors", FACTORS)
+def test_full_masks_match_reference(case, factors):
+    """`full` is the native assembly: each mask at output-map resolution inside its box."""
     shape, boxes, saliency = case
-    masks = assemble_masks(shape, boxes, saliency).numpy()
+    shape_in, saliency_in = leave_out(shape, saliency, factors)
+    masks = assemble_masks(shape_in, boxes, saliency_in, map_size=(H, W)).numpy()
     assert masks.shape == (B, K, H, W)
     for b in range(B):
         for k in range(K):
-            expected = reference_full(shape[b, k], boxes[b, k], saliency[b, :, :, 0])
+            expected = reference_full(shape[b, k], boxes[b, k], saliency[b, :, :, 0], factors)
             np.testing.assert_allclose(masks[b, k], expected, atol=1e-5, rtol=0)
 
 
-def test_box_masks_match_reference(case):
+@pytest.mark.parametrize("factors", FACTORS)
+def test_box_masks_match_reference(case, factors):
+    """`shape`: sigmoid of the resized Local Shape alone; `saliency`: sigmoid of the crop alone."""
     shape, boxes, saliency = case
-    masks = assemble_box_masks(shape, boxes, saliency, M).numpy()
+    shape_in, saliency_in = leave_out(shape, saliency, factors)
+    masks = assemble_box_masks(shape_in, boxes, saliency_in, M).numpy()
     for b in range(B):
         for k in range(K):
-            expected = reference_box(shape[b, k], boxes[b, k], saliency[b, :, :, 0], M)
+            expected = reference_box(shape[b, k], boxes[b, k], saliency[b, :, :, 0], M, factors)
             np.testing.assert_allclose(masks[b, k], expected, atol=1e-5, rtol=0)
+
+
+def test_a_mask_needs_a_factor(case):
+    with pytest.raises(ValueError, match="at least one factor"):
+        assemble_box_masks(None, case[1], None, M)
 
 
 @pytest.mark.parametrize("mode", ["full", "box"])

@@ -116,3 +116,101 @@ def test_keras_file_and_preset_round_trips_detect_identically(shapes, workdir, t
 def test_hub_handles_get_a_clear_error():
     with pytest.raises(PresetError, match="only local preset folders are supported"):
         CenterMask.from_preset("hf://someone/centermask")
+
+
+# === Mask factors (the paper's Local Shape / Global Saliency ablation) ===
+
+
+def test_one_network_assembles_masks_from_either_factor(shapes, workdir):
+    """On a network trained with both factors, `model.mask_factors` changes only the masks:
+    the same detections, and the `both` mask is the product of the two single-factor masks."""
+    _, images = val_images(shapes)
+    directory, _ = workdir
+    size = CenterMask.from_workdir(str(directory)).input_size
+    canvases = tf.stack([tf.image.resize_with_pad(tf.cast(i, tf.float32), size, size) for i in images[:2]])
+    decoded = {
+        factors: CenterMask.from_workdir(str(directory), overrides=[f"model.mask_factors={factors}"]).decode(canvases)
+        for factors in ("both", "shape", "saliency")
+    }
+    for key in ("boxes", "scores", "classes"):
+        np.testing.assert_array_equal(decoded["shape"][key], decoded["both"][key])
+        np.testing.assert_array_equal(decoded["saliency"][key], decoded["both"][key])
+    product = decoded["shape"]["masks"] * decoded["saliency"]["masks"]
+    np.testing.assert_allclose(decoded["both"]["masks"], product, atol=1e-6)
+    assert np.abs(decoded["shape"]["masks"] - decoded["saliency"]["masks"]).max() > 0.05
+
+
+def test_evaluate_takes_any_mask_factors_on_a_both_network(shapes, workdir):
+    directory, overrides = workdir
+    segm = {}
+    for factors in ("shape", "saliency"):
+        args = ["evaluate", "--config", CONFIG, "--workdir", str(directory), "--set", f"model.mask_factors={factors}",
+                "--set", "eval.max_images=2"]
+        for override in [*overrides, "model.mask_threshold=0.5"]:  # random logits sit near 0
+            args += ["--set", override]
+        assert main(args) == 0
+        written = json.loads((directory / "eval" / "detections.json").read_text())
+        segm[factors] = [d["segmentation"]["counts"] for d in written]
+    assert len(segm["shape"]) == len(segm["saliency"]) > 0 and segm["shape"] != segm["saliency"]
+
+
+def test_a_single_factor_network_refuses_the_factor_it_lacks(shapes, tmp_path):
+    _, overrides = shapes
+    config = load_config(CONFIG, overrides + ["model.mask_factors=shape"])
+    detector = CenterMask(config, CATEGORIES)
+    assert "saliency" not in {layer.name for layer in detector.network.layers}
+    detector.save_to_preset(str(tmp_path / "shape_only"))
+    with pytest.raises(Exception, match="needs the Saliency head.*mask_factors=shape"):
+        CenterMask.from_preset(str(tmp_path / "shape_only"), overrides=["model.mask_factors=both"])
+    # A preset of a both-network records both, whatever factors it was decoding with.
+    both = CenterMask(load_config(CONFIG, overrides + ["model.mask_factors=saliency"]), CATEGORIES,
+                      network=CenterMask(load_config(CONFIG, overrides), CATEGORIES).network)
+    both.save_to_preset(str(tmp_path / "both"))
+    assert CenterMask.from_preset(str(tmp_path / "both")).mask_factors == "both"
+
+
+# === Flip test ===
+
+
+def mirror_outputs(outputs):
+    """What a flip-equivariant network outputs for the mirror image: every map mirrored, dx
+    becomes 1 - dx, and every S x S Local Shape grid mirrored."""
+    mirrored = {k: tf.reverse(v, axis=[2]) for k, v in outputs.items()}
+    dy, dx = tf.unstack(mirrored["offset"], axis=-1)
+    mirrored["offset"] = tf.stack([dy, 1.0 - dx], axis=-1)
+    b, h, w, c = mirrored["shape"].shape
+    cells = int(c**0.5)
+    grids = tf.reshape(mirrored["shape"], [b, h, w, cells, cells])
+    mirrored["shape"] = tf.reshape(tf.reverse(grids, axis=[-1]), [b, h, w, c])
+    return mirrored
+
+
+def test_flip_average_of_an_equivariant_network_equals_its_plain_outputs():
+    """A left-right symmetric input to a flip-equivariant network: the mirror run gives the
+    mirrored outputs, and averaging them (flipped back) gives the plain outputs again."""
+    from centermask_tf.decode import flip_averaged
+
+    rng = np.random.default_rng(0)
+    outputs = {k: tf.constant(rng.normal(0, 2, (2, 8, 10, c)), tf.float32)
+               for k, c in {"heatmap": 3, "offset": 2, "size": 2, "shape": 16, "saliency": 1}.items()}
+    averaged = flip_averaged(outputs, mirror_outputs(outputs))
+    for key, value in outputs.items():
+        np.testing.assert_allclose(averaged[key], value, atol=1e-4 if key == "heatmap" else 1e-6)
+
+
+def test_flip_test_detections_are_exactly_mirror_symmetric(shapes, workdir):
+    """Flip-averaged outputs are flip-equivariant for any network: the detections in the
+    mirror image are the mirrored detections (boxes reflected, masks mirrored)."""
+    directory, _ = workdir
+    detector = CenterMask.from_workdir(str(directory), overrides=["eval.flip_test=true"])
+    plain = CenterMask.from_workdir(str(directory))
+    _, images = val_images(shapes)
+    size = detector.input_size
+    canvas = tf.image.resize_with_pad(tf.cast(images[0], tf.float32), size, size)[None]
+    here, there = detector.decode(canvas), detector.decode(tf.reverse(canvas, axis=[2]))
+    np.testing.assert_allclose(there["scores"], here["scores"], atol=1e-5)
+    np.testing.assert_array_equal(there["classes"], here["classes"])
+    ymin, xmin, ymax, xmax = np.moveaxis(here["boxes"].numpy(), -1, 0)
+    np.testing.assert_allclose(there["boxes"], np.stack([ymin, size - xmax, ymax, size - xmin], -1), atol=1e-3)
+    np.testing.assert_allclose(there["masks"], here["masks"].numpy()[..., ::-1], atol=1e-4)
+    assert np.abs(plain.decode(canvas)["scores"] - here["scores"]).max() > 1e-4  # it does average

@@ -1,8 +1,8 @@
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.losses import compute_losses, focal_loss
-from centermask_tf.model.assembly import assemble_box_masks
+from centermask_tf.losses import compute_losses, focal_loss, saliency_target
+from centermask_tf.model.assembly import assemble_box_masks, paste_masks
 from tests.test_targets_decode import CLASSES, OUT, P, encode, perfect_outputs, random_objects
 
 
@@ -95,3 +95,50 @@ def test_ops_index_and_box_helpers():
     corners = tf.constant([[2.0, 4.0, 10.0, 7.0]])
     np.testing.assert_allclose(corners_to_centre(corners).numpy(), [[6.0, 5.5, 8.0, 3.0]])
     np.testing.assert_allclose(centre_to_corners(corners_to_centre(corners)).numpy(), corners.numpy())
+
+
+def numpy_bce(prob, truth):
+    prob = np.clip(prob, 1e-4, 1 - 1e-4)
+    return -(truth * np.log(prob) + (1 - truth) * np.log(1 - prob))
+
+
+def test_mask_loss_uses_only_the_networks_factors(rng):
+    """Without a Saliency head the mask is sigmoid(resized Local Shape) alone, and without a
+    Shape head the sigmoid of the saliency crop alone."""
+    boxes, classes, masks = random_objects(rng, 4)
+    targets = encode(boxes, classes, masks)
+    outputs = random_outputs(rng)
+    idx = targets["indices"][:4]
+    centres = np.stack([idx // OUT, idx % OUT], -1) + targets["offset"][:4]
+    gt_boxes = np.concatenate([centres, targets["size"][:4]], -1)[None].astype(np.float32)
+    shape_vectors = outputs["shape"].numpy()[0].reshape(OUT * OUT, -1)[idx][None]
+    truth = targets["masks"][:4].astype(np.float64)
+    for missing, factors in (("saliency", (shape_vectors, None)), ("shape", (None, outputs["saliency"]))):
+        kept = {k: v for k, v in outputs.items() if k != missing}
+        prob = assemble_box_masks(factors[0], gt_boxes, factors[1], P).numpy()[0]
+        expected = numpy_bce(prob, truth).mean((1, 2)).sum() / 4
+        np.testing.assert_allclose(compute_losses(kept, batch(targets))["mask"], expected, rtol=1e-4)
+
+
+def test_saliency_supervision_is_bce_against_the_union_of_masks(rng):
+    boxes, classes, masks = random_objects(rng, 5)
+    targets = batch(encode(boxes, classes, masks))
+    outputs = random_outputs(rng)
+    # Hand computation: each box-relative target mask pasted on the output map, then the union.
+    centres = tf.cast(tf.stack([targets["indices"] // OUT, targets["indices"] % OUT], -1), tf.float32)
+    centres += targets["offset"]
+    corners = tf.concat([centres - targets["size"] / 2, centres + targets["size"] / 2], -1)
+    pasted = paste_masks(tf.cast(targets["masks"], tf.float32), corners, OUT, OUT).numpy()[0, :5] >= 0.5
+    union = pasted.any(0)
+    assert 0 < union.mean() < 1
+    np.testing.assert_array_equal(saliency_target(targets, OUT, OUT, 1).numpy()[0, ..., 0], union)
+    per_class = saliency_target(targets, OUT, OUT, CLASSES).numpy()[0]
+    for c in range(CLASSES):
+        np.testing.assert_array_equal(per_class[..., c], pasted[classes[:5] == c].any(0))
+
+    losses = compute_losses(outputs, targets, {"saliency": 0.5})
+    prob = 1 / (1 + np.exp(-outputs["saliency"].numpy()[0, ..., 0].astype(np.float64)))
+    np.testing.assert_allclose(losses["saliency"], numpy_bce(prob, union).mean(), rtol=1e-5)
+    without = compute_losses(outputs, targets)
+    assert "saliency" not in without
+    np.testing.assert_allclose(losses["total"], without["total"] + 0.5 * losses["saliency"], rtol=1e-5)

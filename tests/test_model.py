@@ -6,7 +6,7 @@ import pytest
 
 from centermask_tf.config import ModelConfig
 from centermask_tf.model.backbones import BackboneWeightsError, ImageNormalization, build_backbone
-from centermask_tf.model.centermask import build_model
+from centermask_tf.model.centermask import build_model, network_factors
 from centermask_tf.model.heads import HEATMAP_BIAS, Head
 from tests.helpers import run_layer_test, run_model_saving_test
 
@@ -108,6 +108,24 @@ def test_model_outputs_and_heads(saliency, channels):
     }
     np.testing.assert_allclose(model.get_layer("heatmap").out.bias.numpy(), HEATMAP_BIAS)
     assert abs(HEATMAP_BIAS + 2.19) < 0.01
+
+
+@pytest.mark.parametrize("factors, heads", [
+    ("both", {"heatmap", "offset", "size", "shape", "saliency"}),
+    ("shape", {"heatmap", "offset", "size", "shape"}),
+    ("saliency", {"heatmap", "offset", "size", "saliency"}),
+])
+def test_mask_factors_pick_the_mask_heads(factors, heads):
+    """A Local Shape-only network has no Saliency head (no layer, no weights) and a
+    saliency-only one no Shape head."""
+    model = build_model(tiny_config(mask_factors=factors))
+    assert set(model(np.zeros((1, 64, 64, 3), np.float32))) == heads
+    assert {layer.name for layer in model.layers} & {"shape", "saliency"} == heads & {"shape", "saliency"}
+    assert network_factors(model) == factors
+    full = build_model(tiny_config()).count_params()
+    assert model.count_params() == full - sum(
+        build_model(tiny_config()).get_layer(name).count_params() for name in {"shape", "saliency"} - heads
+    )
 
 
 def test_model_config_and_keras_round_trip(tmp_path):

@@ -11,6 +11,8 @@ Conventions, used everywhere in the package:
 - Interpolation is done on logits and the sigmoid applied after, i.e.
   mask = sigmoid(resize(shape)) * sigmoid(saliency). FACTS.md marks the sigmoid placement as
   unconfirmed; this is the paper's formula (sigma applied to LocalShape and to the saliency crop).
+- Either factor may be left out (`None`): the mask is then the other factor alone, as in the
+  paper's Local Shape / Global Saliency ablation (`model.mask_factors`).
 """
 
 import keras
@@ -62,15 +64,22 @@ def _sample_axis(centre, extent, num_samples, num_pixels):
     return tent_weights(positions - 0.5, num_pixels)
 
 
-def _shape_grid(shape_logits):
-    """[B, K, S*S] -> [B, K, S, S]; S is static (the Shape head's channel count)."""
+def _shape_cells(shape_logits):
+    """S, the side of the Local Shape grid, from the static S*S channel count."""
     cells = int(round(shape_logits.shape[-1] ** 0.5))
     if cells * cells != shape_logits.shape[-1]:
         raise ValueError(
             f"Shape vectors must have S*S channels for an integer S; got {shape_logits.shape[-1]}."
         )
+    return cells
+
+
+def _shape_grid(shape_logits):
+    """[B, K, S*S] logits -> [B, K, S, S] float32."""
+    cells = _shape_cells(shape_logits)
+    shape_logits = tf.cast(shape_logits, tf.float32)
     batch, instances = tf.shape(shape_logits)[0], tf.shape(shape_logits)[1]
-    return tf.reshape(shape_logits, [batch, instances, cells, cells]), cells
+    return tf.reshape(shape_logits, [batch, instances, cells, cells])
 
 
 def _instance_saliency(saliency, classes):
@@ -85,28 +94,44 @@ def _instance_saliency(saliency, classes):
     return tf.gather(channels_first, tf.cast(classes, tf.int32), batch_dims=1)
 
 
+def _check_factors(shape_logits, saliency_logits):
+    if shape_logits is None and saliency_logits is None:
+        raise ValueError("A mask needs at least one factor: Shape logits, saliency logits or both.")
+
+
 @tf.function
-def assemble_masks(shape_logits, boxes, saliency_logits, classes=None):
+def assemble_masks(shape_logits, boxes, saliency_logits, classes=None, map_size=None):
     """Full-map masks: `[B, K, H, W]` probabilities, 0 outside each box.
 
     Args:
-        shape_logits: `[B, K, S*S]` Shape-head logits at each instance's centre.
+        shape_logits: `[B, K, S*S]` Shape-head logits at each instance's centre, or None
+            (saliency only).
         boxes: `[B, K, 4]` (cy, cx, h, w) in output pixels.
-        saliency_logits: `[B, H, W, Cs]` Saliency-head logits (Cs = 1 or C).
+        saliency_logits: `[B, H, W, Cs]` Saliency-head logits (Cs = 1 or C), or None (Local
+            Shape only).
         classes: `[B, K]` class indices; needed only when Cs > 1.
+        map_size: (H, W) of the output map; needed only without saliency.
     """
-    shape_logits = tf.cast(shape_logits, tf.float32)
+    _check_factors(shape_logits, saliency_logits)
     boxes = tf.cast(boxes, tf.float32)
-    saliency_logits = tf.cast(saliency_logits, tf.float32)
-    shape, cells = _shape_grid(shape_logits)  # [B, K, S, S]
-    height, width = tf.shape(saliency_logits)[1], tf.shape(saliency_logits)[2]
+    if saliency_logits is None:
+        if map_size is None:
+            raise ValueError("Full-map masks without saliency need map_size=(H, W).")
+        height, width = map_size
+    else:
+        saliency_logits = tf.cast(saliency_logits, tf.float32)
+        height, width = tf.shape(saliency_logits)[1], tf.shape(saliency_logits)[2]
     cy, cx, h, w = tf.unstack(boxes, axis=-1)  # each [B, K]
+    cells = _shape_cells(shape_logits) if shape_logits is not None else 1
     rows, inside_y = _paste_axis(cy, h, height, cells)  # [B, K, H, S], [B, K, H]
     cols, inside_x = _paste_axis(cx, w, width, cells)  # [B, K, W, S], [B, K, W]
-    local = tf.matmul(tf.matmul(rows, shape), cols, transpose_b=True)  # [B, K, H, W]
-    inside = inside_y[..., :, None] * inside_x[..., None, :]  # [B, K, H, W]
-    saliency = _instance_saliency(saliency_logits, classes)  # [B, 1 or K, H, W]
-    return tf.sigmoid(local) * tf.sigmoid(saliency) * inside
+    masks = inside_y[..., :, None] * inside_x[..., None, :]  # [B, K, H, W]
+    if shape_logits is not None:
+        shape = _shape_grid(shape_logits)  # [B, K, S, S]
+        masks *= tf.sigmoid(tf.matmul(tf.matmul(rows, shape), cols, transpose_b=True))
+    if saliency_logits is not None:
+        masks *= tf.sigmoid(_instance_saliency(saliency_logits, classes))  # [B, 1 or K, H, W]
+    return masks
 
 
 @tf.function
@@ -115,34 +140,36 @@ def assemble_box_masks(shape_logits, boxes, saliency_logits, mask_size, classes=
 
     The Local Shape is resampled S -> M (the same matrix for every box) and the saliency is
     sampled bilinearly at the grid points; both in logits, then multiplied after the sigmoid.
-    Arguments as in `assemble_masks`; `mask_size` is M (a Python int).
+    Arguments as in `assemble_masks` (either factor may be None); `mask_size` is M (an int).
     """
-    shape_logits = tf.cast(shape_logits, tf.float32)
+    _check_factors(shape_logits, saliency_logits)
     boxes = tf.cast(boxes, tf.float32)
-    saliency_logits = tf.cast(saliency_logits, tf.float32)
-    shape, cells = _shape_grid(shape_logits)  # [B, K, S, S]
-    batch, instances = tf.shape(shape)[0], tf.shape(shape)[1]
-    height, width = tf.shape(saliency_logits)[1], tf.shape(saliency_logits)[2]
-
-    grid = (tf.range(mask_size, dtype=tf.float32) + 0.5) * cells / mask_size - 0.5
-    resample = tf.broadcast_to(
-        tent_weights(grid, cells), [batch, instances, mask_size, cells]
-    )  # [B, K, M, S]
-    local = tf.matmul(tf.matmul(resample, shape), resample, transpose_b=True)  # [B, K, M, M]
-
-    cy, cx, h, w = tf.unstack(boxes, axis=-1)
-    rows = _sample_axis(cy, h, mask_size, height)  # [B, K, M, H]
-    cols = _sample_axis(cx, w, mask_size, width)  # [B, K, M, W]
-    saliency = _instance_saliency(saliency_logits, classes)  # [B, 1 or K, H, W]
-    if saliency_logits.shape[-1] == 1:
-        # One map shared by all instances: fold K into the row axis instead of tiling the map.
-        flat_rows = tf.reshape(rows, [batch, instances * mask_size, height])
-        partial = tf.matmul(flat_rows, saliency[:, 0])  # [B, K*M, W]
-        partial = tf.reshape(partial, [batch, instances, mask_size, width])
-    else:
-        partial = tf.matmul(rows, saliency)  # [B, K, M, W]
-    crop = tf.matmul(partial, cols, transpose_b=True)  # [B, K, M, M]
-    return tf.sigmoid(local) * tf.sigmoid(crop)
+    batch, instances = tf.shape(boxes)[0], tf.shape(boxes)[1]
+    masks = tf.ones([batch, instances, mask_size, mask_size])
+    if shape_logits is not None:
+        shape = _shape_grid(shape_logits)  # [B, K, S, S]
+        cells = shape.shape[-1]
+        grid = (tf.range(mask_size, dtype=tf.float32) + 0.5) * cells / mask_size - 0.5
+        resample = tf.broadcast_to(
+            tent_weights(grid, cells), [batch, instances, mask_size, cells]
+        )  # [B, K, M, S]
+        masks *= tf.sigmoid(tf.matmul(tf.matmul(resample, shape), resample, transpose_b=True))
+    if saliency_logits is not None:
+        saliency_logits = tf.cast(saliency_logits, tf.float32)
+        height, width = tf.shape(saliency_logits)[1], tf.shape(saliency_logits)[2]
+        cy, cx, h, w = tf.unstack(boxes, axis=-1)
+        rows = _sample_axis(cy, h, mask_size, height)  # [B, K, M, H]
+        cols = _sample_axis(cx, w, mask_size, width)  # [B, K, M, W]
+        saliency = _instance_saliency(saliency_logits, classes)  # [B, 1 or K, H, W]
+        if saliency_logits.shape[-1] == 1:
+            # One map shared by all instances: fold K into the row axis instead of tiling the map.
+            flat_rows = tf.reshape(rows, [batch, instances * mask_size, height])
+            partial = tf.matmul(flat_rows, saliency[:, 0])  # [B, K*M, W]
+            partial = tf.reshape(partial, [batch, instances, mask_size, width])
+        else:
+            partial = tf.matmul(rows, saliency)  # [B, K, M, W]
+        masks *= tf.sigmoid(tf.matmul(partial, cols, transpose_b=True))  # [B, K, M, M]
+    return masks
 
 
 @tf.function

@@ -18,7 +18,8 @@ def build_model(config) -> keras.Model:
         A model from float RGB images `[B, N, N, 3]` in [0, 255] (N = `input_size`) to a dict of
         float32 logits/regressions at stride 4 (N/4 x N/4):
         `heatmap [B, N/4, N/4, C]`, `offset [.., 2]` (dy, dx), `size [.., 2]` (h, w in output
-        pixels), `shape [.., S*S]`, `saliency [.., 1 or C]`.
+        pixels), `shape [.., S*S]`, `saliency [.., 1 or C]`. `model.mask_factors` shape or
+        saliency leaves out the other mask head.
     """
     config = getattr(config, "model", config)
     backbone = build_backbone(
@@ -30,8 +31,17 @@ def build_model(config) -> keras.Model:
         config.head_conv,
         config.saliency == "specific",
         separable=config.head_type == "separable",
+        mask_factors=config.mask_factors,
     )
     images = keras.Input((config.input_size, config.input_size, 3), name="images")
     features = backbone(images)
-    outputs = {name: heads[name](features) for name in HEAD_NAMES}
+    outputs = {name: heads[name](features) for name in HEAD_NAMES if name in heads}
     return keras.Model(images, outputs, name=f"centermask_{config.backbone}")
+
+
+def network_factors(network):
+    """The `mask_factors` a network was built for, read from the mask heads it has."""
+    names = {layer.name for layer in network.layers}
+    if {"shape", "saliency"} <= names:
+        return "both"
+    return "shape" if "shape" in names else "saliency"

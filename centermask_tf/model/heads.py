@@ -118,8 +118,15 @@ class Head(keras.layers.Layer):
         return config
 
 
-def build_heads(num_classes, shape_size, head_conv, class_specific_saliency, separable=False):
-    """The five heads, keyed by `HEAD_NAMES`."""
+def mask_heads(mask_factors):
+    """The mask heads a network trained with `mask_factors` (both | shape | saliency) has."""
+    return {"both": ("shape", "saliency"), "shape": ("shape",), "saliency": ("saliency",)}[mask_factors]
+
+
+def build_heads(num_classes, shape_size, head_conv, class_specific_saliency, separable=False,
+                mask_factors="both"):
+    """The heads keyed by `HEAD_NAMES`: all five, or without the mask head `mask_factors` leaves
+    out (a Local Shape-only network has no Saliency head, a saliency-only one no Shape head)."""
     channels = {
         "heatmap": num_classes,
         "offset": 2,
@@ -136,4 +143,5 @@ def build_heads(num_classes, shape_size, head_conv, class_specific_saliency, sep
             name=name,
         )
         for name, filters in channels.items()
+        if name in ("heatmap", "offset", "size", *mask_heads(mask_factors))
     }
