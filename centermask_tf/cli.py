@@ -86,9 +86,9 @@ def cmd_info(args):
 def cmd_make_shapes(args):
     from centermask_tf.data.shapes import make_shapes
 
-    counts = make_shapes(args.output, args.train, args.val, args.seed, args.image_size)
-    for split, (images, annotations) in counts.items():
-        print(f"{split}: {images} images, {annotations} annotations")
+    counts = make_shapes(args.output, args.train, args.val, args.seed, args.image_size, args.occlusion)
+    for split, (images, annotations, occluded) in counts.items():
+        print(f"{split}: {images} images, {annotations} annotations ({occluded} partly occluded)")
     print(f"written to {args.output}/annotations and {args.output}/{{train,val}}")
 
 
@@ -254,10 +254,9 @@ def cmd_demo(args):
         *args.overrides,
     ]
     config = load_config(args.config, overrides)
-    state = Workdir(args.workdir).load_state()
-    reuse = bool(state and state.finished and not args.overwrite and state.epochs == config.train.epochs)
+    reuse = not args.overwrite and Workdir(args.workdir).finished(config)
     if reuse:
-        print(f"[2/5] {args.workdir} holds a finished run of {state.epochs} epochs: using it "
+        print(f"[2/5] {args.workdir} holds a finished run of {config.train.epochs} epochs: using it "
               "(--overwrite retrains, moving it into previous/)")
     else:
         print(f"[2/5] training {args.config} into {args.workdir}")
@@ -306,6 +305,25 @@ def cmd_demo(args):
     print(f"logs           {args.workdir}/history.csv, TensorBoard: {args.workdir}/logs")
     print(f"SavedModel     {saved_model}/{version} (TF Serving layout)")
     print(f"TFLite         {tflite} ({os.path.getsize(tflite) / 1e6:.2f} MB, builtin ops only)")
+
+
+def cmd_ablate(args):
+    """The Local Shape / Global Saliency experiment (see centermask_tf/ablation.py)."""
+    from centermask_tf.ablation import ablate
+
+    config = None
+    if args.train:
+        if not args.config:
+            raise UsageError("ablate --train needs --config: the config each mode is trained with.")
+        config = _load(args)
+    elif args.config:
+        raise UsageError("ablate without --train decodes the workdir's own model; drop --config "
+                         "(use --set to change its evaluation settings).")
+    ablate(args.workdir, config, args.train, () if args.train else args.overrides, args.images)
+    folder = os.path.join(args.workdir, "ablate")
+    with open(os.path.join(folder, "ablation.md"), encoding="utf-8") as f:
+        print(f.read())
+    print(f"wrote {folder}/ablation.json, ablation.md and ablation.png")
 
 
 def cmd_export(args):
@@ -416,12 +434,23 @@ def build_parser():
     _add_set_arg(export, _INFERENCE_SETTING)
     export.set_defaults(handler=cmd_export)
 
+    ablation = command("ablate", help="mask AP with Local Shape only, Global Saliency only, and both")
+    ablation.add_argument("--workdir", required=True,
+                          help="a workdir trained with both factors; with --train, where the three runs go")
+    ablation.add_argument("--train", action="store_true", help="train one model per mode (needs --config)")
+    ablation.add_argument("--config", help="with --train: the config each mode is trained with")
+    _add_set_arg(ablation, "eval.max_images=50")
+    ablation.add_argument("--images", type=int, default=4, help="validation images in ablation.png")
+    ablation.set_defaults(handler=cmd_ablate)
+
     shapes = command("make-shapes", help="write the synthetic COCO-format shapes set")
     shapes.add_argument("--output", required=True, help="dataset folder to create")
     shapes.add_argument("--train", type=int, default=600, help="training images")
     shapes.add_argument("--val", type=int, default=100, help="validation images")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--image-size", type=int, default=128, help="longest image side")
+    shapes.add_argument("--occlusion", type=float, metavar="P",
+                        help="fraction of objects placed over an earlier one (0-1; default: uniform positions)")
     shapes.set_defaults(handler=cmd_make_shapes)
 
     bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")

@@ -35,6 +35,7 @@ BACKBONES = (
     "resnet50",
     "resnet101",
     "dla34",
+    "hourglass104",
     "mobilenetv3_large",
     "mobilenetv3_large_minimalistic",
     "mobilenetv3_small",
@@ -120,6 +121,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.input_size={self.input_size} must be a multiple of 32 "
                 "(every backbone downsamples by 32 before upsampling to stride 4)."
+            )
+        if self.backbone == "hourglass104" and self.input_size % 128:
+            raise ConfigError(
+                f"model.input_size={self.input_size} must be a multiple of 128 for hourglass104 "
+                "(five stride-2 levels below its stride-4 stem)."
             )
         if self.neck == "skip" and not self.backbone.startswith("resnet"):
             raise ConfigError(

@@ -208,7 +208,8 @@ class CocoEvalCallback(keras.callbacks.Callback):
     `eval/epoch_NNN.json`. Between evaluations the last values are repeated.
 
     At each evaluation it also writes `logs/images`: for the first `IMAGE_SAMPLES` validation
-    images, the detections (masks, boxes, class names) beside the Global Saliency map, as the
+    images, the detections (masks, boxes, class names) beside the Global Saliency map (when the
+    network has one), as the
     TF Object Detection API's side-by-side evaluation images."""
 
     def __init__(self, detector, builder, config, workdir, every, last=None):
@@ -252,14 +253,19 @@ class CocoEvalCallback(keras.callbacks.Callback):
         detections = {k: np.asarray(v) for k, v in self.detector.detect_canvases(canvases).items()}
         shown = (detections["scores"] >= IMAGE_SCORE).sum(axis=1)
         detections["num_detections"] = np.minimum(detections["num_detections"], shown)
-        saliency = tf.sigmoid(self.detector.network(canvases, training=False)["saliency"])
-        saliency = tf.image.resize(tf.reduce_max(saliency, axis=-1, keepdims=True), [size, size])  # [B, N, N, 1]
+        outputs = self.detector.network(canvases, training=False)
+        saliency = None
+        if "saliency" in outputs:  # a mask_factors=shape network has none
+            saliency = tf.sigmoid(outputs["saliency"])
+            saliency = tf.image.resize(tf.reduce_max(saliency, axis=-1, keepdims=True), [size, size])  # [B, N, N, 1]
         names = [c["name"] for c in self.detector.categories]
         panels = []
         for i, canvas in enumerate(np.asarray(tf.cast(tf.round(canvases), tf.uint8))):
             result = to_original_image(detections, i, 1.0, (size, size), self.config.model.mask_threshold)
-            heat = np.repeat(np.asarray(saliency[i] * 255.0).astype(np.uint8), 3, axis=-1)
-            panels.append(np.concatenate([np.asarray(draw_overlay(canvas, result, names)), heat], axis=1))
+            panel = [np.asarray(draw_overlay(canvas, result, names))]
+            if saliency is not None:
+                panel.append(np.repeat(np.asarray(saliency[i] * 255.0).astype(np.uint8), 3, axis=-1))
+            panels.append(np.concatenate(panel, axis=1))
         with self._writer.as_default():
             tf.summary.image("validation/detections_and_saliency", np.stack(panels), step=step, max_outputs=IMAGE_SAMPLES)
         self._writer.flush()

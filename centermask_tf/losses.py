@@ -9,6 +9,7 @@ the network runs in float16.
 import tensorflow as tf
 
 from centermask_tf.model.assembly import assemble_box_masks, paste_masks
+from centermask_tf.model.centermask import INTERMEDIATE
 from centermask_tf.ops import centre_to_corners, gather_at, unflatten_index
 
 # CenterNet clamps probabilities to [1e-4, 1 - 1e-4] before taking logs.
@@ -108,11 +109,22 @@ def compute_losses(outputs, targets, weights=None):
             saliency supervision).
 
     Returns:
-        {"heatmap", "offset", "size", "mask", ["saliency",] "total"} scalar float32 tensors.
+        {"heatmap", "offset", "size", "mask", ["saliency",] "total"} scalar float32 tensors,
+        each summed over the stacks of a stacked network.
     """
     weights = {**PAPER_WEIGHTS, **(weights or {})}
     valid = tf.cast(targets["valid"], tf.float32)
     normalizer = tf.maximum(tf.reduce_sum(valid), 1.0)
+    # Stacked networks (hourglass104): every stack's heads are supervised and the losses summed.
+    stacks = [_stack_losses(stack, targets, weights, valid, normalizer)
+              for stack in (outputs, *outputs.get(INTERMEDIATE, ()))]
+    losses = {name: tf.add_n([stack[name] for stack in stacks]) for name in stacks[0]}
+    losses["total"] = tf.add_n([weights[name] * value for name, value in losses.items()])
+    return losses
+
+
+def _stack_losses(outputs, targets, weights, valid, normalizer):
+    """The loss terms of one set of head outputs."""
     offset = gather_at(tf.cast(outputs["offset"], tf.float32), targets["indices"])
     size = gather_at(tf.cast(outputs["size"], tf.float32), targets["indices"])
     losses = {
@@ -125,5 +137,4 @@ def compute_losses(outputs, targets, weights=None):
         if "saliency" not in outputs:
             raise ValueError("train.saliency_weight > 0 needs a Saliency head (model.mask_factors both or saliency).")
         losses["saliency"] = saliency_loss(outputs, targets)
-    losses["total"] = tf.add_n([weights[name] * value for name, value in losses.items()])
     return losses

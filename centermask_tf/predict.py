@@ -140,6 +140,16 @@ def draw_overlay(image, result, names):
     return picture
 
 
+def detect_image(detect, image, input_size, score_threshold, mask_threshold):
+    """One uint8 image through `detect` (letterboxed canvases -> decoded detections): its
+    detections scoring at least `score_threshold`, in its own pixels (`to_original_image`)."""
+    canvas, scale = letterbox_image(image, input_size)
+    detections = {k: np.asarray(v) for k, v in detect(canvas[None]).items()}
+    keep = int(np.sum(detections["scores"][0] >= score_threshold))
+    detections["num_detections"] = np.minimum(detections["num_detections"], keep)
+    return to_original_image(detections, 0, scale, image.shape[:2], mask_threshold)
+
+
 def predict_files(
     detect, files, input_size, categories, score_threshold, mask_threshold, output,
     max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_MEGABYTES,
@@ -162,11 +172,7 @@ def predict_files(
             logger.warning("skipped %s", e)
             predictions.append({"file": path, "error": str(e)})
             continue
-        canvas, scale = letterbox_image(image, input_size)
-        detections = {k: np.asarray(v) for k, v in detect(canvas[None]).items()}
-        keep = int(np.sum(detections["scores"][0] >= score_threshold))
-        detections["num_detections"] = np.minimum(detections["num_detections"], keep)
-        result = to_original_image(detections, 0, scale, image.shape[:2], mask_threshold)
+        result = detect_image(detect, image, input_size, score_threshold, mask_threshold)
         overlay = os.path.join(output, os.path.basename(path) + OVERLAY_SUFFIX)
         picture = draw_overlay(image, result, names)
         atomic_write(overlay, lambda tmp: picture.save(tmp, format="PNG"), "overlay", image.size)

@@ -128,6 +128,11 @@ class Workdir:
                 "and start over."
             ) from None
 
+    def finished(self, config):
+        """Whether this workdir holds a finished run of `config`'s number of epochs."""
+        state = self.load_state()
+        return bool(state and state.finished and state.epochs == config.train.epochs)
+
     def save_state(self, state):
         files.write_json(self.join("state.json"), dataclasses.asdict(state), point="state")
 

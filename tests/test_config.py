@@ -18,6 +18,7 @@ def test_shipped_configs_exist():
         "coco_resnet18.yaml",
         "coco_resnet50.yaml",
         "coco_dla34.yaml",
+        "coco_hourglass104.yaml",
         "edge_mobilenetv3.yaml",
     } <= names
 

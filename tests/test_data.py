@@ -64,6 +64,25 @@ def test_shapes_are_deterministic_for_a_seed(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 
 
+def test_occlusion_controls_overlap_and_masks_are_the_visible_parts(tmp_path):
+    """--occlusion 0 keeps objects apart where there is room; 0.9 stacks most of them, and the
+    annotated masks never overlap (each pixel belongs to the object drawn on top)."""
+    occluded = {}
+    for p in (0.0, 0.9):
+        counts = make_shapes(str(tmp_path / str(p)), train=40, val=1, seed=5, occlusion=p)
+        images, annotations, occluded[p] = counts["train"]
+        assert images == 40 and annotations > 60
+        occluded[p] /= annotations
+        coco = COCO(str(tmp_path / str(p) / "annotations" / "instances_train.json"))
+        for image_id in coco.getImgIds():
+            masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+            if masks:
+                assert np.sum(masks, axis=0).max() <= 1
+    assert occluded[0.0] < 0.25 and occluded[0.9] > 0.45, occluded  # uniform positions: ~0.36
+    with pytest.raises(Exception, match="--occlusion must be a fraction"):
+        make_shapes(str(tmp_path / "bad"), train=1, val=1, occlusion=1.5)
+
+
 def test_decode_rle_equals_pycocotools(rng):
     from centermask_tf.data.coco import uncompressed_counts
 

@@ -183,3 +183,82 @@ def test_sparse_shape_detection_equals_dense(rng, saliency):
     for key in ("boxes", "scores", "classes", "masks"):
         np.testing.assert_allclose(sparse[key].numpy(), dense[key].numpy(), atol=1e-5)
     assert float(np.std(dense["masks"])) > 1e-4  # masks vary, so equality says something
+
+
+# === Hourglass-104 ===
+
+
+def centernet_hourglass_parameters():
+    """Trainable parameters of CenterNet's `large_hourglass` backbone (pre, two kp_modules,
+    cnvs, inters, inters_, cnvs_; PyTorch counts BatchNorm as weight + bias), counted by hand
+    from its module structure: convolutions have no bias before a BatchNorm."""
+    def conv(k, i, o):
+        return k * k * i * o + 2 * o
+
+    def residual(i, o, stride=1):
+        return conv(3, i, o) + conv(3, o, o) + (conv(1, i, o) if stride != 1 or i != o else 0)
+
+    def kp_module(dims, modules):
+        (c, n), (cm, nm) = dims[:2], modules[:2]
+        inner = kp_module(dims[1:], modules[1:]) if len(dims) > 2 else nm * residual(n, n)
+        return (cm * residual(c, c) + residual(c, n, 2) + (cm - 1) * residual(n, n) + inner
+                + (cm - 1) * residual(n, n) + residual(n, c))
+
+    dims, modules = [256, 256, 384, 384, 384, 512], [2, 2, 2, 2, 2, 4]
+    return (conv(7, 3, 128) + residual(128, 256, 2) + 2 * kp_module(dims, modules) + 2 * conv(3, 256, 256)
+            + residual(256, 256) + 2 * conv(1, 256, 256))
+
+
+def trainable_count(layer):
+    return sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
+
+
+def test_hourglass104_has_centernets_parameter_count():
+    backbone = build_backbone("hourglass104", 128)
+    assert trainable_count(backbone) == centernet_hourglass_parameters() == 187_700_352
+
+
+def test_hourglass_intermediate_heads_train_and_are_left_out_of_inference():
+    """Both stacks carry the heads in training (their losses summed); decoding, and so every
+    export, runs the last stack only."""
+    from centermask_tf.decode import inference_network
+    from centermask_tf.export.tflite import keras_to_tflite
+    from centermask_tf.losses import compute_losses
+    from tests.test_losses import batch, encode, random_objects
+
+    model = build_model(tiny_config(backbone="hourglass104", input_size=128))
+    outputs = model(np.zeros((1, 128, 128, 3), np.float32), training=True)
+    (intermediate,) = outputs["intermediate"]
+    assert set(intermediate) == {"heatmap", "offset", "size", "shape", "saliency"}
+    assert outputs["heatmap"].shape == (1, 32, 32, 3)  # stride 4
+    first = {name: model.get_layer(f"stack0_{name}") for name in intermediate}
+
+    rng = np.random.default_rng(0)
+    targets = batch(encode(*random_objects(rng, 3)))
+    stacked = {k: v for k, v in outputs.items()}
+    stacked["intermediate"] = [{k: v + 0.5 for k, v in outputs.items() if k != "intermediate"}]
+    last = compute_losses({k: v for k, v in outputs.items() if k != "intermediate"}, targets)
+    other = compute_losses(stacked["intermediate"][0], targets)
+    both = compute_losses(stacked, targets)
+    for name in ("heatmap", "mask", "total"):
+        np.testing.assert_allclose(both[name], last[name] + other[name], rtol=1e-5)
+
+    inference = inference_network(model)
+    assert not {layer.name for layer in inference.layers} & {layer.name for layer in first.values()}
+    # Everything but the first stack's heads and the dense Shape output (run at the peaks only).
+    left_out = sum(h.count_params() for h in first.values()) + model.get_layer("shape").count_params()
+    assert inference.count_params() == model.count_params() - left_out
+    content = keras_to_tflite(inference)
+    assert b"stack0_" not in content and b"hg1_out" in content
+
+
+@pytest.mark.slow
+def test_hourglass104_builds_at_512_with_stride_4_outputs():
+    from centermask_tf.config import load_config
+
+    model = build_model(load_config("configs/coco_hourglass104.yaml").model)
+    outputs = model(np.zeros((1, 512, 512, 3), np.float32))
+    assert outputs["heatmap"].shape == (1, 128, 128, 80) and outputs["shape"].shape == (1, 128, 128, 1024)
+    assert [o["saliency"].shape for o in outputs["intermediate"]] == [(1, 128, 128, 80)]
+    print(f"Hourglass-104 CenterMask parameters: {model.count_params():,}")
+    assert 190e6 < model.count_params() < 200e6

@@ -4,7 +4,10 @@
 
 writes `annotations/instances_{train,val}.json` and `train/`, `val/` image folders. Objects are
 circles, rectangles and triangles of random colour and size (about 12-55 % of the image side),
-drawn in sequence so later ones occlude earlier ones; each annotation is the *visible* part.
+drawn in sequence so later ones occlude earlier ones; each annotation is the *visible* part, as
+in COCO. `--occlusion P` controls overlap: each object after the first is placed over an earlier
+one with probability P (its centre 25-60 % of its size away from the other's) and elsewhere
+apart from the others (when there is room); without it, positions are uniform.
 Unoccluded objects are annotated with polygons, occluded ones with RLE (alternately compressed
 and uncompressed); about 8 % of the images have no objects. Images are JPEG and PNG of varied
 sizes. Everything is deterministic for a seed.
@@ -19,6 +22,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from centermask_tf.data.coco import uncompressed_counts
+from centermask_tf.errors import UserError
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -31,11 +35,33 @@ _MIN_VISIBLE = 0.25
 _MIN_CONTRAST = 80.0
 
 
-def _polygon(kind, rng, height, width):
-    """A random shape of `kind` as a flat [x0, y0, x1, y1, ...] polygon in pixel coordinates."""
+def _centre(rng, size, height, width, placed, occlusion):
+    """An object centre: uniform (`occlusion` None), over an earlier object (probability
+    `occlusion`), or else apart from every earlier (cy, cx, size) in `placed` when one of 20
+    tries finds room."""
+    def uniform():
+        return rng.uniform(size / 2, height - size / 2), rng.uniform(size / 2, width - size / 2)
+
+    if occlusion is None or not placed:
+        return uniform()
+    if rng.uniform() < occlusion:
+        cy, cx, other = placed[int(rng.integers(len(placed)))]
+        angle, distance = rng.uniform(0, 2 * np.pi), rng.uniform(0.25, 0.6) * max(size, other)
+        return (float(np.clip(cy + distance * np.sin(angle), size / 2, height - size / 2)),
+                float(np.clip(cx + distance * np.cos(angle), size / 2, width - size / 2)))
+    for _ in range(20):
+        cy, cx = uniform()
+        if all(max(abs(cy - y), abs(cx - x)) > (size + s) / 2 for y, x, s in placed):
+            break
+    return cy, cx
+
+
+def _polygon(kind, rng, height, width, placed=(), occlusion=None):
+    """A random shape of `kind` as a flat [x0, y0, x1, y1, ...] polygon in pixel coordinates;
+    `placed` and `occlusion` as in `_centre`."""
     side = min(height, width)
     size = rng.uniform(0.12, 0.55) * side
-    cy, cx = rng.uniform(size / 2, height - size / 2), rng.uniform(size / 2, width - size / 2)
+    cy, cx = _centre(rng, size, height, width, placed, occlusion)
     if kind == "circle":
         angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
         ry, rx = size / 2, size / 2 * rng.uniform(0.7, 1.0)
@@ -50,7 +76,7 @@ def _polygon(kind, rng, height, width):
         angles = angle + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
         points = np.stack([cx + size / 2 * np.cos(angles), cy + size / 2 * np.sin(angles)], -1)
     points = np.clip(points, 0, [width - 1, height - 1])
-    return [float(v) for v in points.reshape(-1).round(2)]
+    return [float(v) for v in points.reshape(-1).round(2)], (cy, cx, size)
 
 
 def _object_colour(rng, background_colours):
@@ -75,13 +101,14 @@ def _background(rng, height, width):
     return image + rng.normal(0, 12, image.shape), (colour_a, colour_b)
 
 
-def _make_image(rng, image_id, height, width, annotation_id):
+def _make_image(rng, image_id, height, width, annotation_id, occlusion=None):
     image, background_colours = _background(rng, height, width)
     count = 0 if rng.uniform() < 0.08 else int(rng.integers(1, 7))
-    full_masks, polygons, labels = [], [], []
+    full_masks, polygons, labels, placed = [], [], [], []
     for _ in range(count):
         category = CATEGORIES[int(rng.integers(0, len(CATEGORIES)))]
-        polygon = _polygon(category["name"], rng, height, width)
+        polygon, where = _polygon(category["name"], rng, height, width, placed, occlusion)
+        placed.append(where)
         rle = mask_utils.frPyObjects([polygon], height, width)
         mask = mask_utils.decode(rle)[..., 0].astype(bool)
         colour = _object_colour(rng, background_colours)
@@ -125,7 +152,7 @@ def _make_image(rng, image_id, height, width, annotation_id):
     return np.clip(image, 0, 255).astype(np.uint8), annotations
 
 
-def _write_split(output, split, count, rng, image_size, first_image_id):
+def _write_split(output, split, count, rng, image_size, first_image_id, occlusion):
     folder = os.path.join(output, split)
     os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
@@ -133,7 +160,7 @@ def _write_split(output, split, count, rng, image_size, first_image_id):
         height = int(image_size * rng.uniform(0.75, 1.0))
         width = int(image_size * rng.uniform(0.75, 1.0))
         image_id = first_image_id + index
-        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1)
+        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1, occlusion)
         use_png = index % 4 == 3
         file_name = f"{image_id:06d}.{'png' if use_png else 'jpg'}"
         encoded = tf.io.encode_png(pixels) if use_png else tf.io.encode_jpeg(pixels, quality=95)
@@ -148,18 +175,25 @@ def _write_split(output, split, count, rng, image_size, first_image_id):
     }
     with open(os.path.join(output, "annotations", f"instances_{split}.json"), "w") as f:
         json.dump(coco, f)
-    return len(images), len(annotations)
+    occluded = sum(isinstance(a["segmentation"], dict) for a in annotations)
+    return len(images), len(annotations), occluded
 
 
-def make_shapes(output, train=600, val=100, seed=0, image_size=128):
+def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=None):
     """Writes the synthetic shapes dataset in COCO format under `output`.
 
+    `occlusion`: None (uniform positions) or the fraction P in [0, 1] of objects placed over
+    an earlier one (see the module docstring).
+
     Returns:
-        {"train": (images, annotations), "val": (images, annotations)} counts.
+        {"train": (images, annotations, occluded), "val": (...)} counts; `occluded` counts the
+        annotations whose object is partly hidden by a later one.
     """
     os.makedirs(os.path.join(output, "annotations"), exist_ok=True)
     rng = np.random.default_rng(seed)
-    counts = {"train": _write_split(output, "train", train, rng, image_size, 1)}
+    if occlusion is not None and not 0 <= occlusion <= 1:
+        raise UserError(f"--occlusion must be a fraction between 0 and 1, got {occlusion}.")
+    counts = {"train": _write_split(output, "train", train, rng, image_size, 1, occlusion)}
     # Validation ids start far from training ids: image ids are arbitrary in COCO.
-    counts["val"] = _write_split(output, "val", val, rng, image_size, 100001)
+    counts["val"] = _write_split(output, "val", val, rng, image_size, 100001, occlusion)
     return counts

@@ -4,6 +4,8 @@
   three 4x4 stride-2 transposed convs (256/128/64 channels).
 - dla34 (native) with CenterNet's IDA-up path to stride 4; plain 3x3 convs stand in for the
   deformable ones and bilinear upsampling for the (bilinear-initialised) grouped deconvolutions.
+- hourglass104 (native): CenterNet's large hourglass, two stacked 5-level hourglasses, one
+  stride-4 map per stack (the first feeds intermediate supervision in training).
 - mobilenetv3_large/small (keras.applications) with a light FPN-style neck (depthwise-separable
   convs) for edge devices; mobilenetv3_large_minimalistic is the variant without hard-swish,
   squeeze-excite and 5x5 kernels, which int8 runtimes run fastest (LiteRT's XNNPACK takes no
@@ -24,6 +26,7 @@ from centermask_tf.errors import UserError
 _NORMALIZATION = {
     "resnet18": "torch",
     "dla34": "torch",
+    "hourglass104": "torch",
     "resnet50": "caffe",
     "resnet101": "caffe",
     "mobilenetv3_large": "tf",
@@ -198,6 +201,57 @@ def _dla34(x, width_multiplier):
     return final[-1]
 
 
+# === Hourglass-104 (native), as CenterNet's `large_hourglass` ===
+
+HOURGLASS_CHANNELS = (256, 256, 384, 384, 384, 512)
+HOURGLASS_MODULES = (2, 2, 2, 2, 2, 4)
+HOURGLASS_STACKS = 2
+
+
+def _residuals(x, filters, count, name, stride=1):
+    """`count` residual modules; the first may change the channels and stride."""
+    for i in range(count):
+        x = _basic_block(x, filters, stride if i == 0 else 1, f"{name}{i}")
+    return x
+
+
+def _hourglass(x, channels, modules, name):
+    """One hourglass level (CenterNet's `kp_module`), recursing until one level is left:
+    a residual branch at this resolution plus the inner levels at half resolution,
+    upsampled (nearest) and added."""
+    up = _residuals(x, channels[0], modules[0], f"{name}_up")
+    low = _residuals(x, channels[1], modules[0], f"{name}_down", stride=2)
+    if len(channels) > 2:
+        low = _hourglass(low, channels[1:], modules[1:], f"{name}i")
+    else:
+        low = _residuals(low, channels[1], modules[1], f"{name}_bottom")
+    low = _residuals(low, channels[1], modules[0] - 1, f"{name}_back")
+    low = _basic_block(low, channels[0], 1, f"{name}_back_out")
+    low = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_upsample")(low)
+    return keras.layers.Add(name=f"{name}_merge")([up, low])
+
+
+def _hourglass104(x, width_multiplier):
+    """Stride-4 features of each of the two stacks: stem (7x7 stride-2 conv, stride-2 residual),
+    then hourglass -> 3x3 conv per stack, with 1x1 conv + BN merges between them."""
+    channels = [scaled_channels(c, width_multiplier) for c in HOURGLASS_CHANNELS]
+    x = _conv_bn(x, scaled_channels(128, width_multiplier), 7, 2, name="stem")
+    inter = _basic_block(x, channels[0], 2, "stem_res")
+    stacks = []
+    for stack in range(HOURGLASS_STACKS):
+        features = _hourglass(inter, channels, HOURGLASS_MODULES, f"hg{stack}")
+        features = _conv_bn(features, channels[0], 3, name=f"hg{stack}_out")
+        stacks.append(features)
+        if stack + 1 < HOURGLASS_STACKS:
+            merged = keras.layers.Add(name=f"hg{stack}_merge_add")([
+                _conv_bn(inter, channels[0], 1, relu=False, name=f"hg{stack}_merge_inter"),
+                _conv_bn(features, channels[0], 1, relu=False, name=f"hg{stack}_merge_features"),
+            ])
+            inter = _basic_block(keras.layers.ReLU(name=f"hg{stack}_merge_relu")(merged), channels[0], 1,
+                                 f"hg{stack}_merge_res")
+    return stacks
+
+
 # === keras.applications backbones ===
 
 
@@ -256,7 +310,8 @@ def _mobilenet_neck(features, width_multiplier):
 
 
 def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="deconv"):
-    """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to stride-4 features.
+    """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to stride-4 features (for
+    hourglass104 a list of them, one per stack; the last is the one inference uses).
 
     Args:
         name: one of `centermask_tf.config.BACKBONES`.
@@ -287,6 +342,8 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
         features = _resnet18(x, width_multiplier, skips=neck == "skip")
     elif name == "dla34":
         features = _dla34(x, width_multiplier)
+    elif name == "hourglass104":
+        features = _hourglass104(x, width_multiplier)
     else:
         app = _application(name, input_size, weights, width_multiplier)
         if name.startswith("mobilenetv3") or neck == "skip":

@@ -6,6 +6,8 @@ from centermask_tf.model.backbones import build_backbone
 from centermask_tf.model.heads import HEAD_NAMES, build_heads
 
 OUTPUT_STRIDE = 4
+# Output key of the earlier stacks' head outputs (a list of dicts) in stacked networks.
+INTERMEDIATE = "intermediate"
 
 
 def build_model(config) -> keras.Model:
@@ -19,25 +21,35 @@ def build_model(config) -> keras.Model:
         float32 logits/regressions at stride 4 (N/4 x N/4):
         `heatmap [B, N/4, N/4, C]`, `offset [.., 2]` (dy, dx), `size [.., 2]` (h, w in output
         pixels), `shape [.., S*S]`, `saliency [.., 1 or C]`. `model.mask_factors` shape or
-        saliency leaves out the other mask head.
+        saliency leaves out the other mask head. Stacked backbones (hourglass104) add
+        `intermediate`: the same dict for each earlier stack.
     """
     config = getattr(config, "model", config)
     backbone = build_backbone(
         config.backbone, config.input_size, config.width_multiplier, config.weights, config.neck
     )
-    heads = build_heads(
-        config.num_classes,
-        config.shape_size,
-        config.head_conv,
-        config.saliency == "specific",
-        separable=config.head_type == "separable",
-        mask_factors=config.mask_factors,
-    )
+
+    def heads(features, prefix=""):
+        layers = build_heads(
+            config.num_classes,
+            config.shape_size,
+            config.head_conv,
+            config.saliency == "specific",
+            separable=config.head_type == "separable",
+            mask_factors=config.mask_factors,
+            prefix=prefix,
+        )
+        return {name: layers[name](features) for name in HEAD_NAMES if name in layers}
+
     images = keras.Input((config.input_size, config.input_size, 3), name="images")
     features = backbone(images)
-    outputs = {name: heads[name](features) for name in HEAD_NAMES if name in heads}
+    if not isinstance(features, (list, tuple)):
+        return keras.Model(images, heads(features), name=f"centermask_{config.backbone}")
+    # Stacked backbones (hourglass104): every stack gets heads; the last stack's are the
+    # outputs inference uses, the others' are only for intermediate supervision in training.
+    outputs = heads(features[-1])
+    outputs[INTERMEDIATE] = [heads(stack, f"stack{i}_") for i, stack in enumerate(features[:-1])]
     return keras.Model(images, outputs, name=f"centermask_{config.backbone}")
-
 
 def network_factors(network):
     """The `mask_factors` a network was built for, read from the mask heads it has."""

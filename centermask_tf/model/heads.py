@@ -124,9 +124,10 @@ def mask_heads(mask_factors):
 
 
 def build_heads(num_classes, shape_size, head_conv, class_specific_saliency, separable=False,
-                mask_factors="both"):
+                mask_factors="both", prefix=""):
     """The heads keyed by `HEAD_NAMES`: all five, or without the mask head `mask_factors` leaves
-    out (a Local Shape-only network has no Saliency head, a saliency-only one no Shape head)."""
+    out (a Local Shape-only network has no Saliency head, a saliency-only one no Shape head).
+    Layer names are `prefix` + the key."""
     channels = {
         "heatmap": num_classes,
         "offset": 2,
@@ -140,7 +141,7 @@ def build_heads(num_classes, shape_size, head_conv, class_specific_saliency, sep
             head_conv,
             HEATMAP_BIAS if name == "heatmap" else 0.0,
             separable=separable,
-            name=name,
+            name=prefix + name,
         )
         for name, filters in channels.items()
         if name in ("heatmap", "offset", "size", *mask_heads(mask_factors))

@@ -1,0 +1,154 @@
+"""The paper's Local Shape / Global Saliency experiment: COCO AP with masks made of the Local
+Shape alone, the Global Saliency alone, and both.
+
+    centermask ablate --workdir work/demo       # one model trained with both, three inference modes
+    centermask ablate --workdir work/ablation --config configs/shapes_tiny.yaml --train
+                                                # one model trained per mode, same schedule
+
+Writes into `WORKDIR/ablate/`: `ablation.json` (metrics per mode), `ablation.md` (the table),
+`ablation.png` (the same validation images in three columns: Local Shape only, Global Saliency
+only, both: the paper's figure) and per mode `<mode>/metrics.json` and `detections.json`. With
+`--train`, `<mode>/` is that mode's training workdir (`model.mask_factors=<mode>`) and its
+evaluation is in `<mode>/eval/`; a rerun reuses finished runs and resumes unfinished ones.
+"""
+
+import os
+
+from PIL import Image, ImageDraw, ImageFont
+
+from centermask_tf.config import config_from_dict
+from centermask_tf.errors import UserError
+from centermask_tf.files import atomic_write, write_json, write_text
+
+# Column order of the table and the grid: each factor alone, then the product.
+MODES = ("shape", "saliency", "both")
+TITLES = {"shape": "Local Shape only", "saliency": "Global Saliency only", "both": "both (CenterMask)"}
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Grid cells: each overlay scaled so its longest side is this many pixels.
+_CELL = 256
+_GRID_SCORE = 0.3
+
+
+def with_factors(config, mode):
+    """`config` with `model.mask_factors=mode`."""
+    return config_from_dict(config.to_dict(), [f"model.mask_factors={mode}"])
+
+
+def trained_detectors(config, folder):
+    """Trains one model per mode into `folder/<mode>` (finished runs are reused, unfinished
+    ones resumed) and returns `{mode: (detector, evaluation folder)}`."""
+    from centermask_tf.detector import CenterMask
+    from centermask_tf.training import train
+    from centermask_tf.workdir import Workdir
+
+    detectors = {}
+    for mode in MODES:
+        run, mode_config = os.path.join(folder, mode), with_factors(config, mode)
+        if not Workdir(run).finished(mode_config):
+            print(f"training {mode} ({TITLES[mode]}) into {run}")
+            train(mode_config, run)
+        detectors[mode] = (CenterMask.from_workdir(run), os.path.join(run, "eval"))
+    return detectors
+
+
+def inference_detectors(workdir, overrides, folder):
+    """`{mode: (detector, evaluation folder)}`: the workdir's network, trained with both
+    factors, assembling its masks in each mode (one network, three decoders)."""
+    from centermask_tf.detector import CenterMask, trained_factors
+
+    trained = trained_factors(workdir)
+    if trained != "both":
+        raise UserError(
+            f"'{workdir}' was trained with model.mask_factors={trained}: it has one mask head, so it "
+            "cannot assemble masks the three ways. Train one model per mode with --train --config C."
+        )
+    base = CenterMask.from_workdir(workdir, overrides=overrides)
+    return {
+        mode: (CenterMask(with_factors(base.config, mode), base.categories, base.network), os.path.join(folder, mode))
+        for mode in MODES
+    }
+
+
+def ablate(workdir, config=None, train_models=False, overrides=(), images=4):
+    """Runs the experiment (see the module docstring) and writes its files.
+
+    Args:
+        workdir: a workdir trained with `mask_factors: both` (without `train_models`), or
+            where the three runs go (with it).
+        config: the `Config` to train (needed with `train_models`).
+        train_models: train one model per mode instead of decoding one model three ways.
+        overrides: "key=value" settings for the workdir's config (without `train_models`).
+        images: validation images in the grid.
+
+    Returns:
+        `{mode: {"bbox": {...}, "segm": {...}}}`.
+    """
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.evaluation import evaluate_detector
+
+    folder = os.path.join(workdir, "ablate")
+    if train_models:
+        if config is None:
+            raise UserError("ablate --train needs --config: the config each mode is trained with.")
+        detectors = trained_detectors(config, folder)
+    else:
+        detectors = inference_detectors(workdir, overrides, folder)
+    data = detectors["both"][0].config.data
+    builder = prepare_dataset(data)
+    metrics = {}
+    for mode, (detector, output) in detectors.items():
+        print(f"evaluating {TITLES[mode]}")
+        metrics[mode] = evaluate_detector(detector.detect_canvases, builder, detector.config, output,
+                                          detector.config.eval.max_images)
+    how = "one model per mode (--train)" if train_models else "one model trained with both, three inference modes"
+    write_json(os.path.join(folder, "ablation.json"), {"setting": how, "metrics": metrics})
+    write_text(os.path.join(folder, "ablation.md"), ablation_table(metrics, how))
+    grid = ablation_grid({mode: d for mode, (d, _) in detectors.items()}, data.val.images, images)
+    atomic_write(os.path.join(folder, "ablation.png"), lambda tmp: grid.save(tmp, format="PNG"), "ablation")
+    return metrics
+
+
+def ablation_table(metrics, setting):
+    """Markdown: one row per mode (segm AP columns, then bbox AP), and how `both` compares."""
+    lines = [
+        f"Mask AP by what masks are made of ({setting}).",
+        "",
+        "| masks | " + " | ".join(f"segm {m}" for m in METRICS) + " | bbox AP |",
+        "| --- |" + " ---: |" * (len(METRICS) + 1),
+    ]
+    for mode in MODES:
+        segm = metrics[mode]["segm"]
+        lines.append(f"| {TITLES[mode]} | " + " | ".join(f"{segm[m]:.3f}" for m in METRICS)
+                     + f" | {metrics[mode]['bbox']['AP']:.3f} |")
+    both = metrics["both"]["segm"]["AP"]
+    lines.append("")
+    for mode in ("shape", "saliency"):
+        gain = both - metrics[mode]["segm"]["AP"]
+        verdict = "beats" if gain > 0 else "does not beat"
+        lines.append(f"- both {verdict} {TITLES[mode]} by {gain:+.3f} segm AP.")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_grid(detectors, image_folder, count):
+    """The first `count` validation images, one row each, in one column per mode: masks,
+    boxes and class names of detections scoring at least 0.3."""
+    from centermask_tf.predict import detect_image, draw_overlay, image_files, load_image
+
+    header = 18
+    font = ImageFont.load_default()
+    rows = [load_image(path) for path in image_files(image_folder)[:count]]
+    grid = Image.new("RGB", (_CELL * len(MODES), header + _CELL * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, mode in enumerate(MODES):
+        detector = detectors[mode]
+        names = [c["name"] for c in detector.categories]
+        draw.text((column * _CELL + 4, 3), TITLES[mode], fill="black", font=font)
+        for row, image in enumerate(rows):
+            result = detect_image(detector.detect_canvases, image, detector.input_size, _GRID_SCORE,
+                                  detector.config.model.mask_threshold)
+            picture = draw_overlay(image, result, names)
+            scale = _CELL / max(picture.size)
+            picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.NEAREST)
+            grid.paste(picture, (column * _CELL, header + row * _CELL))
+    return grid
+
