@@ -86,7 +86,8 @@ def cmd_info(args):
 def cmd_make_shapes(args):
     from centermask_tf.data.shapes import make_shapes
 
-    counts = make_shapes(args.output, args.train, args.val, args.seed, args.image_size, args.occlusion)
+    sizes = {"sizes": tuple(args.object_size)} if args.object_size else {}
+    counts = make_shapes(args.output, args.train, args.val, args.seed, args.image_size, args.occlusion, **sizes)
     for split, (images, annotations, occluded) in counts.items():
         print(f"{split}: {images} images, {annotations} annotations ({occluded} partly occluded)")
     print(f"written to {args.output}/annotations and {args.output}/{{train,val}}")
@@ -230,6 +231,7 @@ def cmd_demo(args):
     """The main job end to end on the built-in shapes set: data, train, evaluate, predict."""
     import time
 
+    from centermask_tf.ablation import ablate
     from centermask_tf.config import load_config
     from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
@@ -240,12 +242,12 @@ def cmd_demo(args):
     from centermask_tf.workdir import Workdir
 
     start = time.time()
-    shapes = os.path.join(args.data, "annotations", "instances_train.json")
+    shapes = os.path.join(args.data, "annotations", "instances_val.json")  # written last
     if not os.path.exists(shapes):
-        print(f"[1/5] writing the synthetic shapes set to {args.data}")
+        print(f"[1/6] writing the synthetic shapes set to {args.data}")
         make_shapes(args.data, train=600, val=100, seed=0)
     else:
-        print(f"[1/5] using the shapes set in {args.data}")
+        print(f"[1/6] using the shapes set in {args.data}")
     overrides = [
         f"data.train.annotations={args.data}/annotations/instances_train.json",
         f"data.train.images={args.data}/train",
@@ -256,25 +258,27 @@ def cmd_demo(args):
     config = load_config(args.config, overrides)
     reuse = not args.overwrite and Workdir(args.workdir).finished(config)
     if reuse:
-        print(f"[2/5] {args.workdir} holds a finished run of {config.train.epochs} epochs: using it "
+        print(f"[2/6] {args.workdir} holds a finished run of {config.train.epochs} epochs: using it "
               "(--overwrite retrains, moving it into previous/)")
     else:
-        print(f"[2/5] training {args.config} into {args.workdir}")
+        print(f"[2/6] training {args.config} into {args.workdir}")
         train(config, args.workdir, overwrite=args.overwrite)
-    print("[3/5] COCO evaluation on the held-out split")
+    print("[3/6] COCO evaluation on the held-out split")
     builder = prepare_dataset(config.data)
     categories = builder.info.metadata["categories"]
     detector = _detector(config, categories, args.workdir, None)
     eval_dir = os.path.join(args.workdir, "eval")
     metrics = evaluate_detector(detector.detect_canvases, builder, config, eval_dir)
     overlays = os.path.join(args.workdir, "predictions")
-    print(f"[4/5] overlays of 8 validation images in {overlays}")
+    print(f"[4/6] overlays of 8 validation images in {overlays}")
     files = image_files(config.data.val.images)[:8]
     predict_files(
         detector.detect_canvases, files, config.model.input_size, categories, 0.3,
         config.model.mask_threshold, overlays,
     )
-    print("[5/5] exporting SavedModel and TFLite")
+    print("[5/6] mask AP with the Local Shape only, the Global Saliency only, and both")
+    ablation = ablate(args.workdir)
+    print("[6/6] exporting SavedModel and TFLite")
     saved_model = os.path.join("saved_models", "shapes_tiny")
     tflite = os.path.join("saved_models", "shapes_tiny.tflite")
     # Versions are immutable for TF Serving: a new model becomes the next version.
@@ -295,6 +299,9 @@ def cmd_demo(args):
         values = metrics[iou_type]
         print(f"{iou_type:5s} AP {values['AP']:.3f}  AP50 {values['AP50']:.3f}  AP75 {values['AP75']:.3f}  "
               f"APs {values['APs']:.3f}  APm {values['APm']:.3f}")
+    print(f"segm AP by mask factors: Local Shape only {ablation['shape']['segm']['AP']:.3f}, Global Saliency only "
+          f"{ablation['saliency']['segm']['AP']:.3f}, both {ablation['both']['segm']['AP']:.3f} "
+          f"({args.workdir}/ablate/ablation.md, ablation.png)")
     print(f"wall time      {minutes:.1f} min")
     print(f"dataset        {args.data}")
     print(f"weights        {args.workdir}/checkpoints/best.weights.h5 (and last.weights.h5)")
@@ -337,6 +344,10 @@ def cmd_export(args):
     from centermask_tf.predict import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
+    if config.model.assembly == "native":
+        print("note: exports carry fixed-size box masks (model.mask_size per box); model.assembly=native "
+              "applies to evaluate, predict and CenterMask.detect")
+        config.model.assembly = "box"
     detector = _detector(config, categories, args.workdir, args.weights)
     if args.format == "saved_model":
         path = export_saved_model(detector, args.output, args.version)
@@ -451,6 +462,8 @@ def build_parser():
     shapes.add_argument("--image-size", type=int, default=128, help="longest image side")
     shapes.add_argument("--occlusion", type=float, metavar="P",
                         help="fraction of objects placed over an earlier one (0-1; default: uniform positions)")
+    shapes.add_argument("--object-size", type=float, nargs=2, metavar=("MIN", "MAX"),
+                        help="object size range as fractions of the image side (default 0.12 0.55)")
     shapes.set_defaults(handler=cmd_make_shapes)
 
     bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")

@@ -93,6 +93,8 @@ class CenterMaskDecoder(keras.layers.Layer):
         mask_size: M, the side of each box-relative mask.
         stride: output stride of the head maps.
         mask_factors: "both", "shape" or "saliency": what each mask is made of.
+        assembly: "box" (M x M masks over each box) or "native" (output-map resolution: the
+            window of each mask that holds its box, with `mask_boxes`).
 
     Example:
 
@@ -110,7 +112,7 @@ class CenterMaskDecoder(keras.layers.Layer):
     """
 
     def __init__(self, max_detections=100, score_threshold=0.05, mask_size=32, stride=OUTPUT_STRIDE,
-                 mask_factors="both", **kwargs):
+                 mask_factors="both", assembly="box", **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.max_detections = max_detections
@@ -118,11 +120,12 @@ class CenterMaskDecoder(keras.layers.Layer):
         self.mask_size = mask_size
         self.stride = stride
         self.mask_factors = mask_factors
+        self.assembly = assembly
 
     @classmethod
     def from_model_config(cls, model_config, **kwargs):
         return cls(model_config.max_detections, model_config.score_threshold, model_config.mask_size,
-                   mask_factors=model_config.mask_factors, **kwargs)
+                   mask_factors=model_config.mask_factors, assembly=model_config.assembly, **kwargs)
 
     def call(self, outputs, shape_head=None, mirrored=None):
         shape_at = None
@@ -139,7 +142,7 @@ class CenterMaskDecoder(keras.layers.Layer):
             max_detections=self.max_detections,
             score_threshold=self.score_threshold,
             stride=self.stride,
-            mask_mode="box",
+            mask_mode=self.assembly,
             mask_size=self.mask_size,
             shape_at=shape_at,
             mask_factors=self.mask_factors,
@@ -154,9 +157,33 @@ class CenterMaskDecoder(keras.layers.Layer):
                 "mask_size": self.mask_size,
                 "stride": self.stride,
                 "mask_factors": self.mask_factors,
+                "assembly": self.assembly,
             }
         )
         return config
+
+
+def _box_windows(maps, centres):
+    """Native masks `[B, K, H, W]` (0 outside each box) -> the window of each map that holds
+    its box plus one cell all round, `[B, K, P + 2, P + 2]` with P the largest box extent in
+    the batch, and the windows' corners `[B, K, 4]` (ymin, xmin, ymax, xmax) in output pixels.
+
+    Pasting a window into its corners equals pasting the whole map (a bilinear upsampling)
+    without a full map per detection: the margin gives the interpolation the neighbours it
+    would see, and cells past the map's edge repeat the edge cell, as resizing clamps there.
+    """
+    height, width = maps.shape[2], maps.shape[3]
+    cy, cx, h, w = tf.unstack(centres, axis=-1)
+    top = tf.clip_by_value(tf.floor(cy - h / 2), 0.0, height - 1.0) - 1.0
+    left = tf.clip_by_value(tf.floor(cx - w / 2), 0.0, width - 1.0) - 1.0
+    extent = tf.maximum(tf.math.ceil(cy + h / 2) - top, tf.math.ceil(cx + w / 2) - left) + 1.0
+    size = tf.cast(tf.clip_by_value(tf.reduce_max(extent), 3.0, float(max(height, width) + 2)), tf.int32)
+    rows = tf.clip_by_value(tf.cast(top, tf.int32)[..., None] + tf.range(size), 0, height - 1)  # [B, K, P + 2]
+    cols = tf.clip_by_value(tf.cast(left, tf.int32)[..., None] + tf.range(size), 0, width - 1)
+    windows = tf.gather(maps, rows, axis=2, batch_dims=2)  # [B, K, P + 2, W]
+    windows = tf.gather(windows, cols, axis=3, batch_dims=2)  # [B, K, P + 2, P + 2]
+    span = tf.cast(size, tf.float32)
+    return windows, tf.stack([top, left, top + span, left + span], axis=-1)
 
 
 def decode_detections(
@@ -177,7 +204,10 @@ def decode_detections(
         max_detections: K peaks kept over all classes.
         score_threshold: peaks below it are not detections.
         stride: output stride, to express boxes in input pixels.
-        mask_mode: "box" for `[B, K, M, M]` box-relative masks, "full" for `[B, K, H/s, W/s]`.
+        mask_mode: "box" for `[B, K, M, M]` box-relative masks, "full" for `[B, K, H/s, W/s]`
+            native masks, "native" for the window of each native mask that holds its box
+            (`[B, K, P + 2, P + 2]`, P the largest box in output pixels, see `_box_windows`)
+            plus `mask_boxes`.
         mask_size: M for the "box" mode.
         shape_at: flattened peak positions `[B, K]` -> shape vectors `[B, K, S*S]`; default:
             gathered from `outputs["shape"]`.
@@ -187,7 +217,9 @@ def decode_detections(
     Returns:
         dict with `boxes [B, K, 4]` (ymin, xmin, ymax, xmax) in input pixels, `scores [B, K]`,
         `classes [B, K]` int32 contiguous class indices, `masks` (probabilities),
-        `num_detections [B]` int32, and `centres [B, K, 4]` (cy, cx, h, w) in output pixels.
+        `num_detections [B]` int32, `centres [B, K, 4]` (cy, cx, h, w) in output pixels and,
+        for "native", `mask_boxes [B, K, 4]`: the corners of each mask window in input pixels
+        (paste `masks` into these, not into `boxes`).
     """
     heatmap = tf.sigmoid(tf.cast(outputs["heatmap"], tf.float32))  # [B, H, W, C]
     batch = tf.shape(heatmap)[0]
@@ -213,19 +245,23 @@ def decode_detections(
     if mask_factors in ("both", "saliency"):
         saliency = outputs["saliency"]
         mask_classes = classes if saliency.shape[-1] > 1 else None
+    keep = tf.cast(scores >= score_threshold, tf.float32)  # sorted, so a prefix
+    extra = {}
     if mask_mode == "box":
         masks = assemble_box_masks(shape_vectors, centres, saliency, mask_size, mask_classes)
-    elif mask_mode == "full":
+    elif mask_mode in ("full", "native"):
         masks = assemble_masks(shape_vectors, centres, saliency, mask_classes, map_size=(height, width))
+        if mask_mode == "native":
+            masks, windows = _box_windows(masks, centres)
+            extra["mask_boxes"] = windows * stride * keep[..., None]
     else:
-        raise ValueError(f"mask_mode must be 'box' or 'full', got {mask_mode!r}.")
+        raise ValueError(f"mask_mode must be 'box', 'full' or 'native', got {mask_mode!r}.")
 
     boxes = centre_to_corners(centres) * stride
     limits = tf.constant([height, width, height, width], tf.float32) * stride
     boxes = tf.clip_by_value(boxes, 0.0, limits)
 
-    keep = tf.cast(scores >= score_threshold, tf.float32)  # sorted, so a prefix
-    return {
+    return extra | {
         "boxes": boxes * keep[..., None],
         "scores": scores * keep,
         "classes": classes * tf.cast(keep, tf.int32),

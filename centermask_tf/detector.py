@@ -157,7 +157,7 @@ class CenterMask(keras.Model):
             image's pixels, `scores [N]`, `class_ids [N]` (the dataset's own ids),
             `class_names` (N strings) and `masks` bool `[N, H, W]` at the image's size.
         """
-        from centermask_tf.evaluation import paste_in_batches
+        from centermask_tf.evaluation import mask_boxes, paste_in_batches
         from centermask_tf.predict import letterbox_image, load_image
 
         single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
@@ -174,8 +174,8 @@ class CenterMask(keras.Model):
                 height, width = image.shape[:2]
                 n = min(int(np.sum(batch["scores"][i] >= threshold)), int(batch["num_detections"][i]), limit)
                 boxes = np.clip(batch["boxes"][i, :n] / scale, 0.0, [height, width, height, width]).astype(np.float32)
-                masks = [m for _, m in paste_in_batches(batch["masks"][i, :n], boxes, height, width,
-                                                        self.config.model.mask_threshold)]
+                masks = [m for _, m in paste_in_batches(batch["masks"][i, :n], mask_boxes(batch, i, n, scale, boxes),
+                                                        height, width, self.config.model.mask_threshold)]
                 classes = batch["classes"][i, :n]
                 results.append({
                     "boxes": boxes[:, [1, 0, 3, 2]],

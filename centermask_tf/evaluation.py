@@ -95,15 +95,22 @@ def to_original_image(detections, index, scale, original_size, mask_threshold):
     height, width = (int(v) for v in original_size)
     boxes = np.asarray(detections["boxes"][index, :n]) / float(scale)
     boxes = np.clip(boxes, 0.0, [height, width, height, width])
+    masks = np.asarray(detections["masks"][index, :n], np.float32)
     return {
         "boxes": boxes,
         "scores": np.asarray(detections["scores"][index, :n]),
         "classes": np.asarray(detections["classes"][index, :n]),
-        "masks": paste_instances(
-            np.asarray(detections["masks"][index, :n], np.float32), boxes, height, width, mask_threshold
-        ),
+        "masks": paste_instances(masks, mask_boxes(detections, index, n, scale, boxes), height, width, mask_threshold),
         "size": (height, width),
     }
+
+
+def mask_boxes(detections, index, n, scale, boxes):
+    """Where an image's `n` masks are pasted, in its own pixels: their boxes, or for native
+    assembly the windows the decoder cut around them (`mask_boxes`, canvas pixels)."""
+    if "mask_boxes" not in detections:
+        return boxes
+    return np.asarray(detections["mask_boxes"][index, :n], np.float32) / float(scale)
 
 
 def coco_results(image_id, result, category_ids):

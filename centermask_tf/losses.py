@@ -8,7 +8,7 @@ the network runs in float16.
 
 import tensorflow as tf
 
-from centermask_tf.model.assembly import assemble_box_masks, paste_masks
+from centermask_tf.model.assembly import assemble_box_masks, assemble_masks, inside_boxes, paste_masks
 from centermask_tf.model.centermask import INTERMEDIATE
 from centermask_tf.ops import centre_to_corners, gather_at, unflatten_index
 
@@ -56,19 +56,27 @@ def _bce(prob, truth):
 
 
 def mask_loss(outputs, targets, normalizer):
-    """BCE between masks assembled at the ground-truth boxes and the box-relative GT masks.
+    """BCE between masks assembled at the ground-truth boxes and the ground-truth masks.
 
     The mask is made of the factors the network has: Local Shape times saliency, or the one of
-    them a `mask_factors` shape / saliency network carries.
+    them a `mask_factors` shape / saliency network carries. With `map_masks` targets
+    (`model.assembly: native`) it is assembled at output-map resolution and compared pixel by
+    pixel inside each box; otherwise on the P x P grid of the box-relative `masks`.
     """
     saliency = tf.cast(outputs["saliency"], tf.float32) if "saliency" in outputs else None
     shape_vectors = gather_at(outputs["shape"], targets["indices"]) if "shape" in outputs else None
-    output_width = (outputs.get("saliency", outputs.get("shape"))).shape[2]
-    boxes = ground_truth_boxes(targets, output_width)
-    mask_size = targets["masks"].shape[-1]
+    _, height, width, _ = (outputs.get("saliency", outputs.get("shape"))).shape
+    boxes = ground_truth_boxes(targets, width)
     classes = targets["classes"] if saliency is not None and saliency.shape[-1] > 1 else None
-    prob = assemble_box_masks(shape_vectors, boxes, saliency, mask_size, classes)  # [B, M, P, P]
-    per_instance = tf.reduce_mean(_bce(prob, tf.cast(targets["masks"], tf.float32)), axis=[2, 3])
+    if "map_masks" in targets:
+        prob = assemble_masks(shape_vectors, boxes, saliency, classes, map_size=(height, width))  # [B, M, H, W]
+        inside = inside_boxes(boxes, height, width)
+        bce = _bce(prob, tf.cast(targets["map_masks"], tf.float32)) * inside
+        per_instance = tf.reduce_sum(bce, axis=[2, 3]) / tf.maximum(tf.reduce_sum(inside, axis=[2, 3]), 1.0)
+    else:
+        mask_size = targets["masks"].shape[-1]
+        prob = assemble_box_masks(shape_vectors, boxes, saliency, mask_size, classes)  # [B, M, P, P]
+        per_instance = tf.reduce_mean(_bce(prob, tf.cast(targets["masks"], tf.float32)), axis=[2, 3])
     return tf.reduce_sum(per_instance * targets["valid"]) / normalizer
 
 

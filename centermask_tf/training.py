@@ -308,6 +308,7 @@ def config_train_dataset(config, builder):
         batch_size=config.train.batch_size,
         stride=OUTPUT_STRIDE,
         seed=config.train.seed,
+        map_masks=config.model.assembly == "native",
     )
 
 

@@ -214,3 +214,29 @@ def test_flip_test_detections_are_exactly_mirror_symmetric(shapes, workdir):
     np.testing.assert_allclose(there["boxes"], np.stack([ymin, size - xmax, ymax, size - xmin], -1), atol=1e-3)
     np.testing.assert_allclose(there["masks"], here["masks"].numpy()[..., ::-1], atol=1e-4)
     assert np.abs(plain.decode(canvas)["scores"] - here["scores"]).max() > 1e-4  # it does average
+
+
+def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
+    """`model.assembly=native`: each mask is the native (output-map) mask, upsampled to the
+    image; pasting the decoder's windows equals pasting the whole output map."""
+    from centermask_tf.decode import CenterMaskDecoder, inference_network
+    from centermask_tf.evaluation import paste_in_batches
+    from centermask_tf.predict import letterbox_image
+
+    directory, _ = workdir
+    detector = CenterMask.from_workdir(str(directory), overrides=["model.assembly=native"])
+    _, images = val_images(shapes)
+    image = images[1]
+    (result,) = detector.detect(image)
+    canvas, scale = letterbox_image(image, detector.input_size)
+    decoder = CenterMaskDecoder.from_model_config(detector.config.model)
+    decoder.assembly = "full"  # whole output maps, 0 outside each box
+    outputs = inference_network(detector.network)(canvas[None])
+    full = decoder(outputs, shape_head=detector.network.get_layer("shape"))
+    n = len(result["scores"])
+    maps = full["masks"].numpy()[0, :n]
+    extent = np.full((n, 4), [0, 0, detector.input_size, detector.input_size], np.float32) / scale
+    expected = np.concatenate([m for _, m in paste_in_batches(maps, extent, *image.shape[:2], detector.config.model.mask_threshold)])
+    assert n > 5 and expected.any()
+    for got, want in zip(result["masks"], expected):
+        assert (got != want).sum() <= 2  # float rounding at the threshold, at most

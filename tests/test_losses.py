@@ -142,3 +142,23 @@ def test_saliency_supervision_is_bce_against_the_union_of_masks(rng):
     without = compute_losses(outputs, targets)
     assert "saliency" not in without
     np.testing.assert_allclose(losses["total"], without["total"] + 0.5 * losses["saliency"], rtol=1e-5)
+
+
+def test_native_mask_loss_is_per_pixel_bce_inside_each_box(rng):
+    """`model.assembly: native`: the mask is assembled on the output map and compared with the
+    output-resolution mask pixel by pixel, over the pixels inside the box, per instance."""
+    from centermask_tf.model.assembly import assemble_masks, inside_boxes
+
+    boxes, classes, masks = random_objects(rng, 4)
+    targets = encode(boxes, classes, masks, map_masks=True)
+    outputs = random_outputs(rng)
+    idx = targets["indices"][:4]
+    centres = np.stack([idx // OUT, idx % OUT], -1) + targets["offset"][:4]
+    gt_boxes = np.concatenate([centres, targets["size"][:4]], -1)[None].astype(np.float32)
+    shape_vectors = outputs["shape"].numpy()[0].reshape(OUT * OUT, -1)[idx][None]
+    prob = assemble_masks(shape_vectors, gt_boxes, outputs["saliency"]).numpy()[0]
+    inside = inside_boxes(gt_boxes, OUT, OUT).numpy()[0]
+    assert 0 < inside.mean() < 1 and prob[inside == 0].max() == 0
+    per_pixel = numpy_bce(prob, targets["map_masks"][:4].astype(np.float64))
+    expected = ((per_pixel * inside).sum((1, 2)) / inside.sum((1, 2))).sum() / 4
+    np.testing.assert_allclose(compute_losses(outputs, batch(targets))["mask"], expected, rtol=1e-4)

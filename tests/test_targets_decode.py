@@ -157,3 +157,45 @@ def test_decode_shapes(mode, mask_shape):
     assert tuple(detections["masks"].shape) == mask_shape
     scores = detections["scores"].numpy()[0]
     assert (np.diff(scores) <= 0).all() and int(detections["num_detections"][0]) == 5
+
+
+def test_map_mask_targets_are_masks_at_output_resolution(rng):
+    """`map_masks` (native assembly): each kept instance's mask, 4 x 4 blocks at least half
+    covered, in the slot order of the other targets."""
+    boxes, classes, masks = random_objects(rng, 5)
+    targets = encode(boxes, classes, masks, map_masks=True)
+    blocks = masks.reshape(5, OUT, STRIDE, OUT, STRIDE).mean((2, 4)) >= 0.5
+    np.testing.assert_array_equal(targets["map_masks"][:5], blocks)
+    assert targets["map_masks"][5:].max() == 0 and targets["map_masks"].shape == (SLOTS, OUT, OUT)
+    assert "map_masks" not in encode(boxes, classes, masks)
+
+
+def test_native_windows_hold_the_whole_native_mask(rng):
+    """`native` decoding cuts from each full-map mask the window around its box, one cell of
+    margin all round (edge cells repeated past the map): put back at `mask_boxes`, the
+    windows rebuild the full maps exactly, and nothing of a mask is lost."""
+    boxes, classes, masks = random_objects(rng, 6)
+    boxes[0, :2] = 0.0  # a box at the map's corner: its margin repeats the edge cells
+    outputs = perfect_outputs(encode(boxes, classes, masks), masks)
+    outputs["shape"] += tf.constant(rng.normal(0, 1, outputs["shape"].shape), tf.float32)
+    options = dict(max_detections=10, score_threshold=0.5, mask_size=P)
+    full = decode_detections(outputs, mask_mode="full", **options)
+    native = decode_detections(outputs, mask_mode="native", **options)
+    n = int(native["num_detections"][0])
+    windows, corners = native["masks"].numpy()[0], native["mask_boxes"].numpy()[0] / STRIDE
+    size = windows.shape[-1]
+    cy, cx, h, w = native["centres"].numpy()[0, :n].T
+    top, left = np.clip(np.floor(cy - h / 2), 0, OUT - 1), np.clip(np.floor(cx - w / 2), 0, OUT - 1)
+    assert n == 6 and size == np.maximum(np.ceil(cy + h / 2) - top, np.ceil(cx + w / 2) - left).max() + 2
+    for k in range(n):
+        np.testing.assert_allclose(corners[k, 2:] - corners[k, :2], [size, size])
+        mask = full["masks"].numpy()[0, k]
+        assert mask.sum() > 0
+        rows = np.clip(np.arange(size) + int(corners[k, 0]), 0, OUT - 1)
+        cols = np.clip(np.arange(size) + int(corners[k, 1]), 0, OUT - 1)
+        np.testing.assert_array_equal(windows[k], mask[np.ix_(rows, cols)])
+        rebuilt = np.zeros((OUT, OUT), np.float32)
+        rebuilt[np.ix_(rows, cols)] = windows[k]
+        np.testing.assert_array_equal(rebuilt, mask)
+    for key in ("boxes", "scores", "classes"):
+        np.testing.assert_array_equal(native[key], full[key])

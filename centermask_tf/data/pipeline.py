@@ -195,7 +195,7 @@ def _options(deterministic):
 
 
 def train_dataset(
-    builder, data_config, *, input_size, num_classes, mask_size, batch_size, stride=4, seed=0
+    builder, data_config, *, input_size, num_classes, mask_size, batch_size, stride=4, seed=0, map_masks=False
 ):
     """Infinite, shuffled, augmented training batches `(images, targets)`.
 
@@ -205,6 +205,7 @@ def train_dataset(
         input_size, num_classes, mask_size, stride: what the targets are encoded for.
         batch_size: global batch size (a `tf.distribute` strategy splits it).
         seed: base seed for shuffling and augmentation.
+        map_masks: also encode output-resolution instance masks (`model.assembly: native`).
     """
     deterministic = data_config.deterministic
     dataset = builder.as_dataset(split="train", shuffle_files=not deterministic)
@@ -222,6 +223,7 @@ def train_dataset(
             max_instances=data_config.max_instances,
             mask_size=mask_size,
             stride=stride,
+            map_masks=map_masks,
         )
         return sample["image"], targets
 

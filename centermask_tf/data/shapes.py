@@ -3,7 +3,8 @@
     centermask make-shapes --output work/shapes --train 600 --val 100 --seed 0
 
 writes `annotations/instances_{train,val}.json` and `train/`, `val/` image folders. Objects are
-circles, rectangles and triangles of random colour and size (about 12-55 % of the image side),
+circles, rectangles and triangles of random colour and size (12-55 % of the image side, or
+`--object-size MIN MAX`),
 drawn in sequence so later ones occlude earlier ones; each annotation is the *visible* part, as
 in COCO. `--occlusion P` controls overlap: each object after the first is placed over an earlier
 one with probability P (its centre 25-60 % of its size away from the other's) and elsewhere
@@ -13,7 +14,6 @@ and uncompressed); about 8 % of the images have no objects. Images are JPEG and 
 sizes. Everything is deterministic for a seed.
 """
 
-import json
 import os
 
 import numpy as np
@@ -23,12 +23,15 @@ from tqdm import tqdm
 
 from centermask_tf.data.coco import uncompressed_counts
 from centermask_tf.errors import UserError
+from centermask_tf.files import write_json
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "rectangle", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
+# Object size range, as fractions of the shorter image side.
+OBJECT_SIZES = (0.12, 0.55)
 # Objects whose visible part is below this fraction of their full area are not annotated.
 _MIN_VISIBLE = 0.25
 # Minimum RGB distance between an object's colour and each background colour.
@@ -56,11 +59,11 @@ def _centre(rng, size, height, width, placed, occlusion):
     return cy, cx
 
 
-def _polygon(kind, rng, height, width, placed=(), occlusion=None):
-    """A random shape of `kind` as a flat [x0, y0, x1, y1, ...] polygon in pixel coordinates;
-    `placed` and `occlusion` as in `_centre`."""
+def _polygon(kind, rng, height, width, placed=(), occlusion=None, sizes=OBJECT_SIZES):
+    """A random shape of `kind` as a flat [x0, y0, x1, y1, ...] polygon in pixel coordinates,
+    `sizes` (min, max) of the image side; `placed` and `occlusion` as in `_centre`."""
     side = min(height, width)
-    size = rng.uniform(0.12, 0.55) * side
+    size = rng.uniform(*sizes) * side
     cy, cx = _centre(rng, size, height, width, placed, occlusion)
     if kind == "circle":
         angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
@@ -101,13 +104,13 @@ def _background(rng, height, width):
     return image + rng.normal(0, 12, image.shape), (colour_a, colour_b)
 
 
-def _make_image(rng, image_id, height, width, annotation_id, occlusion=None):
+def _make_image(rng, image_id, height, width, annotation_id, occlusion=None, sizes=OBJECT_SIZES):
     image, background_colours = _background(rng, height, width)
     count = 0 if rng.uniform() < 0.08 else int(rng.integers(1, 7))
     full_masks, polygons, labels, placed = [], [], [], []
     for _ in range(count):
         category = CATEGORIES[int(rng.integers(0, len(CATEGORIES)))]
-        polygon, where = _polygon(category["name"], rng, height, width, placed, occlusion)
+        polygon, where = _polygon(category["name"], rng, height, width, placed, occlusion, sizes)
         placed.append(where)
         rle = mask_utils.frPyObjects([polygon], height, width)
         mask = mask_utils.decode(rle)[..., 0].astype(bool)
@@ -152,7 +155,7 @@ def _make_image(rng, image_id, height, width, annotation_id, occlusion=None):
     return np.clip(image, 0, 255).astype(np.uint8), annotations
 
 
-def _write_split(output, split, count, rng, image_size, first_image_id, occlusion):
+def _write_split(output, split, count, rng, image_size, first_image_id, occlusion, sizes):
     folder = os.path.join(output, split)
     os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
@@ -160,7 +163,7 @@ def _write_split(output, split, count, rng, image_size, first_image_id, occlusio
         height = int(image_size * rng.uniform(0.75, 1.0))
         width = int(image_size * rng.uniform(0.75, 1.0))
         image_id = first_image_id + index
-        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1, occlusion)
+        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1, occlusion, sizes)
         use_png = index % 4 == 3
         file_name = f"{image_id:06d}.{'png' if use_png else 'jpg'}"
         encoded = tf.io.encode_png(pixels) if use_png else tf.io.encode_jpeg(pixels, quality=95)
@@ -173,14 +176,16 @@ def _write_split(output, split, count, rng, image_size, first_image_id, occlusio
         "annotations": annotations,
         "categories": CATEGORIES,
     }
-    with open(os.path.join(output, "annotations", f"instances_{split}.json"), "w") as f:
-        json.dump(coco, f)
+    # Written whole or not at all: the validation JSON, written last, marks a complete set.
+    write_json(os.path.join(output, "annotations", f"instances_{split}.json"), coco, indent=None)
     occluded = sum(isinstance(a["segmentation"], dict) for a in annotations)
     return len(images), len(annotations), occluded
 
 
-def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=None):
+def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=None, sizes=OBJECT_SIZES):
     """Writes the synthetic shapes dataset in COCO format under `output`.
+
+    `sizes`: (min, max) object size as fractions of the shorter image side.
 
     `occlusion`: None (uniform positions) or the fraction P in [0, 1] of objects placed over
     an earlier one (see the module docstring).
@@ -193,7 +198,9 @@ def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=No
     rng = np.random.default_rng(seed)
     if occlusion is not None and not 0 <= occlusion <= 1:
         raise UserError(f"--occlusion must be a fraction between 0 and 1, got {occlusion}.")
-    counts = {"train": _write_split(output, "train", train, rng, image_size, 1, occlusion)}
+    if not 0 < sizes[0] <= sizes[1] <= 1:
+        raise UserError(f"--object-size must be MIN MAX with 0 < MIN <= MAX <= 1, got {list(sizes)}.")
+    counts = {"train": _write_split(output, "train", train, rng, image_size, 1, occlusion, sizes)}
     # Validation ids start far from training ids: image ids are arbitrary in COCO.
-    counts["val"] = _write_split(output, "val", val, rng, image_size, 100001, occlusion)
+    counts["val"] = _write_split(output, "val", val, rng, image_size, 100001, occlusion, sizes)
     return counts

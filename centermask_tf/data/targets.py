@@ -12,11 +12,14 @@ and `M = max_instances` slots (fixed-size, CenterNet style, so batches have stat
 - `valid`    float32 `[M]`        1 for a real object, 0 for padding.
 - `masks`    uint8   `[M, P, P]`  the instance mask sampled on a P x P grid over its box
                                   (P = `mask_size`), the grid the mask loss assembles on.
+- `map_masks` uint8  `[M, O, O]`  only with `map_masks=True` (`model.assembly: native`): the
+                                  instance mask at output-map resolution (4 x 4 pixel blocks,
+                                  >= half covered), which the native mask loss compares with.
 - `dropped`  int32   `[]`         objects beyond M slots (counted, not a crash).
 
 Instance masks are stored box-relative rather than as full `[M, O, O]` maps: at 512 px and
-M = 128 a full map costs 2 MiB per image against 128 KiB, and the mask loss compares masks on the
-box grid anyway.
+M = 128 a full map costs 2 MiB per image against 128 KiB, and the box-grid mask loss compares
+masks on the box grid anyway; only the native loss needs the maps.
 """
 
 import tensorflow as tf
@@ -26,11 +29,12 @@ from centermask_tf.ops import corners_to_centre, flat_index
 TARGET_KEYS = ("heatmap", "indices", "offset", "size", "classes", "valid", "masks", "dropped")
 
 
-def target_spec(input_size, num_classes, max_instances=128, mask_size=32, stride=4):
+def target_spec(input_size, num_classes, max_instances=128, mask_size=32, stride=4, map_masks=False):
     """`tf.TensorSpec`s of one image's targets (add a leading batch dim for batches)."""
     out = input_size // stride
     m = max_instances
-    return {
+    extra = {"map_masks": tf.TensorSpec([m, out, out], tf.uint8)} if map_masks else {}
+    return extra | {
         "heatmap": tf.TensorSpec([out, out, num_classes], tf.float32),
         "indices": tf.TensorSpec([m], tf.int32),
         "offset": tf.TensorSpec([m, 2], tf.float32),
@@ -121,6 +125,7 @@ def encode_targets(
     mask_size=32,
     stride=4,
     min_overlap=0.7,
+    map_masks=False,
 ):
     """Training targets of one image (see the module docstring for the keys).
 
@@ -135,6 +140,7 @@ def encode_targets(
         mask_size: P, side of the box-relative mask targets.
         stride: network output stride.
         min_overlap: `gaussian_radius` IoU parameter.
+        map_masks: also encode `map_masks` (for `model.assembly: native`).
     """
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     classes = tf.cast(tf.reshape(classes, [-1]), tf.int32)
@@ -176,5 +182,9 @@ def encode_targets(
         "masks": tf.pad(instance_masks, [[0, pad], [0, 0], [0, 0]]),
         "dropped": total - n,
     }
-    spec = target_spec(input_size, num_classes, max_instances, mask_size, stride)
+    if map_masks:
+        kept = tf.cast(tf.gather(masks, keep_idx)[..., None], tf.float32)  # [n, N, N, 1]
+        at_output = tf.image.resize(kept, [out, out], method="area")[..., 0] >= 0.5
+        targets["map_masks"] = tf.pad(tf.cast(at_output, tf.uint8), [[0, pad], [0, 0], [0, 0]])
+    spec = target_spec(input_size, num_classes, max_instances, mask_size, stride, map_masks)
     return {key: tf.ensure_shape(value, spec[key].shape) for key, value in targets.items()}

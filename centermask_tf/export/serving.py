@@ -164,6 +164,11 @@ def network_scope(detector):
 def _write_archive(detector, endpoints, path):
     """Writes a SavedModel with the network's weights tracked and one endpoint per
     `name: (function, input TensorSpec)`."""
+    if detector.config.model.assembly != "box":
+        raise UserError(
+            "exports carry fixed-size box masks: export a detector with model.assembly=box "
+            "(a network trained with native assembly decodes with box masks as well)."
+        )
     archive = keras.export.ExportArchive()
     archive.track(detector.network)
     for name, (function, spec) in endpoints.items():

@@ -94,6 +94,14 @@ def _instance_saliency(saliency, classes):
     return tf.gather(channels_first, tf.cast(classes, tf.int32), batch_dims=1)
 
 
+def inside_boxes(boxes, height, width):
+    """`[B, K, height, width]` 1 where a map pixel's centre lies in the (cy, cx, h, w) box."""
+    cy, cx, h, w = tf.unstack(tf.cast(boxes, tf.float32), axis=-1)
+    _, inside_y = _paste_axis(cy, h, height, 1)
+    _, inside_x = _paste_axis(cx, w, width, 1)
+    return inside_y[..., :, None] * inside_x[..., None, :]
+
+
 def _check_factors(shape_logits, saliency_logits):
     if shape_logits is None and saliency_logits is None:
         raise ValueError("A mask needs at least one factor: Shape logits, saliency logits or both.")
@@ -121,13 +129,12 @@ def assemble_masks(shape_logits, boxes, saliency_logits, classes=None, map_size=
     else:
         saliency_logits = tf.cast(saliency_logits, tf.float32)
         height, width = tf.shape(saliency_logits)[1], tf.shape(saliency_logits)[2]
-    cy, cx, h, w = tf.unstack(boxes, axis=-1)  # each [B, K]
-    cells = _shape_cells(shape_logits) if shape_logits is not None else 1
-    rows, inside_y = _paste_axis(cy, h, height, cells)  # [B, K, H, S], [B, K, H]
-    cols, inside_x = _paste_axis(cx, w, width, cells)  # [B, K, W, S], [B, K, W]
-    masks = inside_y[..., :, None] * inside_x[..., None, :]  # [B, K, H, W]
+    masks = inside_boxes(boxes, height, width)  # [B, K, H, W]
     if shape_logits is not None:
         shape = _shape_grid(shape_logits)  # [B, K, S, S]
+        cy, cx, h, w = tf.unstack(boxes, axis=-1)  # each [B, K]
+        rows, _ = _paste_axis(cy, h, height, shape.shape[-1])  # [B, K, H, S]
+        cols, _ = _paste_axis(cx, w, width, shape.shape[-1])  # [B, K, W, S]
         masks *= tf.sigmoid(tf.matmul(tf.matmul(rows, shape), cols, transpose_b=True))
     if saliency_logits is not None:
         masks *= tf.sigmoid(_instance_saliency(saliency_logits, classes))  # [B, 1 or K, H, W]
