@@ -14,7 +14,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from centermask_tf.cli import main
-from centermask_tf.config import load_config
+from centermask_tf.config import config_from_dict, load_config
 from centermask_tf.data.shapes import make_shapes
 from centermask_tf.detector import CenterMask
 from centermask_tf.export.tflite import non_builtin_ops, run_tflite
@@ -146,11 +146,21 @@ def test_saved_model_rejects_wrong_dtype_and_rank(saved_model):
         signature(image_tensor=tf.zeros([8, 8, 3], tf.uint8))
 
 
-@pytest.mark.parametrize("quantize, min_iou", [("none", 0.98), ("fp16", 0.95)])
-def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou):
+@pytest.mark.parametrize("quantize, min_iou, overrides", [
+    ("none", 0.98, []),
+    ("fp16", 0.95, []),
+    # The flip test and single-factor masks are export options too.
+    ("none", 0.98, ["eval.flip_test=true", "model.mask_factors=saliency"]),
+])
+def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou, overrides):
     root, config, detector = workdir
+    if overrides:
+        config = config_from_dict(config.to_dict(), overrides)
+        detector = CenterMask(config, CATEGORIES, network=detector.network)
     path = tmp_path / f"model_{quantize}.tflite"
     args = ["export", "--workdir", str(root), "--format", "tflite", "--quantize", quantize, "--output", str(path)]
+    for override in overrides:
+        args += ["--set", override]
     assert main(args) == 0
     content = path.read_bytes()
     assert non_builtin_ops(content) == set()

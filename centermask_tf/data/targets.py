@@ -26,8 +26,6 @@ import tensorflow as tf
 
 from centermask_tf.ops import corners_to_centre, flat_index
 
-TARGET_KEYS = ("heatmap", "indices", "offset", "size", "classes", "valid", "masks", "dropped")
-
 
 def target_spec(input_size, num_classes, max_instances=128, mask_size=32, stride=4, map_masks=False):
     """`tf.TensorSpec`s of one image's targets (add a leading batch dim for batches)."""
