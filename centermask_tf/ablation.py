@@ -12,6 +12,8 @@ only, both: the paper's figure) and per mode `<mode>/metrics.json` and `detectio
 evaluation is in `<mode>/eval/`; a rerun reuses finished runs and resumes unfinished ones.
 """
 
+import collections
+import json
 import os
 
 from PIL import Image, ImageDraw, ImageFont
@@ -103,7 +105,7 @@ def ablate(workdir, config=None, train_models=False, overrides=(), images=4):
     how = "one model per mode (--train)" if train_models else "one model trained with both, three inference modes"
     write_json(os.path.join(folder, "ablation.json"), {"setting": how, "metrics": metrics})
     write_text(os.path.join(folder, "ablation.md"), ablation_table(metrics, how))
-    grid = ablation_grid({mode: d for mode, (d, _) in detectors.items()}, data.val.images, images)
+    grid = ablation_grid({mode: d for mode, (d, _) in detectors.items()}, grid_images(data.val, images))
     atomic_write(os.path.join(folder, "ablation.png"), lambda tmp: grid.save(tmp, format="PNG"), "ablation")
     return metrics
 
@@ -129,14 +131,26 @@ def ablation_table(metrics, setting):
     return "\n".join(lines) + "\n"
 
 
-def ablation_grid(detectors, image_folder, count):
-    """The first `count` validation images, one row each, in one column per mode: masks,
-    boxes and class names of detections scoring at least 0.3."""
-    from centermask_tf.predict import detect_image, draw_overlay, image_files, load_image
+def grid_images(split, count):
+    """Paths of `count` validation images for the grid: the first ones (in file-name order)
+    with at least two annotated objects, where masks can collide; others if there are too few."""
+    with open(split.annotations, encoding="utf-8") as f:
+        coco = json.load(f)
+    objects = collections.Counter(a.get("image_id") for a in coco.get("annotations", []))
+    names = sorted((image["file_name"], objects[image["id"]]) for image in coco["images"])
+    chosen = [name for name, n in names if n >= 2][:count]
+    chosen += [name for name, n in names if n < 2][: count - len(chosen)]
+    return [os.path.join(split.images, name) for name in chosen]
+
+
+def ablation_grid(detectors, paths):
+    """One row per image (`paths`), one column per mode: masks, boxes and class names of the
+    detections scoring at least 0.3."""
+    from centermask_tf.predict import detect_image, draw_overlay, load_image
 
     header = 18
     font = ImageFont.load_default()
-    rows = [load_image(path) for path in image_files(image_folder)[:count]]
+    rows = [load_image(path) for path in paths]
     grid = Image.new("RGB", (_CELL * len(MODES), header + _CELL * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for column, mode in enumerate(MODES):

@@ -81,3 +81,15 @@ def test_ablate_train_runs_one_model_per_mode_and_reuses_them(shapes, tmp_path):
     assert main(args) == 0
     for mode in MODES:
         assert (tmp_path / "ablate" / mode / "checkpoints" / "last.weights.h5").stat().st_mtime_ns == stamps[mode]
+
+
+def test_grid_shows_images_where_masks_can_collide(tmp_path):
+    from centermask_tf.ablation import grid_images
+    from centermask_tf.config import SplitConfig
+
+    coco = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (3, 1, 2, 4)],
+            "annotations": [{"image_id": i} for i in (1, 2, 2, 4, 4, 4)]}
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    split = SplitConfig(str(tmp_path / "val.json"), "imgs")
+    assert grid_images(split, 2) == ["imgs/2.jpg", "imgs/4.jpg"]
+    assert grid_images(split, 3) == ["imgs/2.jpg", "imgs/4.jpg", "imgs/1.jpg"]
