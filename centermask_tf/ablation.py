@@ -126,8 +126,12 @@ def ablation_table(metrics, setting):
     lines.append("")
     for mode in ("shape", "saliency"):
         gain = both - metrics[mode]["segm"]["AP"]
-        verdict = "beats" if gain > 0 else "does not beat"
-        lines.append(f"- both {verdict} {TITLES[mode]} by {gain:+.3f} segm AP.")
+        if round(gain, 3) > 0:
+            lines.append(f"- both beats {TITLES[mode]} by {gain:+.3f} segm AP.")
+        elif round(gain, 3) == 0:
+            lines.append(f"- both and {TITLES[mode]} have the same segm AP ({both:.3f}).")
+        else:
+            lines.append(f"- both does not beat {TITLES[mode]}: {gain:+.3f} segm AP.")
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ def test_ablate_decodes_one_model_three_ways(shapes, trained, capsys):
     folder = trained / "ablate"
     table = (folder / "ablation.md").read_text()
     assert "| Local Shape only |" in table and "| Global Saliency only |" in table and "| both (CenterMask) |" in table
-    assert "both beats" in table or "both does not beat" in table
+    assert table.count("- both ") == 2  # one verdict per single factor
     assert "| Local Shape only |" in capsys.readouterr().out  # the table is printed too
     metrics = json.loads((folder / "ablation.json").read_text())["metrics"]
     assert set(metrics) == set(MODES)
@@ -93,3 +93,15 @@ def test_grid_shows_images_where_masks_can_collide(tmp_path):
     split = SplitConfig(str(tmp_path / "val.json"), "imgs")
     assert grid_images(split, 2) == ["imgs/2.jpg", "imgs/4.jpg"]
     assert grid_images(split, 3) == ["imgs/2.jpg", "imgs/4.jpg", "imgs/1.jpg"]
+
+
+def test_table_says_how_both_compares():
+    from centermask_tf.ablation import ablation_table
+
+    def row(ap):
+        return {"segm": dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), ap), "bbox": {"AP": 0.5}}
+
+    table = ablation_table({"shape": row(0.5), "saliency": row(0.6), "both": row(0.55)}, "test")
+    assert "- both beats Local Shape only by +0.050 segm AP." in table
+    assert "- both does not beat Global Saliency only: -0.050 segm AP." in table
+    assert "have the same segm AP (0.550)" in ablation_table({"shape": row(0.55), "saliency": row(0.55), "both": row(0.55)}, "t")
