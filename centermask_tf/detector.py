@@ -123,7 +123,8 @@ class CenterMask(keras.Model):
     def decode(self, canvases):
         """Letterboxed float images `[B, N, N, 3]` (0..255) -> decoded detections: `boxes`
         (ymin, xmin, ymax, xmax, canvas pixels), `scores`, contiguous `classes`, box-relative
-        `masks [B, K, M, M]` and `num_detections`. The Shape head runs at the peaks only.
+        `masks [B, K, M, M]` (for `model.assembly: native`, windows of the output-map masks
+        and their `mask_boxes`) and `num_detections`. The Shape head runs at the peaks only.
         With `eval.flip_test` the network also runs on the mirror images (in the same batch)
         and the decoder averages the two."""
         network = inference_network(self.network)
