@@ -333,6 +333,27 @@ def cmd_ablate(args):
     print(f"wrote {folder}/ablation.json, ablation.md and ablation.png")
 
 
+def cmd_data_service(args):
+    """Runs a tf.data service dispatcher or worker until interrupted (see data/service.py)."""
+    import socket
+
+    from centermask_tf.data.service import start_dispatcher, start_worker
+
+    if args.role == "dispatcher":
+        if not args.workers:
+            raise UsageError("data-service dispatcher needs --workers host:port[,host:port...]: "
+                             "the workers that will prepare batches.")
+        server = start_dispatcher(args.port, args.workers.split(","))
+        print(f"tf.data service dispatcher on port {args.port} for workers {args.workers}; train with "
+              f"--set data.service=grpc://{socket.gethostname()}:{args.port}", flush=True)
+    else:
+        if not args.dispatcher:
+            raise UsageError("data-service worker needs --dispatcher host:port.")
+        server = start_worker(args.dispatcher, args.port, args.address)
+        print(f"tf.data service worker on port {args.port}, dispatcher {args.dispatcher}", flush=True)
+    server.join()
+
+
 def cmd_export(args):
     import tempfile
 
@@ -453,6 +474,14 @@ def build_parser():
     _add_set_arg(ablation, "eval.max_images=50")
     ablation.add_argument("--images", type=int, default=4, help="validation images in ablation.png")
     ablation.set_defaults(handler=cmd_ablate)
+
+    service = command("data-service", help="run a tf.data service dispatcher or worker (data.service)")
+    service.add_argument("role", choices=["dispatcher", "worker"])
+    service.add_argument("--port", type=int, default=5050, help="port to serve on (default 5050)")
+    service.add_argument("--workers", help="dispatcher: the workers, host:port,host:port,...")
+    service.add_argument("--dispatcher", help="worker: the dispatcher's host:port")
+    service.add_argument("--address", help="worker: its host:port as the dispatcher lists it (default: hostname:port)")
+    service.set_defaults(handler=cmd_data_service)
 
     shapes = command("make-shapes", help="write the synthetic COCO-format shapes set")
     shapes.add_argument("--output", required=True, help="dataset folder to create")

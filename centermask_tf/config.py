@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,6 +163,9 @@ class DataConfig:
         scale_range: random scale augmentation (min, max).
         flip: random horizontal flip.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables).
+        service: "grpc://host:port" of a tf.data service dispatcher (`centermask data-service`):
+            the training pipeline's decoding, augmentation and target encoding run on its
+            workers and training only reads batches. null (default) runs them in-process.
     """
 
     train: SplitConfig = field(default_factory=SplitConfig)
@@ -174,8 +178,13 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.6, 1.3])
     flip: bool = True
     color_jitter: float = _bounded(0.4, low=0, high=1)
+    service: Optional[str] = None
 
     def validate(self):
+        if self.service is not None and not re.fullmatch(r"grpc://[^:/\s]+:\d+", self.service):
+            raise ConfigError(
+                f"data.service must look like grpc://host:port (a tf.data service dispatcher), got {self.service!r}."
+            )
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(
                 f"data.scale_range must be [min, max] with 0 < min <= max, got {self.scale_range}."

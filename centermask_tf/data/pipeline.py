@@ -232,8 +232,23 @@ def train_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
-    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return dataset.with_options(_options(deterministic))
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    if data_config.service:
+        dataset = dataset.apply(from_service(data_config.service))
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+
+
+def from_service(address):
+    """Runs everything before it on the workers of the tf.data service at `address`.
+
+    FILE_OR_DATA sharding: each worker reads its own share of the dataset's files (no example
+    is prepared twice); a dataset with fewer files than workers is split by batch instead, each
+    worker preparing all of them and keeping its own, so the batches are exactly the in-process
+    ones. Both need the dispatcher to know its workers (`centermask data-service dispatcher
+    --workers ...`)."""
+    return tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.FILE_OR_DATA, service=address
+    )
 
 
 def eval_dataset(builder, *, input_size, batch_size, split="val"):
