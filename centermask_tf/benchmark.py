@@ -97,27 +97,34 @@ def bench_shapes(config, workdir=None, images=64, split_size=640):
     return config
 
 
-def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, images=64):
+def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, images=64, workers=0):
     """Training-pipeline images/s at `config.model.input_size` with augmentation.
 
-    Uses a shapes set of 640-px images (COCO-like sizes) generated once under `workdir`.
+    Uses a shapes set of 640-px images (COCO-like sizes) generated once under `workdir`. With
+    `workers` > 0 the batches are prepared by that many tf.data service workers started in this
+    process on localhost (`data.service`), sharing this machine's cores with the reader.
     Returns a row with the median and every run's images/s.
     """
+    from centermask_tf.data.service import local_service
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.training import config_train_dataset
 
     bench_shapes(config, workdir, images)
-    dataset = config_train_dataset(config, prepare_dataset(config.data))
     rates = []
-    for _ in range(runs):
-        iterator = iter(dataset)
-        for _ in range(warmup):
-            next(iterator)
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(iterator)
-        rates.append(batches * config.train.batch_size / (time.perf_counter() - start))
+    with local_service(workers) as address:
+        config.data.service = address
+        dataset = config_train_dataset(config, prepare_dataset(config.data))
+        for _ in range(runs):
+            iterator = iter(dataset)
+            for _ in range(warmup):
+                next(iterator)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(iterator)
+            rates.append(batches * config.train.batch_size / (time.perf_counter() - start))
+    config.data.service = None
     return {
+        "service_workers": workers,
         "input_size": config.model.input_size,
         "batch_size": config.train.batch_size,
         "images_per_s": statistics.median(rates),

@@ -147,12 +147,16 @@ def cmd_benchmark(args):
                     rows = [step]
                     columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
                 else:
-                    pipeline = benchmark.data_throughput(
-                        config, runs=1 if args.quick else 3, batches=5 if args.quick else 20
-                    )
-                    rows = [{**pipeline, "train_images_per_s": step["images_per_s"],
-                             "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"]}]
-                    columns = ["input_size", "batch_size", "images_per_s", "train_images_per_s", "pipeline_over_step"]
+                    # In-process, then through 1 and 2 local tf.data service workers (data.service).
+                    rows = []
+                    for workers in (0, 1, 2):
+                        pipeline = benchmark.data_throughput(
+                            config, runs=1 if args.quick else 3, batches=5 if args.quick else 20, workers=workers
+                        )
+                        rows.append({**pipeline, "train_images_per_s": step["images_per_s"],
+                                     "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"]})
+                    columns = ["service_workers", "input_size", "batch_size", "images_per_s", "train_images_per_s",
+                               "pipeline_over_step"]
             benchmark.print_table(rows, columns)
             benchmark.append_result(kind, name, rows, args.results)
     print(f"\nappended to {args.results}")

@@ -2,34 +2,22 @@
 batches; they are the in-process pipeline's batches, and training runs on them."""
 
 import csv
-import socket
 
 import numpy as np
 import pytest
 
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
-from centermask_tf.data.service import start_dispatcher, start_worker
+from centermask_tf.data.service import local_service
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.training import config_train_dataset
 from tests.helpers import train_args
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service():
-    ports = [free_port() for _ in range(2)]
-    dispatcher = start_dispatcher(0, [f"localhost:{p}" for p in ports])
-    address = dispatcher.target.split("://")[1]
-    workers = [start_worker(address, p, f"localhost:{p}") for p in ports]
-    yield dispatcher.target
-    for server in (*workers, dispatcher):
-        server.stop()
+    with local_service(2) as address:
+        yield address
 
 
 def test_service_batches_are_the_in_process_batches(shapes, service):

@@ -10,6 +10,7 @@ batches. The dispatcher lists its workers up front: the training pipeline shards
 by batch when there are fewer files than workers, which needs a fixed worker list.
 """
 
+import contextlib
 import socket
 
 import tensorflow as tf
@@ -29,3 +30,27 @@ def start_worker(dispatcher, port, address=None):
     return _SERVICE.WorkerServer(
         _SERVICE.WorkerConfig(dispatcher_address=dispatcher, worker_address=address, port=port)
     )
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_service(workers):
+    """A dispatcher and `workers` workers in this process on localhost; yields the
+    dispatcher's `grpc://` address (None for 0 workers: no service)."""
+    if not workers:
+        yield None
+        return
+    ports = [_free_port() for _ in range(workers)]
+    dispatcher = start_dispatcher(0, [f"localhost:{p}" for p in ports])
+    address = dispatcher.target.split("://")[1]
+    servers = [start_worker(address, p, f"localhost:{p}") for p in ports]
+    try:
+        yield dispatcher.target
+    finally:
+        for server in (*servers, dispatcher):
+            server.stop()
