@@ -158,7 +158,7 @@ class CenterMask(keras.Model):
             image's pixels, `scores [N]`, `class_ids [N]` (the dataset's own ids),
             `class_names` (N strings) and `masks` bool `[N, H, W]` at the image's size.
         """
-        from centermask_tf.evaluation import mask_boxes, paste_in_batches
+        from centermask_tf.evaluation import mask_boxes, paste_instances
         from centermask_tf.predict import letterbox_image, load_image
 
         single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
@@ -175,15 +175,16 @@ class CenterMask(keras.Model):
                 height, width = image.shape[:2]
                 n = min(int(np.sum(batch["scores"][i] >= threshold)), int(batch["num_detections"][i]), limit)
                 boxes = np.clip(batch["boxes"][i, :n] / scale, 0.0, [height, width, height, width]).astype(np.float32)
-                masks = [m for _, m in paste_in_batches(batch["masks"][i, :n], mask_boxes(batch, i, n, scale, boxes),
-                                                        height, width, self.config.model.mask_threshold)]
+                masks = paste_instances(batch["masks"][i, :n], mask_boxes(batch, i, n, scale, boxes),
+                                        height, width, self.config.model.mask_threshold)
                 classes = batch["classes"][i, :n]
                 results.append({
                     "boxes": boxes[:, [1, 0, 3, 2]],
                     "scores": batch["scores"][i, :n].astype(np.float32),
                     "class_ids": np.asarray(self.category_ids, np.int64)[classes],
                     "class_names": [self.categories[c]["name"] for c in classes],
-                    "masks": np.concatenate(masks) if masks else np.zeros((0, height, width), bool),
+                    "masks": np.stack([m.full(height, width) for m in masks]).astype(bool) if masks
+                    else np.zeros((0, height, width), bool),
                 })
         return results
 

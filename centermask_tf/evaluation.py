@@ -23,7 +23,6 @@ from tqdm import tqdm
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations, usable_annotations
 from centermask_tf.files import write_json
-from centermask_tf.model.assembly import paste_masks
 
 logger = logging.getLogger("centermask_tf.evaluation")
 
@@ -46,34 +45,48 @@ class InstanceMask(NamedTuple):
         return mask
 
 
-# Floats per batched paste (128 MB): a few detections at a time on a 50-megapixel photo, all of
-# them at once on dataset-sized images.
+# Floats per batched paste (128 MB): the padded box crops of a few detections at a time on a
+# 50-megapixel photo, of all of them on dataset-sized images.
 _PASTE_BUDGET = 1 << 25
 
 
-def paste_in_batches(box_masks, boxes, height, width, threshold):
-    """Yields `(boxes, binary masks [c, height, width])` for consecutive chunks of detections:
-    box-relative `[n, M, M]` probabilities pasted into their boxes `[n, 4]` (ymin, xmin, ymax,
-    xmax, image pixels) with `paste_masks`, as many at once as `_PASTE_BUDGET` allows."""
-    per_call = max(1, _PASTE_BUDGET // (height * width))
-    for start in range(0, len(boxes), per_call):
-        chunk = slice(start, start + per_call)
-        pasted = paste_masks(
-            tf.convert_to_tensor(box_masks[None, chunk]), tf.convert_to_tensor(boxes[None, chunk], tf.float32),
-            height, width,
-        )
-        yield boxes[chunk], pasted.numpy()[0] >= threshold
+def _paste_weights(start, end, first, count, cells):
+    """Bilinear weights `[n, count, cells]` that resize `cells` values onto the span
+    [start, end) for the pixels first .. first + count - 1 of each of n boxes, and `[n, count]`
+    whether each pixel's centre lies in the span: `model.assembly.paste_masks`'s geometry,
+    on the box's own pixels only."""
+    extent = np.maximum(end - start, 1e-6)
+    centres = first[:, None] + np.arange(count, dtype=np.float32) + 0.5
+    rel = (centres - start[:, None]) / extent[:, None]
+    coords = np.clip(rel * cells - 0.5, 0.0, cells - 1.0)
+    weights = np.maximum(0.0, 1.0 - np.abs(coords[..., None] - np.arange(cells, dtype=np.float32)))
+    return weights.astype(np.float32), (rel >= 0.0) & (rel <= 1.0)
 
 
 def paste_instances(box_masks, boxes, height, width, threshold):
-    """`paste_in_batches`, each mask kept as the crop of its box (`InstanceMask`): memory stays
-    bounded for large images, and small ones cost one call."""
+    """Box-relative `[n, M, M]` mask probabilities pasted (bilinear, as `paste_masks`) into
+    their boxes `[n, 4]` (ymin, xmin, ymax, xmax, image pixels) and thresholded, each kept as
+    the crop of its box (`InstanceMask`). Only the pixels of each box are computed, as batched
+    matmuls over detections padded to the largest box: the cost follows the boxes, not the
+    image size."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    box_masks = np.asarray(box_masks, np.float32)
+    limits = np.array([height, width], np.float32)
+    first = np.clip(np.floor(boxes[:, :2]), 0, limits - 1).astype(np.int64)  # top, left
+    last = np.clip(np.ceil(boxes[:, 2:]), 0, limits).astype(np.int64)  # bottom, right
+    spans = np.maximum(last - first, 0)
+    rows, cols = (int(spans[:, i].max(initial=0)) for i in (0, 1))
+    per_call = max(1, _PASTE_BUDGET // max(rows * cols, 1))
     masks = []
-    for chunk_boxes, pasted in paste_in_batches(box_masks, boxes, height, width, threshold):
-        for mask, box in zip(pasted, chunk_boxes):
-            top, left = (int(np.clip(np.floor(v), 0, limit - 1)) for v, limit in zip(box[:2], (height, width)))
-            bottom, right = (int(np.clip(np.ceil(v), 0, limit)) for v, limit in zip(box[2:], (height, width)))
-            masks.append(InstanceMask(top, left, mask[top:bottom, left:right].copy()))
+    for start in range(0, len(boxes), per_call):
+        chunk = slice(start, start + per_call)
+        cells = box_masks.shape[-1]
+        row_weights, in_rows = _paste_weights(boxes[chunk, 0], boxes[chunk, 2], first[chunk, 0], rows, cells)
+        col_weights, in_cols = _paste_weights(boxes[chunk, 1], boxes[chunk, 3], first[chunk, 1], cols, cells)
+        crops = row_weights @ box_masks[chunk] @ col_weights.transpose(0, 2, 1)  # [c, rows, cols]
+        crops = (crops * (in_rows[:, :, None] & in_cols[:, None, :])) >= threshold
+        for crop, (top, left), (height_k, width_k) in zip(crops, first[chunk], spans[chunk]):
+            masks.append(InstanceMask(int(top), int(left), crop[:height_k, :width_k].copy()))
     return masks
 
 

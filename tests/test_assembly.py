@@ -190,3 +190,21 @@ def test_paste_masks_matches_reference(case):
         for k in range(K):
             expected = resize_onto_box(box_masks[b, k].numpy(), boxes[b, k], H, W)
             np.testing.assert_allclose(pasted[b, k], np.nan_to_num(expected, nan=0.0), atol=1e-5)
+
+
+def test_paste_instances_equals_paste_masks_on_the_image(rng):
+    """Evaluation pastes each mask on its box's pixels only (numpy, padded batches); the result
+    is `paste_masks` on the whole image, thresholded, also for boxes partly outside it."""
+    from centermask_tf.evaluation import paste_instances
+
+    height, width, n = 37, 53, 9
+    box_masks = rng.uniform(0, 1, (n, M, M)).astype(np.float32)
+    ymin, xmin = rng.uniform(-10, height, n), rng.uniform(-10, width, n)
+    boxes = np.stack([ymin, xmin, ymin + rng.uniform(0, 30, n), xmin + rng.uniform(0, 40, n)], -1).astype(np.float32)
+    boxes[0] = [5.0, 5.0, 5.0, 20.0]  # zero height
+    expected = paste_masks(box_masks[None], boxes[None], height, width).numpy()[0] >= 0.5
+    got = paste_instances(box_masks, boxes, height, width, 0.5)
+    assert len(got) == n and sum(e.sum() for e in expected) > 100
+    for mask, want in zip(got, expected):
+        assert (mask.full(height, width).astype(bool) != want).sum() <= 1  # float rounding at 0.5
+

@@ -220,7 +220,7 @@ def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
     """`model.assembly=native`: each mask is the native (output-map) mask, upsampled to the
     image; pasting the decoder's windows equals pasting the whole output map."""
     from centermask_tf.decode import CenterMaskDecoder, inference_network
-    from centermask_tf.evaluation import paste_in_batches
+    from centermask_tf.model.assembly import paste_masks
     from centermask_tf.predict import letterbox_image
 
     directory, _ = workdir
@@ -235,8 +235,8 @@ def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
     full = decoder(outputs, shape_head=detector.network.get_layer("shape"))
     n = len(result["scores"])
     maps = full["masks"].numpy()[0, :n]
-    extent = np.full((n, 4), [0, 0, detector.input_size, detector.input_size], np.float32) / scale
-    expected = np.concatenate([m for _, m in paste_in_batches(maps, extent, *image.shape[:2], detector.config.model.mask_threshold)])
+    extent = np.full((1, n, 4), [0, 0, detector.input_size, detector.input_size], np.float32) / scale
+    expected = paste_masks(maps[None], extent, *image.shape[:2]).numpy()[0] >= detector.config.model.mask_threshold
     assert n > 5 and expected.any()
     for got, want in zip(result["masks"], expected):
         assert (got != want).sum() <= 2  # float rounding at the threshold, at most
