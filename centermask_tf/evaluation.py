@@ -48,6 +48,8 @@ class InstanceMask(NamedTuple):
 # Floats per batched paste (128 MB): the padded box crops of a few detections at a time on a
 # 50-megapixel photo, of all of them on dataset-sized images.
 _PASTE_BUDGET = 1 << 25
+# Detections pasted per batched matmul, in order of size.
+_PASTE_GROUP = 16
 
 
 def _paste_weights(start, end, first, count, cells):
@@ -75,18 +77,22 @@ def paste_instances(box_masks, boxes, height, width, threshold):
     first = np.clip(np.floor(boxes[:, :2]), 0, limits - 1).astype(np.int64)  # top, left
     last = np.clip(np.ceil(boxes[:, 2:]), 0, limits).astype(np.int64)  # bottom, right
     spans = np.maximum(last - first, 0)
-    rows, cols = (int(spans[:, i].max(initial=0)) for i in (0, 1))
-    per_call = max(1, _PASTE_BUDGET // max(rows * cols, 1))
-    masks = []
-    for start in range(0, len(boxes), per_call):
-        chunk = slice(start, start + per_call)
-        cells = box_masks.shape[-1]
+    cells = box_masks.shape[-1]
+    masks = [None] * len(boxes)
+    # Similar sizes share a batch, so a large box does not pad every small one to its size.
+    order = np.argsort(spans[:, 0] * spans[:, 1], kind="stable")
+    start = 0
+    while start < len(order):
+        rows, cols = (int(v) for v in np.maximum(spans[order[start : start + _PASTE_GROUP]].max(axis=0), 1))
+        chunk = order[start : start + max(1, min(_PASTE_GROUP, _PASTE_BUDGET // (rows * cols)))]
+        start += len(chunk)
         row_weights, in_rows = _paste_weights(boxes[chunk, 0], boxes[chunk, 2], first[chunk, 0], rows, cells)
         col_weights, in_cols = _paste_weights(boxes[chunk, 1], boxes[chunk, 3], first[chunk, 1], cols, cells)
         crops = row_weights @ box_masks[chunk] @ col_weights.transpose(0, 2, 1)  # [c, rows, cols]
         crops = (crops * (in_rows[:, :, None] & in_cols[:, None, :])) >= threshold
-        for crop, (top, left), (height_k, width_k) in zip(crops, first[chunk], spans[chunk]):
-            masks.append(InstanceMask(int(top), int(left), crop[:height_k, :width_k].copy()))
+        for k, crop in zip(chunk, crops):
+            (top, left), (height_k, width_k) = first[k], spans[k]
+            masks[k] = InstanceMask(int(top), int(left), crop[:height_k, :width_k].copy())
     return masks
 
 
