@@ -150,8 +150,24 @@ def coco_results(image_id, result, category_ids):
     return entries
 
 
-def coco_metrics(annotations, detections, image_ids):
-    """pycocotools COCOeval bbox and segm stats on `image_ids`.
+def _coco_library(backend):
+    """The (COCO, COCOeval) classes of `eval.backend`."""
+    if backend == "pycocotools":
+        return None, COCOeval
+    try:
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        raise ConfigError(
+            "eval.backend=faster_coco_eval needs the faster-coco-eval package: "
+            ".venv/bin/pip install -e '.[fast-eval]' (or set eval.backend=pycocotools)."
+        ) from None
+    return FasterCOCO, COCOeval_faster
+
+
+def coco_metrics(annotations, detections, image_ids, backend="pycocotools"):
+    """COCO bbox and segm stats on `image_ids`, with pycocotools' COCOeval or (`backend`
+    "faster_coco_eval") faster-coco-eval's, which gives the same numbers faster.
 
     The ground truth keeps the annotations that reading keeps (`usable_annotations`): a
     malformed segmentation would crash COCOeval, and a skipped one is never trained on.
@@ -160,8 +176,15 @@ def coco_metrics(annotations, detections, image_ids):
         {"bbox": {name: value}, "segm": {name: value}} with `METRIC_NAMES`; 0.0 throughout
         when there are no detections.
     """
+    coco_class, evaluator_class = _coco_library(backend)
     full = load_annotations(annotations)
-    ground_truth = index_coco(dict(full.dataset, annotations=usable_annotations(full, image_ids)))
+    data = dict(full.dataset, annotations=usable_annotations(full, image_ids))
+    if coco_class is None:
+        ground_truth = index_coco(data)
+    else:
+        ground_truth = coco_class()
+        ground_truth.dataset = data
+        ground_truth.createIndex()
     metrics = {}
     for iou_type in ("bbox", "segm"):
         if not detections:
@@ -169,7 +192,7 @@ def coco_metrics(annotations, detections, image_ids):
             continue
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             results = ground_truth.loadRes(detections)
-            evaluator = COCOeval(ground_truth, results, iou_type)
+            evaluator = evaluator_class(ground_truth, results, iou_type)
             evaluator.params.imgIds = sorted(image_ids)
             evaluator.evaluate()
             evaluator.accumulate()
@@ -216,7 +239,7 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
                 detections.extend(coco_results(image_id, result, category_ids))
                 image_ids.append(int(image_id))
             progress.update(len(images))
-    metrics = coco_metrics(builder.builder_config.splits["val"][0], detections, image_ids)
+    metrics = coco_metrics(builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend)
     if output_dir:
         write_json(os.path.join(output_dir, "detections.json"), detections, indent=None)
         write_json(os.path.join(output_dir, "metrics.json"), metrics)
