@@ -9,7 +9,7 @@ import weakref
 import keras
 import tensorflow as tf
 
-from centermask_tf.model.assembly import assemble_box_masks, assemble_masks
+from centermask_tf.model.assembly import assemble_box_masks, assemble_masks, shape_cells
 from centermask_tf.model.centermask import OUTPUT_STRIDE
 from centermask_tf.ops import centre_to_corners, flat_index, gather_at, unflatten_index
 
@@ -36,7 +36,7 @@ def _mirror(maps):
 
 def _mirror_shape_grids(vectors):
     """Shape vectors `[..., S*S]` with each S x S grid mirrored left-right."""
-    cells = int(round(vectors.shape[-1] ** 0.5))
+    cells = shape_cells(vectors)
     grids = tf.reshape(vectors, tf.concat([tf.shape(vectors)[:-1], [cells, cells]], axis=0))
     return tf.reshape(tf.reverse(grids, axis=[-1]), tf.shape(vectors))
 

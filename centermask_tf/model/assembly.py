@@ -64,7 +64,7 @@ def _sample_axis(centre, extent, num_samples, num_pixels):
     return tent_weights(positions - 0.5, num_pixels)
 
 
-def _shape_cells(shape_logits):
+def shape_cells(shape_logits):
     """S, the side of the Local Shape grid, from the static S*S channel count."""
     cells = int(round(shape_logits.shape[-1] ** 0.5))
     if cells * cells != shape_logits.shape[-1]:
@@ -76,7 +76,7 @@ def _shape_cells(shape_logits):
 
 def _shape_grid(shape_logits):
     """[B, K, S*S] logits -> [B, K, S, S] float32."""
-    cells = _shape_cells(shape_logits)
+    cells = shape_cells(shape_logits)
     shape_logits = tf.cast(shape_logits, tf.float32)
     batch, instances = tf.shape(shape_logits)[0], tf.shape(shape_logits)[1]
     return tf.reshape(shape_logits, [batch, instances, cells, cells])
