@@ -81,11 +81,16 @@ def mask_loss(outputs, targets, normalizer):
 
 
 def saliency_target(targets, height, width, channels):
-    """`[B, H, W, channels]` 0/1 map: the union of the instance masks, pasted from the
-    box-relative mask targets onto the output map (one channel per class when `channels` > 1)."""
-    boxes = centre_to_corners(ground_truth_boxes(targets, width))
-    pasted = paste_masks(tf.cast(targets["masks"], tf.float32), boxes, height, width)  # [B, M, H, W]
-    inside = tf.cast(pasted >= 0.5, tf.float32) * targets["valid"][..., None, None]
+    """`[B, H, W, channels]` 0/1 map: the union of the instance masks (one channel per class
+    when `channels` > 1): the output-resolution `map_masks` when the targets have them, else
+    the box-relative mask targets pasted onto the output map."""
+    if "map_masks" in targets:
+        inside = tf.cast(targets["map_masks"], tf.float32)
+    else:
+        boxes = centre_to_corners(ground_truth_boxes(targets, width))
+        pasted = paste_masks(tf.cast(targets["masks"], tf.float32), boxes, height, width)  # [B, M, H, W]
+        inside = tf.cast(pasted >= 0.5, tf.float32)
+    inside *= targets["valid"][..., None, None]
     if channels == 1:
         return tf.reduce_max(inside, axis=1)[..., None]
     # Max over the instances of each (image, class); padding slots go to one extra segment.

@@ -136,6 +136,10 @@ def test_saliency_supervision_is_bce_against_the_union_of_masks(rng):
     for c in range(CLASSES):
         np.testing.assert_array_equal(per_class[..., c], pasted[classes[:5] == c].any(0))
 
+    native = batch(encode(boxes, classes, masks, map_masks=True))  # the output-resolution masks
+    np.testing.assert_array_equal(saliency_target(native, OUT, OUT, 1).numpy()[0, ..., 0],
+                                  native["map_masks"].numpy()[0, :5].any(0))
+
     losses = compute_losses(outputs, targets, {"saliency": 0.5})
     prob = 1 / (1 + np.exp(-outputs["saliency"].numpy()[0, ..., 0].astype(np.float64)))
     np.testing.assert_allclose(losses["saliency"], numpy_bce(prob, union).mean(), rtol=1e-5)
