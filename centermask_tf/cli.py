@@ -322,14 +322,10 @@ def cmd_ablate(args):
     """The Local Shape / Global Saliency experiment (see centermask_tf/ablation.py)."""
     from centermask_tf.ablation import ablate
 
-    config = None
-    if args.train:
-        if not args.config:
-            raise UsageError("ablate --train needs --config: the config each mode is trained with.")
-        config = _load(args)
-    elif args.config:
+    if args.config and not args.train:
         raise UsageError("ablate without --train decodes the workdir's own model; drop --config "
                          "(use --set to change its evaluation settings).")
+    config = _load(args) if args.config else None  # ablate() refuses --train without one
     ablate(args.workdir, config, args.train, () if args.train else args.overrides, args.images)
     folder = os.path.join(args.workdir, "ablate")
     with open(os.path.join(folder, "ablation.md"), encoding="utf-8") as f:
