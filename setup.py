@@ -32,11 +32,14 @@ setup(
         "tensorflow-serving-api>=2.21,<2.22",
     ],
     extras_require={
-        # The test extra includes fast-eval: a test checks its metrics equal pycocotools'.
-        "test": ["pytest>=8,<10", "faster-coco-eval>=1.8.0,<1.9"],
+        # The test extra includes fast-eval: a test checks its metrics equal pycocotools',
+        # and Beam: a test checks its dataset build equals the single-process one.
+        "test": ["pytest>=8,<10", "faster-coco-eval>=1.8.0,<1.9", "apache-beam>=2.77,<3"],
         "plots": ["matplotlib>=3.8,<4"],
         # eval.backend: faster_coco_eval (same COCO metrics, faster).
         "fast-eval": ["faster-coco-eval>=1.8.0,<1.9"],
+        # data.build_workers > 1 / data.beam_options: the TFDS build through Apache Beam.
+        "beam": ["apache-beam>=2.77,<3"],
     },
     entry_points={"console_scripts": ["centermask=centermask_tf.cli:main"]},
 )

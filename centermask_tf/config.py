@@ -166,6 +166,11 @@ class DataConfig:
         service: "grpc://host:port" of a tf.data service dispatcher (`centermask data-service`):
             the training pipeline's decoding, augmentation and target encoding run on its
             workers and training only reads batches. null (default) runs them in-process.
+        build_workers: processes that build the TFDS dataset. 1 (default) builds in this
+            process; more build through Apache Beam's DirectRunner (the `beam` extra).
+        beam_options: Apache Beam pipeline flags for the build, e.g. `--runner=FlinkRunner`
+            for a cluster; any flag builds through Beam. The built dataset is the same however
+            it was built.
     """
 
     train: SplitConfig = field(default_factory=SplitConfig)
@@ -179,6 +184,8 @@ class DataConfig:
     flip: bool = True
     color_jitter: float = _bounded(0.4, low=0, high=1)
     service: Optional[str] = None
+    build_workers: int = _bounded(1, low=1)
+    beam_options: list[str] = field(default_factory=list)
 
     def validate(self):
         if self.service is not None and not re.fullmatch(r"grpc://[^:/\s]+:\d+", self.service):

@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from centermask_tf.config import ConfigError
-from centermask_tf.data.coco import index_coco, load_annotations, usable_annotations
+from centermask_tf.data.coco import index_coco, load_annotations
 from centermask_tf.files import write_json
 
 logger = logging.getLogger("centermask_tf.evaluation")
@@ -165,12 +165,13 @@ def _coco_library(backend):
     return FasterCOCO, COCOeval_faster
 
 
-def coco_metrics(annotations, detections, image_ids, backend="pycocotools"):
+def coco_metrics(annotations, detections, image_ids, backend="pycocotools", annotation_ids=None):
     """COCO bbox and segm stats on `image_ids`, with pycocotools' COCOeval or (`backend`
     "faster_coco_eval") faster-coco-eval's, which gives the same numbers faster.
 
-    The ground truth keeps the annotations that reading keeps (`usable_annotations`): a
-    malformed segmentation would crash COCOeval, and a skipped one is never trained on.
+    The ground truth is the annotations in `annotation_ids` (None: every annotation of the
+    file): the ones the dataset build kept. A malformed segmentation would crash COCOeval, and
+    a skipped one is never trained on.
 
     Returns:
         {"bbox": {name: value}, "segm": {name: value}} with `METRIC_NAMES`; 0.0 throughout
@@ -178,7 +179,10 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools"):
     """
     coco_class, evaluator_class = _coco_library(backend)
     full = load_annotations(annotations)
-    data = dict(full.dataset, annotations=usable_annotations(full, image_ids))
+    if annotation_ids is not None:
+        kept = set(int(i) for i in annotation_ids)
+        full.dataset["annotations"] = [a for a in full.dataset["annotations"] if a["id"] in kept]
+    data = full.dataset
     if coco_class is None:
         ground_truth = index_coco(data)
     else:
@@ -221,13 +225,14 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
 
     if "val" not in builder.info.splits:
         raise ConfigError("Evaluation needs data.val.annotations and data.val.images in the config.")
-    dataset = eval_dataset(builder, input_size=config.model.input_size, batch_size=config.eval.batch_size)
+    dataset = eval_dataset(
+        builder, input_size=config.model.input_size, batch_size=config.eval.batch_size, max_images=max_images
+    )
     total = builder.info.splits["val"].num_examples
     if max_images:
-        dataset = dataset.unbatch().take(max_images).batch(config.eval.batch_size)
         total = min(total, max_images)
     category_ids = [c["id"] for c in builder.info.metadata["categories"]]
-    detections, image_ids = [], []
+    detections, image_ids, annotation_ids = [], [], []
     # disable=None: no bar when stderr is not a terminal (a log file would get one per update).
     with tqdm(total=total, desc="evaluate", unit="img", leave=False, disable=None) as progress:
         for images, info in dataset:
@@ -238,8 +243,11 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
                 )
                 detections.extend(coco_results(image_id, result, category_ids))
                 image_ids.append(int(image_id))
+            annotation_ids.extend(info["annotation_ids"].flat_values.numpy().tolist())
             progress.update(len(images))
-    metrics = coco_metrics(builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend)
+    metrics = coco_metrics(
+        builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend, annotation_ids
+    )
     if output_dir:
         write_json(os.path.join(output_dir, "detections.json"), detections, indent=None)
         write_json(os.path.join(output_dir, "metrics.json"), metrics)

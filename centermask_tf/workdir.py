@@ -39,7 +39,7 @@ logger = logging.getLogger("centermask_tf.workdir")
 RUN_FILES = ("config.yaml", "categories.json", "state.json", "checkpoints", "backup", "history.csv",
              "logs", "eval", "model.keras", "predictions")
 # Keys that may change between a run and its continuation.
-RESUMABLE_KEYS = ("train.epochs", "eval.", "data.service")
+RESUMABLE_KEYS = ("train.epochs", "eval.", "data.service", "data.build_workers", "data.beam_options")
 _PENDING = re.compile(r"^\.pending-(last|best)-(\d+)\.weights\.h5$")
 _BACKUP = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 

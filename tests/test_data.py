@@ -1,14 +1,16 @@
 import json
 import logging
 import socket
+import sys
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from pycocotools.coco import COCO
 
-from centermask_tf.config import DataConfig, SplitConfig
+from centermask_tf.config import ConfigError, DataConfig, SplitConfig
 from centermask_tf.data import tfds_builder
 from centermask_tf.data.coco import DataError, FaultReport, read_coco
 from centermask_tf.data.pipeline import augment, decode_example, decode_rle, eval_dataset, train_dataset
@@ -207,6 +209,34 @@ def test_every_fault_is_skipped_counted_and_an_epoch_runs(messy, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="centermask_tf.data"):
         tfds_builder.prepare_dataset(config)
     assert "skipped 17 bad samples" in caplog.text
+
+
+def _examples(builder, split="train"):
+    """Every example of a split as flat {feature: numpy value}, in reading order."""
+    return [
+        {**{k: v for k, v in example.items() if k != "objects"}, **{f"objects/{k}": v for k, v in example["objects"].items()}}
+        for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    ]
+
+
+def test_beam_build_writes_the_same_examples_and_faults(messy, tmp_path):
+    """Two DirectRunner worker processes build the messy set: the same examples, in the same
+    order, and the same fault counts as the single-process build."""
+    single = tfds_builder.prepare_dataset(data_config(messy, tmp_path / "single"))
+    beam = tfds_builder.prepare_dataset(data_config(messy, tmp_path / "beam", build_workers=2))
+    assert beam.info.metadata["train_faults"] == single.info.metadata["train_faults"] == PLANTED_FAULTS
+    expected, built = _examples(single), _examples(beam)
+    assert len(built) == len(expected) == GOOD_IMAGES
+    for ours, theirs in zip(built, expected):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_beam_build_without_beam_names_the_extra(messy, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apache_beam.options.pipeline_options", None)  # import fails
+    with pytest.raises(ConfigError, match=r"data\.build_workers=2.*pip install -e '\.\[beam\]'"):
+        tfds_builder.prepare_dataset(data_config(messy, tmp_path, build_workers=2))
 
 
 def test_strict_raises_naming_the_first_bad_sample(messy, tmp_path):

@@ -127,7 +127,7 @@ def _annotation_problem(ann):
     zero-area box or an out-of-image polygon are checked later, with their own fault kinds)."""
     if not isinstance(ann, dict):
         return f"entry {ann!r:.60} is not an object"
-    for key in ("image_id", "category_id"):
+    for key in ("id", "image_id", "category_id"):  # pycocotools indexes annotations by id
         if not _is_int(ann.get(key)):
             return f"{key} {ann.get(key)!r:.60} is not an integer"
     bbox = ann.get("bbox")
@@ -169,7 +169,7 @@ def _drop_bad_records(data, path, report):
     for ann in data["annotations"]:
         problem = _annotation_problem(ann)
         ann_id = ann.get("id") if isinstance(ann, dict) else None
-        if problem is None and ann_id is not None and ann_id in seen:
+        if problem is None and ann_id in seen:
             problem = "the id appears twice"
         if problem:
             report.add("bad_annotation_record", f"{path}: annotation id {ann_id!r:.30}", problem)
@@ -325,40 +325,11 @@ def _box(ann, height, width, where, report):
     return [max(y, 0.0), max(x, 0.0), min(y + h, height), min(x + w, width)]
 
 
-def usable_annotations(coco, image_ids):
-    """The annotations of `image_ids` that reading keeps (valid box, category and segmentation),
-    e.g. as evaluation ground truth: pycocotools' COCOeval fails on malformed segmentations."""
-    report = FaultReport(log=False)
-    category_ids = {c["id"] for c in coco.dataset["categories"]}
-    kept = []
-    for image_id in image_ids:
-        info = coco.imgs[image_id]
-        height, width = int(info["height"]), int(info["width"])
-        for ann in coco.imgToAnns.get(image_id, []):
-            if ann.get("category_id") not in category_ids:
-                continue
-            where = f"annotation id {ann.get('id')}"
-            if _box(ann, height, width, where, report) is None:
-                continue
-            if _annotation_mask(coco, ann, height, width, where, report) is not None:
-                kept.append(ann)
-    return kept
+def open_coco(annotations, categories=None, report=None):
+    """Loads a COCO-format split and reports its annotations that point nowhere.
 
-
-def read_coco(annotations, images, categories=None, report=None):
-    """Yields clean per-image records of a COCO-format split.
-
-    Args:
-        annotations: path of the instances JSON.
-        images: image root folder that `file_name`s are relative to.
-        categories: the `Categories` to map to (e.g. the training split's); default: this file's.
-        report: a `FaultReport` collecting skipped samples.
-
-    Yields:
-        dicts with `image_id`, `path`, `transpose` (the stored pixels must be EXIF-transposed to
-        match the annotations), `height`, `width` and `objects`: a list of dicts with
-        `bbox` [ymin, xmin, ymax, xmax] (pixels), `label` (contiguous index), `is_crowd`,
-        `rle` (uncompressed counts, int32, column-major).
+    Returns:
+        (the pycocotools `COCO`, the `Categories` to map to: `categories` or the file's own).
     """
     report = report or FaultReport()
     coco = load_annotations(annotations, report)
@@ -370,39 +341,67 @@ def read_coco(annotations, images, categories=None, report=None):
             report.add("orphan_annotation", where, f"image_id {ann.get('image_id')}")
         elif ann.get("category_id") not in categories.ids:
             report.add("unknown_category", where, f"category_id {ann.get('category_id')}")
+    return coco, categories
 
+
+def image_record(coco, image_id, images, categories, report, annotations=""):
+    """One image's clean record (see `read_coco`), or None when the image is unusable
+    (reported). `annotations` names the JSON in messages."""
+    info = coco.imgs[image_id]
+    height, width = int(info["height"]), int(info["width"])
+    file_name = str(info.get("file_name", ""))
+    where = f"image id {image_id} '{file_name}'"
+    path = _resolve(images, file_name)
+    if path is None:
+        report.add("unsafe_path", where, f"root '{images}'")
+        return None
+    transpose = _check_image(path, height, width, where, report)
+    if transpose is None:
+        return None
+    objects = []
+    for ann in coco.imgToAnns.get(image_id, []):
+        if ann.get("category_id") not in categories.ids:
+            continue  # reported by open_coco
+        where = f"{annotations}: annotation id {ann.get('id')} (image '{file_name}')"
+        box = _box(ann, height, width, where, report)
+        if box is None:
+            continue
+        mask = _annotation_mask(coco, ann, height, width, where, report)
+        if mask is None:
+            continue
+        objects.append(
+            {
+                "id": int(ann["id"]),
+                "bbox": np.asarray(box, np.float32),
+                "label": categories.index_of(ann["category_id"]),
+                "is_crowd": bool(ann.get("iscrowd", 0)),
+                "rle": uncompressed_counts(mask).astype(np.int32),
+            }
+        )
+    return {
+        "image_id": int(image_id), "path": path, "transpose": transpose,
+        "height": height, "width": width, "objects": objects,
+    }
+
+
+def read_coco(annotations, images, categories=None, report=None):
+    """Yields clean per-image records of a COCO-format split, in image id order.
+
+    Args:
+        annotations: path of the instances JSON.
+        images: image root folder that `file_name`s are relative to.
+        categories: the `Categories` to map to (e.g. the training split's); default: this file's.
+        report: a `FaultReport` collecting skipped samples.
+
+    Yields:
+        dicts with `image_id`, `path`, `transpose` (the stored pixels must be EXIF-transposed to
+        match the annotations), `height`, `width` and `objects`: a list of dicts with
+        `id` (the annotation's), `bbox` [ymin, xmin, ymax, xmax] (pixels), `label` (contiguous
+        index), `is_crowd`, `rle` (uncompressed counts, int32, column-major).
+    """
+    report = report or FaultReport()
+    coco, categories = open_coco(annotations, categories, report)
     for image_id in sorted(coco.imgs):
-        info = coco.imgs[image_id]
-        height, width = int(info["height"]), int(info["width"])
-        file_name = str(info.get("file_name", ""))
-        where = f"image id {image_id} '{file_name}'"
-        path = _resolve(images, file_name)
-        if path is None:
-            report.add("unsafe_path", where, f"root '{images}'")
-            continue
-        transpose = _check_image(path, height, width, where, report)
-        if transpose is None:
-            continue
-        objects = []
-        for ann in coco.imgToAnns.get(image_id, []):
-            if ann.get("category_id") not in categories.ids:
-                continue  # already reported above
-            where = f"{annotations}: annotation id {ann.get('id')} (image '{file_name}')"
-            box = _box(ann, height, width, where, report)
-            if box is None:
-                continue
-            mask = _annotation_mask(coco, ann, height, width, where, report)
-            if mask is None:
-                continue
-            objects.append(
-                {
-                    "bbox": np.asarray(box, np.float32),
-                    "label": categories.index_of(ann["category_id"]),
-                    "is_crowd": bool(ann.get("iscrowd", 0)),
-                    "rle": uncompressed_counts(mask).astype(np.int32),
-                }
-            )
-        yield {
-            "image_id": int(image_id), "path": path, "transpose": transpose,
-            "height": height, "width": width, "objects": objects,
-        }
+        record = image_record(coco, image_id, images, categories, report, annotations)
+        if record is not None:
+            yield record

@@ -253,8 +253,11 @@ def from_service(address, deterministic=False):
     )
 
 
-def eval_dataset(builder, *, input_size, batch_size, split="val"):
-    """Letterboxed validation batches `(images, info)` in a fixed order (see module docstring)."""
+def eval_dataset(builder, *, input_size, batch_size, split="val", max_images=None):
+    """Letterboxed validation batches `(images, info)` in a fixed order (see module docstring),
+    of the first `max_images` images (None: all). `info["annotation_ids"]` (ragged `[B, None]`)
+    lists the annotations each image kept when the dataset was built: the evaluation's ground
+    truth, so evaluating never decodes a mask again."""
 
     def prepare(example):
         sample = letterbox(decode_example(example), input_size)
@@ -262,9 +265,12 @@ def eval_dataset(builder, *, input_size, batch_size, split="val"):
             "image_id": sample["image_id"],
             "original_size": sample["original_size"],
             "scale": sample["scale"],
+            "annotation_ids": example["objects"]["id"],
         }
         return sample["image"], info
 
     dataset = builder.as_dataset(split=split, shuffle_files=False)
+    if max_images:
+        dataset = dataset.take(max_images)
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset.ragged_batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -19,6 +19,7 @@ turns or flips it (phone photos) is stored upright, re-encoded as PNG, so every 
 orientation the annotations were drawn in.
 """
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -31,7 +32,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
-from centermask_tf.data.coco import Categories, DataError, FaultReport, load_annotations, read_coco
+from centermask_tf.config import ConfigError
+from centermask_tf.data.coco import (
+    Categories, DataError, FaultReport, image_record, load_annotations, open_coco, read_coco,
+)
 from centermask_tf.files import locked
 
 logger = logging.getLogger("centermask_tf.data")
@@ -45,13 +49,19 @@ class CocoFolderConfig(tfds.core.BuilderConfig):
 
     splits: dict = dataclasses.field(default_factory=dict)  # split -> (annotations, images)
     strict: bool = False
+    # How to build, not what: the same examples either way (`build_workers`, `beam_options`).
+    build_workers: int = 1
+    beam_options: tuple = ()
 
 
 class CocoFolder(tfds.core.GeneratorBasedBuilder):
     """COCO-format instances (images, boxes, labels, crowd flags, RLE masks) from a folder."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Images as encoded bytes; masks as uncompressed RLE counts."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Images as encoded bytes; masks as uncompressed RLE counts.",
+        "1.1.0": "Each object's annotation id (the evaluation's ground truth).",
+    }
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -65,6 +75,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
                     "width": tfds.features.Scalar(dtype=np.int32),
                     "objects": tfds.features.Sequence(
                         {
+                            "id": tfds.features.Scalar(dtype=np.int64),
                             "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
                             "label": tfds.features.Scalar(dtype=np.int32),
                             "is_crowd": tfds.features.Scalar(dtype=np.bool_),
@@ -83,8 +94,9 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         first = splits.get("train") or next(iter(splits.values()))
         categories = Categories.from_coco(load_annotations(first[0]).dataset["categories"])
         self.info.metadata["categories"] = categories.to_list()
+        generate = self._beam_examples if _uses_beam(self.builder_config) else self._generate_examples
         return {
-            name: self._generate_examples(name, annotations, images, categories)
+            name: generate(name, annotations, images, categories)
             for name, (annotations, images) in splits.items()
         }
 
@@ -93,28 +105,90 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         usable = 0
         for record in read_coco(annotations, images, categories, report):
             usable += 1
-            image_bytes = upright_bytes(record["path"]) if record["transpose"] else _read(record["path"])
-            objects = record["objects"]
-            yield record["image_id"], {
-                "image": image_bytes,
-                "image_id": record["image_id"],
-                "height": record["height"],
-                "width": record["width"],
-                "objects": {
-                    "bbox": np.stack([o["bbox"] for o in objects]) if objects else np.zeros((0, 4), np.float32),
-                    "label": np.asarray([o["label"] for o in objects], np.int32),
-                    "is_crowd": np.asarray([o["is_crowd"] for o in objects], np.bool_),
-                    "runs": np.asarray([len(o["rle"]) for o in objects], np.int32),
-                },
-                "rle": np.concatenate([o["rle"] for o in objects]) if objects else np.zeros(0, np.int32),
-            }
+            yield record["image_id"], to_example(record)
+        self._record_faults(split, annotations, report.counts, usable)
+
+    def _beam_examples(self, split, annotations, images, categories):
+        """The same examples as `_generate_examples`, each image read by a Beam worker; the
+        annotation file is checked here, the images and masks there (faults counted with
+        Beam metrics, summed in `_process_pipeline_result`)."""
+        import apache_beam as beam
+
+        report = FaultReport(strict=self.builder_config.strict)
+        coco, _ = open_coco(annotations, categories, report)
+        self._json_faults = getattr(self, "_json_faults", {})
+        self._json_faults[split] = (annotations, report.counts)
+        if not coco.imgs:
+            self._record_faults(split, annotations, report.counts, 0)
+        strict = self.builder_config.strict
+        return beam.Create(sorted(coco.imgs)) | beam.FlatMap(_read_image, split, annotations, images, categories, strict)
+
+    def _process_pipeline_result(self, pipeline_result):
+        from apache_beam.metrics.metric import MetricsFilter
+
+        counts = {split: collections.Counter(faults) for split, (_, faults) in self._json_faults.items()}
+        queried = pipeline_result.metrics().query(MetricsFilter().with_namespace(_FAULTS_NAMESPACE))
+        for counter in queried["counters"]:
+            split, kind = counter.key.metric.name.split("/")
+            counts[split][kind] += counter.committed
+        for split, (annotations, _) in self._json_faults.items():
+            self._record_faults(split, annotations, counts[split])
+
+    def _record_faults(self, split, annotations, counts, usable=None):
+        report = FaultReport()
+        report.counts.update({kind: n for kind, n in counts.items() if n})
         self.info.metadata[f"{split}_faults"] = dict(report.counts)
         logger.warning("%s split '%s': %s", annotations, split, report.summary())
-        if not usable:  # TFDS cannot write an empty split; say why there is nothing in it
+        if usable == 0:  # TFDS cannot write an empty split; say why there is nothing in it
             raise DataError(
                 f"data.{split} ({annotations}) has 0 usable images ({report.summary()}); the warnings "
                 "above name each one. Fix the paths or the files."
             )
+
+
+_FAULTS_NAMESPACE = "centermask_faults"
+
+
+def _uses_beam(config):
+    return config.build_workers > 1 or bool(config.beam_options)
+
+
+_OPENED = {}  # annotation path -> COCO, per Beam worker process
+
+
+def _read_image(image_id, split, annotations, images, categories, strict):
+    """Beam: one image id -> its (key, example), or nothing when the image is unusable (its
+    faults counted in Beam metrics). Each worker process loads the annotation file once."""
+    import apache_beam as beam
+
+    if annotations not in _OPENED:
+        _OPENED[annotations] = load_annotations(annotations)
+    report = FaultReport(strict=strict)
+    record = image_record(_OPENED[annotations], image_id, images, categories, report, annotations)
+    for kind, n in report.counts.items():
+        beam.metrics.Metrics.counter(_FAULTS_NAMESPACE, f"{split}/{kind}").inc(n)
+    if record is not None:
+        yield record["image_id"], to_example(record)
+
+
+def to_example(record):
+    """A `read_coco` record -> the builder's feature dict."""
+    image_bytes = upright_bytes(record["path"]) if record["transpose"] else _read(record["path"])
+    objects = record["objects"]
+    return {
+        "image": image_bytes,
+        "image_id": record["image_id"],
+        "height": record["height"],
+        "width": record["width"],
+        "objects": {
+            "id": np.asarray([o["id"] for o in objects], np.int64),
+            "bbox": np.stack([o["bbox"] for o in objects]) if objects else np.zeros((0, 4), np.float32),
+            "label": np.asarray([o["label"] for o in objects], np.int32),
+            "is_crowd": np.asarray([o["is_crowd"] for o in objects], np.bool_),
+            "runs": np.asarray([len(o["rle"]) for o in objects], np.int32),
+        },
+        "rle": np.concatenate([o["rle"] for o in objects]) if objects else np.zeros(0, np.int32),
+    }
 
 
 def _read(path):
@@ -196,7 +270,10 @@ def prepare_dataset(data_config, splits=SPLITS):
         raise DataError("No data split configured: set data.train.annotations and data.train.images.")
 
     key = _content_key(paths, data_config.strict)
-    config = CocoFolderConfig(name=key, splits=paths, strict=data_config.strict)
+    config = CocoFolderConfig(
+        name=key, splits=paths, strict=data_config.strict,
+        build_workers=data_config.build_workers, beam_options=tuple(data_config.beam_options),
+    )
     lock = os.path.join(data_config.tfds_data_dir, "coco_folder", f"{key}.lock")
     with locked(lock, f"the dataset {key}", wait=True):
         builder = CocoFolder(data_dir=data_config.tfds_data_dir, config=config)
@@ -210,5 +287,25 @@ def prepare_dataset(data_config, splits=SPLITS):
             logger.info("building TFDS dataset %s in %s", config.name, data_config.tfds_data_dir)
             if not sys.stderr.isatty():  # progress bars in a log file are a line per update
                 tfds.disable_progress_bar()
-            builder.download_and_prepare()
+            builder.download_and_prepare(download_config=_download_config(config))
     return builder
+
+
+def _download_config(config):
+    """Single-process, or through Beam: `build_workers` local processes (DirectRunner) plus
+    any `beam_options` flags (another runner, e.g. `--runner=FlinkRunner`)."""
+    if not _uses_beam(config):
+        return None
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise ConfigError(
+            f"data.build_workers={config.build_workers} / data.beam_options build through Apache Beam, "
+            "which is not installed: .venv/bin/pip install -e '.[beam]' (or set data.build_workers: 1)."
+        ) from None
+    options = PipelineOptions(
+        list(config.beam_options),
+        direct_num_workers=config.build_workers,
+        direct_running_mode="multi_processing" if config.build_workers > 1 else "in_memory",
+    )
+    return tfds.download.DownloadConfig(beam_options=options)
