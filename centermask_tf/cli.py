@@ -84,13 +84,24 @@ def cmd_info(args):
 
 
 def cmd_make_shapes(args):
-    from centermask_tf.data.shapes import make_shapes
+    from centermask_tf.data.shapes import PRESETS, Layout, make_shapes
 
-    sizes = {"sizes": tuple(args.object_size)} if args.object_size else {}
-    counts = make_shapes(args.output, args.train, args.val, args.seed, args.image_size, args.occlusion, **sizes)
+    preset = dict(PRESETS[args.preset]) if args.preset else {}
+    if preset and (args.occlusion is not None or args.object_size or args.image_size is not None or args.train is not None):
+        raise UsageError(f"--preset {args.preset} fixes the layout; only --val, --seed and --output may change.")
+    layout = preset.get("layout") or Layout(**({"sizes": tuple(args.object_size)} if args.object_size else {}))
+    counts = make_shapes(
+        args.output,
+        preset.get("train", 600 if args.train is None else args.train),
+        args.val if args.val is not None else preset.get("val", 100),
+        args.seed,
+        preset.get("image_size", args.image_size or 128),
+        args.occlusion,
+        layout,
+    )
     for split, (images, annotations, occluded) in counts.items():
         print(f"{split}: {images} images, {annotations} annotations ({occluded} partly occluded)")
-    print(f"written to {args.output}/annotations and {args.output}/{{train,val}}")
+    print(f"written to {args.output}/annotations and {args.output}/{{{','.join(counts)}}}")
 
 
 class UsageError(UserError):
@@ -485,10 +496,12 @@ def build_parser():
 
     shapes = command("make-shapes", help="write the synthetic COCO-format shapes set")
     shapes.add_argument("--output", required=True, help="dataset folder to create")
-    shapes.add_argument("--train", type=int, default=600, help="training images")
-    shapes.add_argument("--val", type=int, default=100, help="validation images")
+    shapes.add_argument("--train", type=int, help="training images (default 600)")
+    shapes.add_argument("--val", type=int, help="validation images (default 100)")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--image-size", type=int, default=128, help="longest image side")
+    shapes.add_argument("--image-size", type=int, help="longest image side (default 128)")
+    shapes.add_argument("--preset", choices=["coco-val"],
+                        help="coco-val: 5,000 validation images shaped like COCO val2017 (640 px, ~7 objects, crowd)")
     shapes.add_argument("--occlusion", type=float, metavar="P",
                         help="fraction of objects placed over an earlier one (0-1; default: uniform positions)")
     shapes.add_argument("--object-size", type=float, nargs=2, metavar=("MIN", "MAX"),

@@ -12,7 +12,14 @@ apart from the others (when there is room); without it, positions are uniform.
 Unoccluded objects are annotated with polygons, occluded ones with RLE (alternately compressed
 and uncompressed); about 8 % of the images have no objects. Images are JPEG and PNG of varied
 sizes. Everything is deterministic for a seed.
+
+`--preset coco-val` imitates COCO val2017's shape instead (`COCO_VAL`): 5,000 validation images
+(no training split) whose longer side is 640 px, 7.3 objects per image on average, object sizes
+spread like COCO's small/medium/large, and about 1 % crowd regions (`iscrowd: 1`, uncompressed
+RLE over a cluster of small shapes) - a set to measure building and evaluating at COCO scale.
 """
+
+import dataclasses
 
 import os
 
@@ -38,6 +45,36 @@ _MIN_VISIBLE = 0.25
 _MIN_CONTRAST = 80.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the generated images hold.
+
+    Attributes:
+        sizes: (min, max) object size as fractions of the shorter image side.
+        log_sizes: draw sizes log-uniformly in that range (many small objects, as in COCO)
+            instead of uniformly.
+        mean_objects: objects per image drawn from a geometric distribution with this mean;
+            None: 8 % of the images empty, else 1-6 uniformly.
+        crowd: probability that an image gets one crowd region.
+        coco_sizes: image sizes as in COCO (longer side `image_size`, the other mostly 3/4 or
+            2/3 of it, a quarter portrait) instead of 75-100 % of `image_size` each side.
+    """
+
+    sizes: tuple = OBJECT_SIZES
+    log_sizes: bool = False
+    mean_objects: float = None
+    crowd: float = 0.0
+    coco_sizes: bool = False
+
+
+# COCO val2017: 36,781 instances on 5,000 images (7.3 each); by area 41 % small (< 32^2 px),
+# 34 % medium, 24 % large. Log-uniform sizes from 8 px to 90 % of a 480-px side give about
+# that split; 9.8 objects drawn per image leave about 7.3 annotated once occlusion hides some.
+COCO_VAL = {"train": 0, "val": 5000, "image_size": 640,
+            "layout": Layout(sizes=(8 / 480, 0.9), log_sizes=True, mean_objects=9.8, crowd=0.01, coco_sizes=True)}
+PRESETS = {"coco-val": COCO_VAL}
+
+
 def _centre(rng, size, height, width, placed, occlusion):
     """An object centre: uniform (`occlusion` None), over an earlier object (probability
     `occlusion`), or else apart from every earlier (cy, cx, size) in `placed` when one of 20
@@ -59,12 +96,14 @@ def _centre(rng, size, height, width, placed, occlusion):
     return cy, cx
 
 
-def _polygon(kind, rng, height, width, placed=(), occlusion=None, sizes=OBJECT_SIZES):
+def _polygon(kind, rng, height, width, placed=(), occlusion=None, layout=Layout(), size=None, centre=None):
     """A random shape of `kind` as a flat [x0, y0, x1, y1, ...] polygon in pixel coordinates,
-    `sizes` (min, max) of the image side; `placed` and `occlusion` as in `_centre`."""
-    side = min(height, width)
-    size = rng.uniform(*sizes) * side
-    cy, cx = _centre(rng, size, height, width, placed, occlusion)
+    sized per `layout` (or `size` pixels) and placed per `placed` and `occlusion` as in
+    `_centre` (or at `centre`)."""
+    if size is None:
+        low, high = (f * min(height, width) for f in layout.sizes)
+        size = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if layout.log_sizes else rng.uniform(low, high)
+    cy, cx = centre or _centre(rng, size, height, width, placed, occlusion)
     if kind == "circle":
         angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
         ry, rx = size / 2, size / 2 * rng.uniform(0.7, 1.0)
@@ -104,33 +143,71 @@ def _background(rng, height, width):
     return image + rng.normal(0, 12, image.shape), (colour_a, colour_b)
 
 
-def _make_image(rng, image_id, height, width, annotation_id, occlusion=None, sizes=OBJECT_SIZES):
+def _object_count(rng, layout):
+    if layout.mean_objects is None:
+        return 0 if rng.uniform() < 0.08 else int(rng.integers(1, 7))
+    return int(rng.geometric(1.0 / layout.mean_objects)) - 1 + int(rng.uniform() < 1.0 - 1.0 / layout.mean_objects)
+
+
+def _paint(image, mask, colour, rng):
+    """Fills `mask` with `colour` plus noise, computing the noise over the mask's box only."""
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if not len(ys):
+        return
+    window = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    inside = mask[window]
+    image[window][inside] = (colour + rng.normal(0, 8, inside.shape + (3,)))[inside]
+
+
+def _crowd(rng, height, width):
+    """A crowd region: 4-8 small shapes of one category clustered together, one mask."""
+    category = CATEGORIES[int(rng.integers(0, len(CATEGORIES)))]
+    side = min(height, width)
+    cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+    mask = np.zeros((height, width), bool)
+    for _ in range(int(rng.integers(4, 9))):
+        size = rng.uniform(0.03, 0.08) * side
+        centre = (cy + rng.normal(0, 0.06 * side), cx + rng.normal(0, 0.06 * side))
+        polygon, _ = _polygon(category["name"], rng, height, width, size=size, centre=centre)
+        mask |= mask_utils.decode(mask_utils.frPyObjects([polygon], height, width))[..., 0].astype(bool)
+    return mask, category["id"]
+
+
+def _make_image(rng, image_id, height, width, annotation_id, occlusion=None, layout=Layout()):
     image, background_colours = _background(rng, height, width)
-    count = 0 if rng.uniform() < 0.08 else int(rng.integers(1, 7))
-    full_masks, polygons, labels, placed = [], [], [], []
-    for _ in range(count):
+    full_masks, polygons, labels, crowds, placed = [], [], [], [], []
+    for _ in range(_object_count(rng, layout)):
         category = CATEGORIES[int(rng.integers(0, len(CATEGORIES)))]
-        polygon, where = _polygon(category["name"], rng, height, width, placed, occlusion, sizes)
+        polygon, where = _polygon(category["name"], rng, height, width, placed, occlusion, layout)
         placed.append(where)
         rle = mask_utils.frPyObjects([polygon], height, width)
         mask = mask_utils.decode(rle)[..., 0].astype(bool)
-        colour = _object_colour(rng, background_colours)
-        texture = rng.normal(0, 8, (height, width, 3))
-        image[mask] = (colour + texture)[mask]
+        _paint(image, mask, _object_colour(rng, background_colours), rng)
         full_masks.append(mask)
         polygons.append(polygon)
         labels.append(category["id"])
+        crowds.append(False)
+    if rng.uniform() < layout.crowd:
+        mask, label = _crowd(rng, height, width)
+        colour = _object_colour(rng, background_colours)
+        _paint(image, mask, colour, rng)
+        full_masks.append(mask)
+        polygons.append(None)
+        labels.append(label)
+        crowds.append(True)
 
     annotations = []
     covered = np.zeros((height, width), bool)
     # Walk from the top-most object down: what is already covered is occluded.
-    for mask, polygon, label in reversed(list(zip(full_masks, polygons, labels))):
+    for mask, polygon, label, crowd in reversed(list(zip(full_masks, polygons, labels, crowds))):
         visible = mask & ~covered
         covered |= mask
         area = int(visible.sum())
         if area < _MIN_VISIBLE * mask.sum() or area < 4:
             continue
-        if (visible == mask).all():
+        if crowd:  # COCO stores crowd regions as uncompressed RLE
+            segmentation = {"size": [height, width], "counts": uncompressed_counts(visible).tolist()}
+        elif (visible == mask).all():
             segmentation = [polygon]
         else:
             fortran = np.asfortranarray(visible.astype(np.uint8))
@@ -149,21 +226,28 @@ def _make_image(rng, image_id, height, width, annotation_id, occlusion=None, siz
                 "segmentation": segmentation,
                 "area": float(area),
                 "bbox": box,
-                "iscrowd": 0,
+                "iscrowd": int(crowd),
             }
         )
     return np.clip(image, 0, 255).astype(np.uint8), annotations
 
 
-def _write_split(output, split, count, rng, image_size, first_image_id, occlusion, sizes):
+def _image_size(rng, image_size, layout):
+    """(height, width) of the next image."""
+    if not layout.coco_sizes:
+        return int(image_size * rng.uniform(0.75, 1.0)), int(image_size * rng.uniform(0.75, 1.0))
+    short = int(image_size * rng.choice([0.75, 2 / 3, rng.uniform(0.56, 1.0)], p=[0.5, 0.25, 0.25]))
+    return (image_size, short) if rng.uniform() < 0.25 else (short, image_size)
+
+
+def _write_split(output, split, count, rng, image_size, first_image_id, occlusion, layout):
     folder = os.path.join(output, split)
     os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
     for index in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False, disable=None):
-        height = int(image_size * rng.uniform(0.75, 1.0))
-        width = int(image_size * rng.uniform(0.75, 1.0))
+        height, width = _image_size(rng, image_size, layout)
         image_id = first_image_id + index
-        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1, occlusion, sizes)
+        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1, occlusion, layout)
         use_png = index % 4 == 3
         file_name = f"{image_id:06d}.{'png' if use_png else 'jpg'}"
         encoded = tf.io.encode_png(pixels) if use_png else tf.io.encode_jpeg(pixels, quality=95)
@@ -182,25 +266,37 @@ def _write_split(output, split, count, rng, image_size, first_image_id, occlusio
     return len(images), len(annotations), occluded
 
 
-def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=None, sizes=OBJECT_SIZES):
+def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=None, layout=Layout()):
     """Writes the synthetic shapes dataset in COCO format under `output`.
 
-    `sizes`: (min, max) object size as fractions of the shorter image side.
-
     `occlusion`: None (uniform positions) or the fraction P in [0, 1] of objects placed over
-    an earlier one (see the module docstring).
+    an earlier one (see the module docstring). `layout`: what the images hold (`Layout`).
+    A split of 0 images is not written.
 
     Returns:
-        {"train": (images, annotations, occluded), "val": (...)} counts; `occluded` counts the
-        annotations whose object is partly hidden by a later one.
+        {"train": (images, annotations, occluded), "val": (...)} counts of the written splits;
+        `occluded` counts the annotations whose object is partly hidden by a later one.
     """
     os.makedirs(os.path.join(output, "annotations"), exist_ok=True)
     rng = np.random.default_rng(seed)
     if occlusion is not None and not 0 <= occlusion <= 1:
         raise UserError(f"--occlusion must be a fraction between 0 and 1, got {occlusion}.")
-    if not 0 < sizes[0] <= sizes[1] <= 1:
-        raise UserError(f"--object-size must be MIN MAX with 0 < MIN <= MAX <= 1, got {list(sizes)}.")
-    counts = {"train": _write_split(output, "train", train, rng, image_size, 1, occlusion, sizes)}
+    if not 0 < layout.sizes[0] <= layout.sizes[1] <= 1:
+        raise UserError(f"--object-size must be MIN MAX with 0 < MIN <= MAX <= 1, got {list(layout.sizes)}.")
+    counts = {}
     # Validation ids start far from training ids: image ids are arbitrary in COCO.
-    counts["val"] = _write_split(output, "val", val, rng, image_size, 100001, occlusion, sizes)
+    for split, count, first_id in (("train", train, 1), ("val", val, 100001)):
+        if count:
+            counts[split] = _write_split(output, split, count, rng, image_size, first_id, occlusion, layout)
     return counts
+
+
+def make_preset(output, name, seed=0, val=None):
+    """Writes preset `name` (`PRESETS`) under `output` once: a complete set there is reused.
+    `val` overrides the preset's image count (a small version of the same set)."""
+    preset = dict(PRESETS[name])
+    if val is not None:
+        preset["val"] = val
+    if not os.path.exists(os.path.join(output, "annotations", "instances_val.json")):
+        make_shapes(output, preset["train"], preset["val"], seed, preset["image_size"], layout=preset["layout"])
+    return output
