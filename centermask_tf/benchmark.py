@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,6 +131,184 @@ def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, image
         "images_per_s": statistics.median(rates),
         "runs": [round(r, 1) for r in rates],
     }
+
+
+# Where `benchmark scale` keeps its generated COCO-sized set between runs.
+SCALE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "centermask_tf")
+# Build rows: (name, data.build_workers, data.beam_options).
+SCALE_BUILDS = (("single process", 1, []), ("Beam, 1 worker", 1, ["--runner=DirectRunner"]),
+                ("Beam, 2 workers", 2, []))
+
+
+def _peak_rss_mb():
+    """Peak resident memory of this process or of its largest finished child (Beam workers)."""
+    import resource
+
+    peaks = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return max(peaks) / 1024  # Linux reports kB
+
+
+def _measured(fn, *args):
+    return {**fn(*args), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _in_child(fn, *args):
+    """`fn(*args)` (a row dict) in a fresh spawned process, so the row's `peak_rss_mb` is that
+    step's alone."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measured, fn, *args).result()
+
+
+def _val_only(config, root, tfds_dir):
+    config.data.train.annotations = config.data.train.images = None
+    config.data.val.annotations = os.path.join(root, "annotations", "instances_val.json")
+    config.data.val.images = os.path.join(root, "val")
+    config.data.tfds_data_dir = tfds_dir
+    return config
+
+
+def _build(config, workers, beam_options):
+    from centermask_tf.data.tfds_builder import prepare_dataset
+
+    config.data.build_workers, config.data.beam_options = workers, beam_options
+    start = time.perf_counter()
+    images = prepare_dataset(config.data, splits=("val",)).info.splits["val"].num_examples
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def _synthetic_detections(detections, sizes, scales, rng, mask_size):
+    """The decoder's K detections per image with their boxes, scores and masks replaced by
+    COCO-like ones: log-uniform sizes from 8 px to 90 % of the shorter side inside the image,
+    elliptical masks. An untrained network's boxes are near-empty, so its masks would cost
+    nothing to paste and encode; a trained model's detections would need a trained model.
+    `sizes`: each image's (height, width); `scales`: its canvas pixels per image pixel."""
+    batch, k = detections["scores"].shape
+    heights, widths = sizes[:, :1], sizes[:, 1:]
+    short = np.minimum(heights, widths)
+    size = np.exp(rng.uniform(np.log(8.0), np.log(0.9 * short), (2, batch, k)))
+    top = rng.uniform(0, 1, (batch, k)) * (heights - size[0])
+    left = rng.uniform(0, 1, (batch, k)) * (widths - size[1])
+    boxes = np.stack([top, left, top + size[0], left + size[1]], -1) * scales[:, None, None]
+    grid = (np.arange(mask_size) + 0.5) / mask_size - 0.5
+    radii = rng.uniform(0.25, 0.5, (2, batch, k, 1, 1))
+    ellipse = (grid[:, None] / radii[0]) ** 2 + (grid[None, :] / radii[1]) ** 2
+    return {
+        **detections,
+        "boxes": boxes.astype(np.float32),
+        "scores": np.sort(rng.uniform(0, 1, (batch, k)))[:, ::-1].astype(np.float32),
+        "masks": np.clip(1.5 - ellipse, 0, 1).astype(np.float32),
+        "num_detections": np.full(batch, k, np.int32),
+    }
+
+
+def _evaluate(config, output_dir):
+    """`evaluate_detector` over the set with its time per stage. The network (untrained) and the
+    decoder run for real, timed apart; the detections they make are then replaced by
+    `_synthetic_detections` (K per image), so pasting, encoding and COCO evaluation see K
+    COCO-sized masks per image."""
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.decode import inference_network
+    from centermask_tf.detector import CenterMask
+    from centermask_tf.evaluation import evaluate_detector
+    from centermask_tf.timing import Stopwatch
+
+    builder = prepare_dataset(config.data, splits=("val",))
+    detector = CenterMask(config, categories=builder.info.metadata["categories"])
+    network = inference_network(detector.network)  # as `CenterMask.decode`: Shape head at the peaks only
+    forward = tf.function(lambda canvases: network(canvases, training=False))
+    decode = tf.function(lambda outputs: detector.decoder(outputs, shape_head=detector.network.get_layer("shape")))
+    # The image sizes in reading order (no image decoding), so `detect` knows where its boxes may go.
+    sizes = [(int(e["height"]), int(e["width"])) for e in builder.as_dataset(split="val", shuffle_files=False)]
+    watch, rng = Stopwatch(), np.random.default_rng(0)
+
+    def detect(canvases):
+        with watch("forward"):
+            outputs = _block(forward(canvases))
+        with watch("decode"):
+            detections = _block(decode(outputs))
+        batch = np.asarray([sizes.pop(0) for _ in range(len(canvases))], np.float32)
+        return _synthetic_detections(detections, batch, canvases.shape[1] / batch.max(axis=1), rng, config.model.mask_size)
+
+    metrics = evaluate_detector(detect, builder, config, output_dir=output_dir, timer=watch)
+    seconds = dict(watch.seconds)
+    seconds["detect"] -= seconds["forward"] + seconds["decode"]  # what is left: the replacement
+    return {"images": builder.info.splits["val"].num_examples, "seconds": seconds, "segm_AP": metrics["segm"]["AP"]}
+
+
+def _coco_eval_only(annotations, detections_path, image_ids, backend):
+    """COCO evaluate/accumulate of written detections with `backend`, timed."""
+    from centermask_tf.evaluation import coco_metrics
+    from centermask_tf.timing import Stopwatch
+
+    with open(detections_path) as f:
+        detections = json.load(f)
+    watch = Stopwatch()
+    coco_metrics(annotations, detections, image_ids, backend, timer=watch)
+    return {"seconds": dict(watch.seconds)}
+
+
+def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
+    """Building and evaluating a COCO-val-sized set (`make-shapes --preset coco-val`, made once
+    under `cache`): the TFDS build's images/s per way of building, and evaluation's seconds per
+    stage. Each step runs in its own process: its row's `peak_rss_mb` is its own.
+
+    Returns:
+        (build rows, evaluation rows).
+    """
+    from centermask_tf.data.shapes import make_preset
+
+    root = make_preset(os.path.join(cache, f"coco-val-{images}"), "coco-val", val=images)
+    kept = os.path.join(root, "tfds")  # the evaluation's dataset, kept between runs
+    build_rows = []
+    for name, workers, options in builds:
+        scratch = tempfile.mkdtemp(prefix="build-", dir=cache)
+        row = _in_child(_build, _val_only(config, root, scratch), workers, options)
+        build_rows.append({"build": name, **row})
+        if os.path.exists(kept):
+            shutil.rmtree(scratch)
+        else:
+            os.replace(scratch, kept)
+    single = build_rows[0]["images_per_s"]
+    for row in build_rows:
+        row["speedup"] = row["images_per_s"] / single
+
+    _val_only(config, root, kept)
+    config.model.weights = None  # untrained: the forward costs the same
+    config.model.score_threshold = 0.0  # every one of the K peaks is a detection
+    with tempfile.TemporaryDirectory(dir=cache) as output:
+        evaluated = _in_child(_evaluate, config, output)
+        coco = {
+            backend: _in_child(
+                _coco_eval_only, config.data.val.annotations, os.path.join(output, "detections.json"),
+                _image_ids(config.data.val.annotations), backend,
+            )
+            for backend in ("faster_coco_eval",)
+        }
+    n = evaluated["images"]
+    seconds = evaluated["seconds"]
+    stages = ["input", "forward", "decode", "paste", "encode", "ground_truth"]
+    rows = [{"stage": stage, "seconds": seconds.get(stage, 0.0), "ms_per_image": 1e3 * seconds.get(stage, 0.0) / n,
+             "peak_rss_mb": evaluated["peak_rss_mb"]} for stage in stages]
+    ours = sum(seconds.get(stage, 0.0) for stage in stages if stage != "forward")
+    rows.append({"stage": "ours (all but forward and COCO eval)", "seconds": ours, "ms_per_image": 1e3 * ours / n,
+                 "peak_rss_mb": evaluated["peak_rss_mb"]})
+    rows.append({"stage": "coco_eval pycocotools", "seconds": seconds["coco_eval"],
+                 "ms_per_image": 1e3 * seconds["coco_eval"] / n, "peak_rss_mb": evaluated["peak_rss_mb"]})
+    for backend, row in coco.items():
+        rows.append({"stage": f"coco_eval {backend}", "seconds": row["seconds"]["coco_eval"],
+                     "ms_per_image": 1e3 * row["seconds"]["coco_eval"] / n, "peak_rss_mb": row["peak_rss_mb"]})
+    for row in rows:
+        row["images"] = n
+    return build_rows, rows
+
+
+def _image_ids(annotations):
+    with open(annotations) as f:
+        return [image["id"] for image in json.load(f)["images"]]
 
 
 def train_throughput(config, *, runs=3, steps=5, workdir=None):

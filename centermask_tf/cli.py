@@ -121,6 +121,8 @@ def cmd_benchmark(args):
 
     if args.plots and importlib.util.find_spec("matplotlib") is None:  # fail before, not after, the run
         raise UsageError("--plots needs matplotlib: .venv/bin/pip install -e '.[plots]'")
+    if args.what == "scale":
+        return _benchmark_scale(args)
     paths = args.config or (QUICK_CONFIGS if args.quick else BENCHMARK_CONFIGS)
     kinds = ["inference", "efficiency", "assembly", "data", "train"] if args.what == "all" else [args.what]
     runs = args.runs or (5 if args.quick else 20)
@@ -174,6 +176,29 @@ def cmd_benchmark(args):
     if args.plots:
         plots = benchmark.plot_results(args.results, os.path.dirname(args.results) or ".")
         print("plots: " + ", ".join(plots))
+
+
+# The scale benchmark's network: its forward is timed but is not what the benchmark is about.
+SCALE_CONFIG = "configs/shapes_tiny.yaml"
+
+
+def _benchmark_scale(args):
+    """`benchmark scale`: TFDS build and evaluation on a COCO-val-sized set (50 images with --quick)."""
+    from centermask_tf import benchmark
+    from centermask_tf.config import load_config
+
+    path = (args.config or [SCALE_CONFIG])[0]
+    # K = 100 detections per image, as COCO evaluation allows.
+    config = load_config(path, ["model.max_detections=100", *args.overrides])
+    images, cache = (50 if args.quick else 5000), args.cache or benchmark.SCALE_CACHE
+    print(f"== scale: {images} COCO-sized images (cached under {cache}) ==", flush=True)
+    builds, stages = benchmark.scale(config, images=images, cache=cache)
+    benchmark.print_table(builds, ["build", "images", "seconds", "images_per_s", "speedup", "peak_rss_mb"])
+    print()
+    benchmark.print_table(stages, ["stage", "images", "seconds", "ms_per_image", "peak_rss_mb"])
+    benchmark.append_result("scale-build", os.path.basename(path), builds, args.results)
+    benchmark.append_result("scale-evaluate", os.path.basename(path), stages, args.results)
+    print(f"\nappended to {args.results}")
 
 
 def cmd_train(args):
@@ -510,10 +535,11 @@ def build_parser():
 
     bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")
     bench.add_argument(
-        "what", choices=["inference", "efficiency", "assembly", "data", "train", "all"],
+        "what", choices=["inference", "efficiency", "assembly", "data", "train", "scale", "all"],
         help="inference: end-to-end latency per format; efficiency: GFLOP/s vs the matmul "
         "ceiling; assembly: mask assembly vs K; data: pipeline vs training step; train: step "
-        "images/s; all: every one",
+        "images/s; scale: TFDS build and evaluation on 5,000 COCO-sized images; all: every one "
+        "but scale",
     )
     bench.add_argument("--config", nargs="+", help="configs (default: the four COCO/edge configs)")
     _add_set_arg(bench)
@@ -521,6 +547,7 @@ def build_parser():
     bench.add_argument("--runs", type=int, help="timed runs (default 20, 5 with --quick)")
     bench.add_argument("--results", default="benchmarks/results.json", help="JSON file appended to")
     bench.add_argument("--plots", action="store_true", help="also draw PNG plots next to --results (matplotlib)")
+    bench.add_argument("--cache", help="scale: where the generated set is kept between runs (~/.cache/centermask_tf)")
     bench.set_defaults(handler=cmd_benchmark)
     return parser
 

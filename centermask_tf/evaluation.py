@@ -23,6 +23,7 @@ from tqdm import tqdm
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations
 from centermask_tf.files import write_json
+from centermask_tf.timing import Stopwatch
 
 logger = logging.getLogger("centermask_tf.evaluation")
 
@@ -45,55 +46,59 @@ class InstanceMask(NamedTuple):
         return mask
 
 
-# Floats per batched paste (128 MB): the padded box crops of a few detections at a time on a
-# 50-megapixel photo, of all of them on dataset-sized images.
-_PASTE_BUDGET = 1 << 25
-# Detections pasted per batched matmul, in order of size.
-_PASTE_GROUP = 16
-
-
 def _paste_weights(start, end, first, count, cells):
-    """Bilinear weights `[n, count, cells]` that resize `cells` values onto the span
-    [start, end) for the pixels first .. first + count - 1 of each of n boxes, and `[n, count]`
-    whether each pixel's centre lies in the span: `model.assembly.paste_masks`'s geometry,
-    on the box's own pixels only."""
+    """Bilinear weights `[count, cells]` that resize `cells` values onto the span [start, end)
+    for the pixels first .. first + count - 1, and `[count]` whether each pixel's centre lies
+    in the span: `model.assembly.paste_masks`'s geometry, on the box's own pixels only."""
     extent = np.maximum(end - start, 1e-6)
-    centres = first[:, None] + np.arange(count, dtype=np.float32) + 0.5
-    rel = (centres - start[:, None]) / extent[:, None]
+    rel = (first + np.arange(count, dtype=np.float32) + 0.5 - start) / extent
     coords = np.clip(rel * cells - 0.5, 0.0, cells - 1.0)
-    weights = np.maximum(0.0, 1.0 - np.abs(coords[..., None] - np.arange(cells, dtype=np.float32)))
+    weights = np.maximum(0.0, 1.0 - np.abs(coords[:, None] - np.arange(cells, dtype=np.float32)))
     return weights.astype(np.float32), (rel >= 0.0) & (rel <= 1.0)
 
 
 def paste_instances(box_masks, boxes, height, width, threshold):
     """Box-relative `[n, M, M]` mask probabilities pasted (bilinear, as `paste_masks`) into
     their boxes `[n, 4]` (ymin, xmin, ymax, xmax, image pixels) and thresholded, each kept as
-    the crop of its box (`InstanceMask`). Only the pixels of each box are computed, as batched
-    matmuls over detections padded to the largest box: the cost follows the boxes, not the
-    image size."""
+    the crop of its box (`InstanceMask`). Only each box's own pixels are computed, as two small
+    matmuls per detection: the cost follows the boxes, not the image size (batching detections
+    padded to a common size cost 4x more on COCO-sized boxes)."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     box_masks = np.asarray(box_masks, np.float32)
     limits = np.array([height, width], np.float32)
     first = np.clip(np.floor(boxes[:, :2]), 0, limits - 1).astype(np.int64)  # top, left
-    last = np.clip(np.ceil(boxes[:, 2:]), 0, limits).astype(np.int64)  # bottom, right
-    spans = np.maximum(last - first, 0)
+    spans = np.maximum(np.clip(np.ceil(boxes[:, 2:]), 0, limits).astype(np.int64) - first, 0)
     cells = box_masks.shape[-1]
-    masks = [None] * len(boxes)
-    # Similar sizes share a batch, so a large box does not pad every small one to its size.
-    order = np.argsort(spans[:, 0] * spans[:, 1], kind="stable")
-    start = 0
-    while start < len(order):
-        rows, cols = (int(v) for v in np.maximum(spans[order[start : start + _PASTE_GROUP]].max(axis=0), 1))
-        chunk = order[start : start + max(1, min(_PASTE_GROUP, _PASTE_BUDGET // (rows * cols)))]
-        start += len(chunk)
-        row_weights, in_rows = _paste_weights(boxes[chunk, 0], boxes[chunk, 2], first[chunk, 0], rows, cells)
-        col_weights, in_cols = _paste_weights(boxes[chunk, 1], boxes[chunk, 3], first[chunk, 1], cols, cells)
-        crops = row_weights @ box_masks[chunk] @ col_weights.transpose(0, 2, 1)  # [c, rows, cols]
-        crops = (crops * (in_rows[:, :, None] & in_cols[:, None, :])) >= threshold
-        for k, crop in zip(chunk, crops):
-            (top, left), (height_k, width_k) = first[k], spans[k]
-            masks[k] = InstanceMask(int(top), int(left), crop[:height_k, :width_k].copy())
+    masks = []
+    for box, mask, (top, left), (rows, cols) in zip(boxes, box_masks, first, spans):
+        row_weights, in_rows = _paste_weights(box[0], box[2], top, rows, cells)
+        col_weights, in_cols = _paste_weights(box[1], box[3], left, cols, cells)
+        crop = (row_weights @ mask @ col_weights.T) >= threshold
+        crop &= in_rows[:, None] & in_cols[None, :]
+        masks.append(InstanceMask(int(top), int(left), crop))
     return masks
+
+
+def encode_instances(masks, height, width):
+    """COCO compressed RLEs of `InstanceMask`s in a `height` x `width` image, from the crops
+    alone: each crop's run boundaries are found column by column and shifted to image
+    positions, and pycocotools compresses the counts. Equal to `pycocotools.mask.encode` of the
+    full masks, without making or scanning one full-size mask per detection."""
+    uncompressed = []
+    for mask in masks:
+        rows, cols = mask.crop.shape
+        padded = np.zeros((cols, rows + 2), np.int8)  # each crop column, zero above and below
+        padded[:, 1:-1] = mask.crop.T
+        column, row = np.nonzero(np.diff(padded, axis=1))  # run starts and ends, column-major
+        bounds = (mask.left + column) * height + mask.top + row
+        # A run ending at the bottom of one column and one starting at the top of the next meet.
+        joined = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
+        bounds = np.delete(bounds, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+        counts = np.diff(np.concatenate([[0], bounds, [height * width]]))
+        if len(counts) > 1 and counts[-1] == 0:  # a mask running to the last pixel has no final zeros
+            counts = counts[:-1]
+        uncompressed.append({"size": [height, width], "counts": counts.tolist()})
+    return mask_utils.frPyObjects(uncompressed, height, width) if uncompressed else []
 
 
 def to_original_image(detections, index, scale, original_size, mask_threshold):
@@ -135,8 +140,8 @@ def mask_boxes(detections, index, n, scale, boxes):
 def coco_results(image_id, result, category_ids):
     """COCO results-format dicts for one image (category ids from the dataset's file)."""
     entries = []
-    for box, score, cls, mask in zip(result["boxes"], result["scores"], result["classes"], result["masks"]):
-        rle = mask_utils.encode(mask.full(*result["size"]))
+    rles = encode_instances(result["masks"], *result["size"])
+    for box, score, cls, rle in zip(result["boxes"], result["scores"], result["classes"], rles):
         ymin, xmin, ymax, xmax = (float(v) for v in box)
         entries.append(
             {
@@ -165,36 +170,39 @@ def _coco_library(backend):
     return FasterCOCO, COCOeval_faster
 
 
-def coco_metrics(annotations, detections, image_ids, backend="pycocotools", annotation_ids=None):
+def coco_metrics(annotations, detections, image_ids, backend="pycocotools", annotation_ids=None, timer=None):
     """COCO bbox and segm stats on `image_ids`, with pycocotools' COCOeval or (`backend`
     "faster_coco_eval") faster-coco-eval's, which gives the same numbers faster.
 
     The ground truth is the annotations in `annotation_ids` (None: every annotation of the
     file): the ones the dataset build kept. A malformed segmentation would crash COCOeval, and
-    a skipped one is never trained on.
+    a skipped one is never trained on. `timer` (a `timing.Stopwatch`) adds the seconds of
+    "ground_truth" and "coco_eval".
 
     Returns:
         {"bbox": {name: value}, "segm": {name: value}} with `METRIC_NAMES`; 0.0 throughout
         when there are no detections.
     """
     coco_class, evaluator_class = _coco_library(backend)
-    full = load_annotations(annotations)
-    if annotation_ids is not None:
-        kept = set(int(i) for i in annotation_ids)
-        full.dataset["annotations"] = [a for a in full.dataset["annotations"] if a["id"] in kept]
-    data = full.dataset
-    if coco_class is None:
-        ground_truth = index_coco(data)
-    else:
-        ground_truth = coco_class()
-        ground_truth.dataset = data
-        ground_truth.createIndex()
+    timer = timer or Stopwatch()
+    with timer("ground_truth"):
+        full = load_annotations(annotations)
+        if annotation_ids is not None:
+            kept = set(int(i) for i in annotation_ids)
+            full.dataset["annotations"] = [a for a in full.dataset["annotations"] if a["id"] in kept]
+        data = full.dataset
+        if coco_class is None:
+            ground_truth = index_coco(data)
+        else:
+            ground_truth = coco_class()
+            ground_truth.dataset = data
+            ground_truth.createIndex()
     metrics = {}
     for iou_type in ("bbox", "segm"):
         if not detections:
             metrics[iou_type] = {name: 0.0 for name in METRIC_NAMES}
             continue
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
+        with contextlib.redirect_stdout(io.StringIO()) as printed, timer("coco_eval"):
             results = ground_truth.loadRes(detections)
             evaluator = evaluator_class(ground_truth, results, iou_type)
             evaluator.params.imgIds = sorted(image_ids)
@@ -207,7 +215,7 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
     return metrics
 
 
-def evaluate_detector(detect, builder, config, output_dir=None, max_images=None):
+def evaluate_detector(detect, builder, config, output_dir=None, max_images=None, timer=None):
     """Runs a detector over the validation split and computes COCO metrics.
 
     Args:
@@ -217,6 +225,9 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
         config: the full `Config`.
         output_dir: where to write detections.json and metrics.json (None: not written).
         max_images: evaluate at most this many images.
+        timer: a `timing.Stopwatch` that gets the seconds of each stage: "input" (reading and
+            letterboxing), "detect", "paste" (masks to image pixels), "encode" (RLE and
+            results), "ground_truth" and "coco_eval".
 
     Returns:
         The metrics dict.
@@ -233,20 +244,30 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None)
         total = min(total, max_images)
     category_ids = [c["id"] for c in builder.info.metadata["categories"]]
     detections, image_ids, annotation_ids = [], [], []
+    timer = timer or Stopwatch()
+    batches = iter(dataset)
     # disable=None: no bar when stderr is not a terminal (a log file would get one per update).
     with tqdm(total=total, desc="evaluate", unit="img", leave=False, disable=None) as progress:
-        for images, info in dataset:
-            batch = {k: np.asarray(v) for k, v in detect(images).items()}
-            for i, image_id in enumerate(info["image_id"].numpy()):
-                result = to_original_image(
-                    batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold
-                )
-                detections.extend(coco_results(image_id, result, category_ids))
+        while True:
+            with timer("input"):
+                images, info = next(batches, (None, None))
+                if images is None:
+                    break
+                info = {k: v.flat_values.numpy() if k == "annotation_ids" else v.numpy() for k, v in info.items()}
+            with timer("detect"):
+                batch = {k: np.asarray(v) for k, v in detect(images).items()}
+            for i, image_id in enumerate(info["image_id"]):
+                with timer("paste"):
+                    result = to_original_image(
+                        batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold
+                    )
+                with timer("encode"):
+                    detections.extend(coco_results(image_id, result, category_ids))
                 image_ids.append(int(image_id))
-            annotation_ids.extend(info["annotation_ids"].flat_values.numpy().tolist())
+            annotation_ids.extend(info["annotation_ids"].tolist())
             progress.update(len(images))
     metrics = coco_metrics(
-        builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend, annotation_ids
+        builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend, annotation_ids, timer
     )
     if output_dir:
         write_json(os.path.join(output_dir, "detections.json"), detections, indent=None)

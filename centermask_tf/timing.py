@@ -9,6 +9,8 @@ board: with TensorFlow loaded in the same process, LiteRT's XNNPACK float kernel
 """
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +29,21 @@ def timings(fn, runs, warmup=2):
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+class Stopwatch:
+    """Wall seconds summed per named stage: `with watch("paste"): ...`; `watch.seconds`."""
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
 
 
 def latency_row(times):
