@@ -261,7 +261,7 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
     """
     from centermask_tf.data.shapes import make_preset
 
-    root = make_preset(os.path.join(cache, f"coco-val-{images}"), "coco-val", val=images)
+    root = make_preset(cache, "coco-val", val=images)
     kept = os.path.join(root, "tfds")  # the evaluation's dataset, kept between runs
     build_rows = []
     for name, workers, options in builds:

@@ -193,7 +193,7 @@ def test_paste_masks_matches_reference(case):
 
 
 def test_paste_instances_equals_paste_masks_on_the_image(rng):
-    """Evaluation pastes each mask on its box's pixels only (numpy, padded batches); the result
+    """Evaluation pastes each mask on its box's pixels only (numpy, per detection); the result
     is `paste_masks` on the whole image, thresholded, also for boxes partly outside it."""
     from centermask_tf.evaluation import paste_instances
 
@@ -208,3 +208,29 @@ def test_paste_instances_equals_paste_masks_on_the_image(rng):
     for mask, want in zip(got, expected):
         assert (mask.full(height, width).astype(bool) != want).sum() <= 1  # float rounding at 0.5
 
+
+
+def test_encode_instances_equals_pycocotools_on_full_masks(rng):
+    """RLE from the crops alone equals pycocotools' encoding of the full-size masks, also for
+    empty crops, crops spanning the full height (runs joining across columns) and crops
+    reaching the last pixel."""
+    import pycocotools.mask as mask_utils
+
+    from centermask_tf.evaluation import InstanceMask, encode_instances
+
+    height, width = 37, 29
+    masks = []
+    for k in range(200):
+        top, left = int(rng.integers(0, height)), int(rng.integers(0, width))
+        rows, cols = int(rng.integers(0, height - top + 1)), int(rng.integers(0, width - left + 1))
+        if k % 5 == 0:
+            top, rows = 0, height
+        crop = rng.uniform(size=(rows, cols)) > rng.uniform(0.2, 0.9)
+        if k % 7 == 0:
+            crop[:] = True
+        masks.append(InstanceMask(top, left, crop))
+    masks.append(InstanceMask(0, 0, np.ones((height, width), bool)))
+    got = encode_instances(masks, height, width)
+    assert len(got) == len(masks)
+    for mask, rle in zip(masks, got):
+        assert rle == mask_utils.encode(mask.full(height, width))

@@ -36,6 +36,28 @@ def test_data_benchmark_compares_pipeline_and_step(results):
     assert row["pipeline_over_step"] == pytest.approx(row["images_per_s"] / row["train_images_per_s"])
 
 
+@pytest.mark.slow
+def test_scale_benchmark_quick_builds_three_ways_and_splits_evaluation(tmp_path, capsys):
+    """`benchmark scale --quick`: 50 COCO-sized images, built single-process and through Beam
+    (same image count), evaluated with K=100 detections per image, every stage timed."""
+    results = tmp_path / "results.json"
+    args = ["benchmark", "scale", "--quick", "--cache", str(tmp_path / "cache"), "--results", str(results)]
+    assert main(args) == 0
+    build, evaluate = json.loads(results.read_text())
+    assert [r["build"] for r in build["rows"]] == ["single process", "Beam, 1 worker", "Beam, 2 workers"]
+    assert all(r["images"] == 50 and r["images_per_s"] > 0 and r["peak_rss_mb"] > 100 for r in build["rows"])
+    stages = {r["stage"]: r for r in evaluate["rows"]}
+    for stage in ("input", "forward", "decode", "paste", "encode", "ground_truth", "coco_eval pycocotools",
+                  "coco_eval faster_coco_eval"):
+        assert stages[stage]["seconds"] > 0 and stages[stage]["images"] == 50, stage
+    ours = stages["ours (all but forward and COCO eval)"]["seconds"]
+    parts = ("input", "decode", "paste", "encode", "ground_truth")
+    assert ours == pytest.approx(sum(stages[s]["seconds"] for s in parts))
+    assert "ms_per_image" in capsys.readouterr().out
+    (folder,) = (tmp_path / "cache").glob("coco-val-50-*")
+    assert len(list((folder / "val").iterdir())) == 50
+
+
 def test_litert_timing_runs_in_a_process_without_tensorflow(tmp_path):
     """TFLite forms are timed by `python -m centermask_tf.timing`, which must not load
     TensorFlow (it slows LiteRT's kernels in the same process)."""

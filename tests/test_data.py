@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import socket
 import sys
 
@@ -83,6 +84,29 @@ def test_occlusion_controls_overlap_and_masks_are_the_visible_parts(tmp_path):
     assert occluded[0.0] < 0.25 and occluded[0.9] > 0.45, occluded  # uniform positions: ~0.36
     with pytest.raises(Exception, match="--occlusion must be a fraction"):
         make_shapes(str(tmp_path / "bad"), train=1, val=1, occlusion=1.5)
+
+
+def test_coco_val_preset_has_cocos_shape(tmp_path):
+    """`--preset coco-val` (here 120 images): 640-px long sides, about 7 objects per image,
+    COCO's small/medium/large mix, polygons and RLE, crowd regions as uncompressed RLE."""
+    from centermask_tf.data.shapes import COCO_VAL, make_preset
+
+    root = make_preset(str(tmp_path), "coco-val", seed=2, val=120)
+    assert not os.path.exists(os.path.join(root, "annotations", "instances_train.json"))
+    coco = COCO(os.path.join(root, "annotations", "instances_val.json"))
+    images, annotations = coco.dataset["images"], coco.dataset["annotations"]
+    assert len(images) == 120 and all(max(i["height"], i["width"]) == COCO_VAL["image_size"] for i in images)
+    assert 5.5 < len(annotations) / len(images) < 9
+    areas = np.array([a["area"] for a in annotations])
+    assert 0.3 < np.mean(areas < 32**2) < 0.55 and 0.15 < np.mean(areas >= 96**2) < 0.35
+    crowd = [a for a in annotations if a["iscrowd"]]
+    assert crowd and all(isinstance(a["segmentation"]["counts"], list) for a in crowd)
+    assert any(isinstance(a["segmentation"], list) for a in annotations)
+    for ann in annotations:  # every mask decodes to its area
+        assert coco.annToMask(ann).sum() == ann["area"]
+    before = os.stat(os.path.join(root, "val", "100001.jpg")).st_mtime_ns
+    assert make_preset(str(tmp_path), "coco-val", seed=2, val=120) == root  # made once: reused
+    assert os.stat(os.path.join(root, "val", "100001.jpg")).st_mtime_ns == before
 
 
 def test_decode_rle_equals_pycocotools(rng):
