@@ -20,7 +20,7 @@ RLE over a cluster of small shapes) - a set to measure building and evaluating a
 """
 
 import dataclasses
-
+import hashlib
 import os
 
 import numpy as np
