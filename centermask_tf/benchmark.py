@@ -7,6 +7,7 @@ several runs after a warm-up.
 
 import datetime
 import json
+import logging
 import os
 import platform
 import shutil
@@ -136,8 +137,14 @@ def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, image
 # Where `benchmark scale` keeps its generated COCO-sized set between runs.
 SCALE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "centermask_tf")
 # Build rows: (name, data.build_workers, data.beam_options).
-SCALE_BUILDS = (("single process", 1, []), ("Beam, 1 worker", 1, ["--runner=DirectRunner"]),
-                ("Beam, 2 workers", 2, []))
+SCALE_BUILDS = (
+    ("1 process", 1, []),
+    ("2 processes", 2, []),
+    ("Beam DirectRunner, 1 worker", 1, ["--runner=DirectRunner"]),
+    # Refused at 5,000 images here: the run shows whether Beam still loses examples.
+    ("Beam DirectRunner, 2 workers", 1, ["--runner=DirectRunner", "--direct_num_workers=2",
+                                        "--direct_running_mode=multi_processing"]),
+)
 
 
 def _peak_rss_mb():
@@ -171,13 +178,19 @@ def _val_only(config, root, tfds_dir):
 
 
 def _build(config, workers, beam_options):
+    """Builds the val split; a build refused for losing examples is a row with `kept` False."""
+    from centermask_tf.data.coco import DataError
     from centermask_tf.data.tfds_builder import prepare_dataset
 
     config.data.build_workers, config.data.beam_options = workers, beam_options
     start = time.perf_counter()
-    images = prepare_dataset(config.data, splits=("val",)).info.splits["val"].num_examples
+    try:
+        images = prepare_dataset(config.data, splits=("val",)).info.splits["val"].num_examples
+    except DataError as e:
+        logging.getLogger("centermask_tf.benchmark").warning("%s", e)
+        return {"images": 0, "seconds": time.perf_counter() - start, "images_per_s": 0.0, "kept": False}
     seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "kept": True}
 
 
 def _synthetic_detections(detections, sizes, scales, rng, mask_size):
@@ -268,7 +281,7 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
         scratch = tempfile.mkdtemp(prefix="build-", dir=cache)
         row = _in_child(_build, _val_only(config, root, scratch), workers, options)
         build_rows.append({"build": name, **row})
-        if os.path.exists(kept):
+        if os.path.exists(kept) or not row["kept"]:
             shutil.rmtree(scratch)
         else:
             os.replace(scratch, kept)
@@ -331,6 +344,29 @@ def train_throughput(config, *, runs=3, steps=5, workdir=None):
         "step_ms": 1e3 * step,
         "images_per_s": config.train.batch_size / step,
     }
+
+
+# The GPU that `gpu_estimate` sizes the input pipeline for: 15 TFLOP/s, a V100's float32 peak
+# (the class of GPU the paper trained on). An assumption, not a measurement: no GPU here.
+ASSUMED_GPU_GFLOPS = 15_000.0
+
+
+def gpu_estimate(pipeline, step, ceiling):
+    """How many cores of this machine would feed one GPU, estimated, never measured on a GPU.
+
+    The GPU's training images/s is this CPU's measured training images/s scaled by the ratio
+    of `ASSUMED_GPU_GFLOPS` to this CPU's measured matmul ceiling (`ceiling`): it assumes both
+    reach the same fraction of their peak on this network. A small network at a small batch
+    reaches a far lower fraction on a GPU (launch-bound), and mixed precision a higher one.
+    The pipeline's images/s per core is its measured images/s over this machine's cores,
+    assuming it scales linearly with cores.
+
+    Returns:
+        {"images_per_s_per_core", "gpu_images_per_s_est", "cores_per_gpu_est"}.
+    """
+    per_core = pipeline["images_per_s"] / os.cpu_count()
+    gpu = step["images_per_s"] * ASSUMED_GPU_GFLOPS / ceiling
+    return {"images_per_s_per_core": per_core, "gpu_images_per_s_est": gpu, "cores_per_gpu_est": gpu / per_core}
 
 
 def matmul_ceiling(sizes=(1024, 2048, 3072), runs=5):

@@ -127,7 +127,7 @@ def cmd_benchmark(args):
     kinds = ["inference", "efficiency", "assembly", "data", "train"] if args.what == "all" else [args.what]
     runs = args.runs or (5 if args.quick else 20)
     ceiling, steps = None, {}
-    if "efficiency" in kinds:
+    if "efficiency" in kinds or "data" in kinds:  # data: sizes the pipeline for a GPU from it
         ceiling = benchmark.matmul_ceiling()
         print(f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s")
     for path in paths:
@@ -167,10 +167,15 @@ def cmd_benchmark(args):
                             config, runs=1 if args.quick else 3, batches=5 if args.quick else 20, workers=workers
                         )
                         rows.append({**pipeline, "train_images_per_s": step["images_per_s"],
-                                     "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"]})
+                                     "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"],
+                                     **benchmark.gpu_estimate(pipeline, step, ceiling)})
                     columns = ["service_workers", "input_size", "batch_size", "images_per_s", "train_images_per_s",
-                               "pipeline_over_step"]
+                               "pipeline_over_step", "images_per_s_per_core", "cores_per_gpu_est"]
             benchmark.print_table(rows, columns)
+            if kind == "data":
+                print(f"cores_per_gpu_est: a GPU at {benchmark.ASSUMED_GPU_GFLOPS / 1e3:.0f} TFLOP/s (assumed, not "
+                      f"measured) trains {rows[0]['gpu_images_per_s_est']:.0f} images/s if it reaches the fraction "
+                      f"of its peak this CPU reaches of its {ceiling:.0f} GFLOP/s; see BENCHMARKS.md")
             benchmark.append_result(kind, name, rows, args.results)
     print(f"\nappended to {args.results}")
     if args.plots:
@@ -193,7 +198,7 @@ def _benchmark_scale(args):
     images, cache = (50 if args.quick else 5000), args.cache or benchmark.SCALE_CACHE
     print(f"== scale: {images} COCO-sized images (cached under {cache}) ==", flush=True)
     builds, stages = benchmark.scale(config, images=images, cache=cache)
-    benchmark.print_table(builds, ["build", "images", "seconds", "images_per_s", "speedup", "peak_rss_mb"])
+    benchmark.print_table(builds, ["build", "images", "kept", "seconds", "images_per_s", "speedup", "peak_rss_mb"])
     print()
     benchmark.print_table(stages, ["stage", "images", "seconds", "ms_per_image", "peak_rss_mb"])
     benchmark.append_result("scale-build", os.path.basename(path), builds, args.results)

@@ -166,11 +166,11 @@ class DataConfig:
         service: "grpc://host:port" of a tf.data service dispatcher (`centermask data-service`):
             the training pipeline's decoding, augmentation and target encoding run on its
             workers and training only reads batches. null (default) runs them in-process.
-        build_workers: processes that build the TFDS dataset. 1 (default) builds in this
-            process; more build through Apache Beam's DirectRunner (the `beam` extra).
-        beam_options: Apache Beam pipeline flags for the build, e.g. `--runner=FlinkRunner`
-            for a cluster; any flag builds through Beam. The built dataset is the same however
-            it was built.
+        build_workers: processes that read the images and decode the masks when the TFDS
+            dataset is built (1, the default: this process alone).
+        beam_options: Apache Beam pipeline flags (the `beam` extra), e.g.
+            `["--runner=FlinkRunner", ...]`: build through TFDS's Beam support instead, on a
+            cluster. [] (default): no Beam. The dataset is the same however it was built.
     """
 
     train: SplitConfig = field(default_factory=SplitConfig)

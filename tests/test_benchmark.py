@@ -1,4 +1,5 @@
 import json
+import os
 import tempfile
 
 import pytest
@@ -34,18 +35,25 @@ def test_data_benchmark_compares_pipeline_and_step(results):
     assert row["input_size"] == 128 and row["batch_size"] == 2
     assert row["images_per_s"] > 0 and row["train_images_per_s"] > 0
     assert row["pipeline_over_step"] == pytest.approx(row["images_per_s"] / row["train_images_per_s"])
+    # Cores per GPU: the GPU's estimated images/s over the pipeline's images/s per core.
+    assert row["images_per_s_per_core"] == pytest.approx(row["images_per_s"] / os.cpu_count())
+    assert row["cores_per_gpu_est"] == pytest.approx(row["gpu_images_per_s_est"] / row["images_per_s_per_core"])
 
 
 @pytest.mark.slow
 def test_scale_benchmark_quick_builds_three_ways_and_splits_evaluation(tmp_path, capsys):
-    """`benchmark scale --quick`: 50 COCO-sized images, built single-process and through Beam
-    (same image count), evaluated with K=100 detections per image, every stage timed."""
+    """`benchmark scale --quick`: 50 COCO-sized images, built in 1 and 2 processes and through
+    Beam, evaluated with K=100 detections per image, every stage timed."""
     results = tmp_path / "results.json"
     args = ["benchmark", "scale", "--quick", "--cache", str(tmp_path / "cache"), "--results", str(results)]
     assert main(args) == 0
     build, evaluate = json.loads(results.read_text())
-    assert [r["build"] for r in build["rows"]] == ["single process", "Beam, 1 worker", "Beam, 2 workers"]
-    assert all(r["images"] == 50 and r["images_per_s"] > 0 and r["peak_rss_mb"] > 100 for r in build["rows"])
+    rows = build["rows"]
+    assert [r["build"] for r in rows] == [
+        "1 process", "2 processes", "Beam DirectRunner, 1 worker", "Beam DirectRunner, 2 workers"]
+    # Every build that is kept has every image (a build that lost some is refused: kept False).
+    assert all(r["images"] == 50 and r["images_per_s"] > 0 for r in rows if r["kept"]) and rows[0]["kept"]
+    assert all(r["peak_rss_mb"] > 100 for r in rows)
     stages = {r["stage"]: r for r in evaluate["rows"]}
     for stage in ("input", "forward", "decode", "paste", "encode", "ground_truth", "coco_eval pycocotools",
                   "coco_eval faster_coco_eval"):

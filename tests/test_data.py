@@ -243,13 +243,15 @@ def _examples(builder, split="train"):
     ]
 
 
-def test_beam_build_writes_the_same_examples_and_faults(messy, tmp_path):
-    """Two DirectRunner worker processes build the messy set: the same examples, in the same
-    order, and the same fault counts as the single-process build."""
+@pytest.mark.parametrize("how", [{"build_workers": 2}, {"beam_options": ["--runner=DirectRunner"]}],
+                         ids=["process_pool", "beam_direct_runner"])
+def test_parallel_builds_write_the_same_examples_and_faults(messy, tmp_path, how):
+    """Two worker processes, or Beam's DirectRunner, build the messy set: the same examples in
+    the same order, and the same fault counts, as the single-process build."""
     single = tfds_builder.prepare_dataset(data_config(messy, tmp_path / "single"))
-    beam = tfds_builder.prepare_dataset(data_config(messy, tmp_path / "beam", build_workers=2))
-    assert beam.info.metadata["train_faults"] == single.info.metadata["train_faults"] == PLANTED_FAULTS
-    expected, built = _examples(single), _examples(beam)
+    parallel = tfds_builder.prepare_dataset(data_config(messy, tmp_path / "parallel", **how))
+    assert parallel.info.metadata["train_faults"] == single.info.metadata["train_faults"] == PLANTED_FAULTS
+    expected, built = _examples(single), _examples(parallel)
     assert len(built) == len(expected) == GOOD_IMAGES
     for ours, theirs in zip(built, expected):
         assert ours.keys() == theirs.keys()
@@ -257,10 +259,56 @@ def test_beam_build_writes_the_same_examples_and_faults(messy, tmp_path):
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
+def test_beam_build_that_loses_examples_is_refused(messy, tmp_path, monkeypatch):
+    """Workers produced more examples than were written (as Beam's multi-worker DirectRunner
+    does at scale): the build raises and leaves no dataset to reuse."""
+    read = tfds_builder._beam_read
+
+    def lose_one(image_id, split, **kwargs):
+        examples = list(read(image_id, split, **kwargs))
+        return examples[:-1] if image_id == 5000 else examples
+
+    monkeypatch.setattr(tfds_builder, "_beam_read", lose_one)
+    config = data_config(messy, tmp_path, beam_options=["--runner=DirectRunner"])
+    with pytest.raises(DataError, match=rf"wrote {GOOD_IMAGES - 1} of the {GOOD_IMAGES} examples.*not kept"):
+        tfds_builder.prepare_dataset(config)
+    monkeypatch.setattr(tfds_builder, "_beam_read", read)
+    assert tfds_builder.prepare_dataset(config).info.splits["train"].num_examples == GOOD_IMAGES
+
+
 def test_beam_build_without_beam_names_the_extra(messy, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam.options.pipeline_options", None)  # import fails
-    with pytest.raises(ConfigError, match=r"data\.build_workers=2.*pip install -e '\.\[beam\]'"):
-        tfds_builder.prepare_dataset(data_config(messy, tmp_path, build_workers=2))
+    with pytest.raises(ConfigError, match=r"data\.beam_options.*pip install -e '\.\[beam\]'"):
+        tfds_builder.prepare_dataset(data_config(messy, tmp_path, beam_options=["--runner=DirectRunner"]))
+
+
+def test_evaluation_ground_truth_is_what_the_build_kept(messy, tmp_path):
+    """The ids stored per object are the evaluation's ground truth: every kept annotation and
+    no skipped one, with no mask decoded at evaluation. Detections equal to that ground truth
+    score AP 1; the whole file (with its malformed annotations) would not."""
+    from centermask_tf.evaluation import coco_metrics
+
+    builder = tfds_builder.prepare_dataset(data_config(messy, tmp_path, val="train"))
+    ids, image_ids = [], []
+    for _, info in eval_dataset(builder, input_size=SIZE, batch_size=4):
+        ids += info["annotation_ids"].flat_values.numpy().tolist()
+        image_ids += info["image_id"].numpy().tolist()
+    assert len(image_ids) == GOOD_IMAGES
+    objects = sum(int(e["objects"]["id"].shape[0]) for e in builder.as_dataset(split="val"))
+    assert len(ids) == len(set(ids)) == objects > 0
+    annotations = str(messy / "annotations" / "instances_train.json")
+    coco = COCO(annotations)
+    planted = {a["id"] for a in coco.dataset["annotations"] if a["image_id"] in image_ids} - set(ids)
+    assert planted  # the good images also hold annotations the build skipped
+    detections = []
+    for i in ids:
+        ann = coco.anns[i]
+        if not ann.get("iscrowd"):
+            rle = mask_utils.encode(np.asfortranarray(coco.annToMask(ann)))
+            detections.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
+                               "score": 1.0, "segmentation": {**rle, "counts": rle["counts"].decode()}})
+    metrics = coco_metrics(annotations, detections, image_ids, annotation_ids=ids)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
 
 
 def test_strict_raises_naming_the_first_bad_sample(messy, tmp_path):
