@@ -47,53 +47,68 @@ class InstanceMask(NamedTuple):
 
 
 def _paste_weights(start, end, first, count, cells):
-    """Bilinear weights `[count, cells]` that resize `cells` values onto the span [start, end)
-    for the pixels first .. first + count - 1, and `[count]` whether each pixel's centre lies
-    in the span: `model.assembly.paste_masks`'s geometry, on the box's own pixels only."""
+    """Bilinear weights `[n, count, cells]` that resize `cells` values onto each of n spans
+    [start, end) for the pixels first .. first + count - 1 (`model.assembly.paste_masks`'s
+    geometry), zero for pixels whose centre lies outside the span, and `[n, count]` whether
+    it lies inside."""
     extent = np.maximum(end - start, 1e-6)
-    rel = (first + np.arange(count, dtype=np.float32) + 0.5 - start) / extent
+    rel = (first[:, None] + np.arange(count, dtype=np.float32) + 0.5 - start[:, None]) / extent[:, None]
+    inside = (rel >= 0.0) & (rel <= 1.0)
     coords = np.clip(rel * cells - 0.5, 0.0, cells - 1.0)
-    weights = np.maximum(0.0, 1.0 - np.abs(coords[:, None] - np.arange(cells, dtype=np.float32)))
-    return weights.astype(np.float32), (rel >= 0.0) & (rel <= 1.0)
+    weights = np.maximum(0.0, 1.0 - np.abs(coords[..., None] - np.arange(cells, dtype=np.float32)))
+    return (weights * inside[..., None]).astype(np.float32), inside
 
 
 def paste_instances(box_masks, boxes, height, width, threshold):
     """Box-relative `[n, M, M]` mask probabilities pasted (bilinear, as `paste_masks`) into
     their boxes `[n, 4]` (ymin, xmin, ymax, xmax, image pixels) and thresholded, each kept as
-    the crop of its box (`InstanceMask`). Only each box's own pixels are computed, as two small
-    matmuls per detection: the cost follows the boxes, not the image size (batching detections
-    padded to a common size cost 4x more on COCO-sized boxes)."""
+    the crop of its box (`InstanceMask`). Only each box's own pixels are computed, two small
+    matmuls per detection (padding detections to a common size cost 4x more on COCO-sized
+    boxes); each crop is computed column by column, the order RLE encoding reads."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     box_masks = np.asarray(box_masks, np.float32)
+    if not len(boxes):
+        return []
     limits = np.array([height, width], np.float32)
     first = np.clip(np.floor(boxes[:, :2]), 0, limits - 1).astype(np.int64)  # top, left
     spans = np.maximum(np.clip(np.ceil(boxes[:, 2:]), 0, limits).astype(np.int64) - first, 0)
+    longest = np.maximum(spans.max(axis=0), 1)
     cells = box_masks.shape[-1]
+    row_weights, in_rows = _paste_weights(boxes[:, 0], boxes[:, 2], first[:, 0], int(longest[0]), cells)
+    col_weights, in_cols = _paste_weights(boxes[:, 1], boxes[:, 3], first[:, 1], int(longest[1]), cells)
     masks = []
-    for box, mask, (top, left), (rows, cols) in zip(boxes, box_masks, first, spans):
-        row_weights, in_rows = _paste_weights(box[0], box[2], top, rows, cells)
-        col_weights, in_cols = _paste_weights(box[1], box[3], left, cols, cells)
-        crop = (row_weights @ mask @ col_weights.T) >= threshold
-        crop &= in_rows[:, None] & in_cols[None, :]
-        masks.append(InstanceMask(int(top), int(left), crop))
+    for k, ((top, left), (rows, cols)) in enumerate(zip(first.tolist(), spans.tolist())):
+        crop = (col_weights[k, :cols] @ box_masks[k].T @ row_weights[k, :rows].T) >= threshold  # [cols, rows]
+        if threshold <= 0:  # outside the span the product is 0: only a threshold of 0 keeps it
+            crop &= in_cols[k, :cols, None] & in_rows[k, None, :rows]
+        masks.append(InstanceMask(top, left, crop.T))
     return masks
 
 
 def encode_instances(masks, height, width):
     """COCO compressed RLEs of `InstanceMask`s in a `height` x `width` image, from the crops
-    alone: each crop's run boundaries are found column by column and shifted to image
-    positions, and pycocotools compresses the counts. Equal to `pycocotools.mask.encode` of the
-    full masks, without making or scanning one full-size mask per detection."""
+    alone: the crop's runs in column-major order, split where a column ends inside the image,
+    shifted to image positions, compressed by pycocotools. Equal to `pycocotools.mask.encode`
+    of the full masks without making or scanning a full-size mask per detection."""
     uncompressed = []
     for mask in masks:
         rows, cols = mask.crop.shape
-        padded = np.zeros((cols, rows + 2), np.int8)  # each crop column, zero above and below
-        padded[:, 1:-1] = mask.crop.T
-        column, row = np.nonzero(np.diff(padded, axis=1))  # run starts and ends, column-major
-        bounds = (mask.left + column) * height + mask.top + row
-        # A run ending at the bottom of one column and one starting at the top of the next meet.
-        joined = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
-        bounds = np.delete(bounds, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+        flat = mask.crop.T.reshape(-1)  # column-major (a view of `paste_instances`' crops)
+        bounds = np.zeros(0, np.int64)
+        if flat.size:
+            edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # run starts and ends, alternating
+            if flat[0]:
+                edges = np.concatenate([[0], edges])
+            if flat[-1]:
+                edges = np.append(edges, flat.size)
+            if rows < height and cols > 1:  # a run over a column's end stops there in the image
+                boundaries = np.arange(1, cols) * rows
+                crossing = boundaries[flat[boundaries - 1] & flat[boundaries]]
+                edges = np.sort(np.concatenate([edges, crossing, crossing]))
+            starts, last = edges[0::2], edges[1::2] - 1  # last: each run's final pixel
+            bounds = np.empty(edges.size, np.int64)
+            bounds[0::2] = (mask.left + starts // rows) * height + mask.top + starts % rows
+            bounds[1::2] = (mask.left + last // rows) * height + mask.top + last % rows + 1
         counts = np.diff(np.concatenate([[0], bounds, [height * width]]))
         if len(counts) > 1 and counts[-1] == 0:  # a mask running to the last pixel has no final zeros
             counts = counts[:-1]
