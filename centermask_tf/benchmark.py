@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.timing import latency_row, timings
+from centermask_tf.timing import latency_row, peak_rss_mb, timings
 
 RESULTS = os.path.join("benchmarks", "results.json")
 
@@ -147,16 +146,10 @@ SCALE_BUILDS = (
 )
 
 
-def _peak_rss_mb():
-    """Peak resident memory of this process or of its largest finished child (Beam workers)."""
-    import resource
-
-    peaks = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return max(peaks) / 1024  # Linux reports kB
-
-
 def _measured(fn, *args):
-    return {**fn(*args), "peak_rss_mb": _peak_rss_mb()}
+    """`fn(*args)` with the peak memory of this process or of its largest child (build workers)."""
+    row = fn(*args)
+    return {**row, "peak_rss_mb": max(peak_rss_mb(), peak_rss_mb(children=True))}
 
 
 def _in_child(fn, *args):
@@ -249,7 +242,8 @@ def _evaluate(config, output_dir):
     metrics = evaluate_detector(detect, builder, config, output_dir=output_dir, timer=watch)
     seconds = dict(watch.seconds)
     seconds["detect"] -= seconds["forward"] + seconds["decode"]  # what is left: the replacement
-    return {"images": builder.info.splits["val"].num_examples, "seconds": seconds, "segm_AP": metrics["segm"]["AP"]}
+    return {"images": builder.info.splits["val"].num_examples, "seconds": seconds, "peaks": watch.peak_rss_mb,
+            "segm_AP": metrics["segm"]["AP"]}
 
 
 def _coco_eval_only(annotations, detections_path, image_ids, backend):
@@ -261,13 +255,14 @@ def _coco_eval_only(annotations, detections_path, image_ids, backend):
         detections = json.load(f)
     watch = Stopwatch()
     coco_metrics(annotations, detections, image_ids, backend, timer=watch)
-    return {"seconds": dict(watch.seconds)}
+    return {"seconds": dict(watch.seconds), "peaks": watch.peak_rss_mb}
 
 
 def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
     """Building and evaluating a COCO-val-sized set (`make-shapes --preset coco-val`, made once
-    under `cache`): the TFDS build's images/s per way of building, and evaluation's seconds per
-    stage. Each step runs in its own process: its row's `peak_rss_mb` is its own.
+    under `cache`): the TFDS build's images/s per way of building, and evaluation's seconds and
+    peak memory per stage. Each build, the evaluation and the second COCO backend run in
+    processes of their own, so one step's memory is not another's.
 
     Returns:
         (build rows, evaluation rows).
@@ -278,13 +273,12 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
     kept = os.path.join(root, "tfds")  # the evaluation's dataset, kept between runs
     build_rows = []
     for name, workers, options in builds:
-        scratch = tempfile.mkdtemp(prefix="build-", dir=cache)
-        row = _in_child(_build, _val_only(config, root, scratch), workers, options)
-        build_rows.append({"build": name, **row})
-        if os.path.exists(kept) or not row["kept"]:
-            shutil.rmtree(scratch)
-        else:
-            os.replace(scratch, kept)
+        with tempfile.TemporaryDirectory(prefix="build-", dir=cache) as scratch:
+            row = _in_child(_build, _val_only(config, root, scratch), workers, options)
+            build_rows.append({"build": name, **row})
+            if row["kept"] and not os.path.exists(kept):
+                os.replace(scratch, kept)
+                os.mkdir(scratch)  # for TemporaryDirectory to remove
     single = build_rows[0]["images_per_s"]
     for row in build_rows:
         row["speedup"] = row["images_per_s"] / single
@@ -301,21 +295,19 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
             )
             for backend in ("faster_coco_eval",)
         }
-    n = evaluated["images"]
-    seconds = evaluated["seconds"]
-    stages = ["input", "forward", "decode", "paste", "encode", "ground_truth"]
-    rows = [{"stage": stage, "seconds": seconds.get(stage, 0.0), "ms_per_image": 1e3 * seconds.get(stage, 0.0) / n,
-             "peak_rss_mb": evaluated["peak_rss_mb"]} for stage in stages]
-    ours = sum(seconds.get(stage, 0.0) for stage in stages if stage != "forward")
-    rows.append({"stage": "ours (all but forward and COCO eval)", "seconds": ours, "ms_per_image": 1e3 * ours / n,
-                 "peak_rss_mb": evaluated["peak_rss_mb"]})
-    rows.append({"stage": "coco_eval pycocotools", "seconds": seconds["coco_eval"],
-                 "ms_per_image": 1e3 * seconds["coco_eval"] / n, "peak_rss_mb": evaluated["peak_rss_mb"]})
-    for backend, row in coco.items():
-        rows.append({"stage": f"coco_eval {backend}", "seconds": row["seconds"]["coco_eval"],
-                     "ms_per_image": 1e3 * row["seconds"]["coco_eval"] / n, "peak_rss_mb": row["peak_rss_mb"]})
-    for row in rows:
-        row["images"] = n
+    n, seconds, peaks = evaluated["images"], evaluated["seconds"], evaluated["peaks"]
+
+    def row(stage, spent, peak):
+        return {"stage": stage, "images": n, "seconds": spent, "ms_per_image": 1e3 * spent / n, "peak_rss_mb": peak}
+
+    # peak_rss_mb: the evaluating process's peak so far when the stage last ended.
+    loop = ["input", "forward", "decode", "paste", "encode"]
+    rows = [row(stage, seconds[stage], peaks[stage]) for stage in loop + ["ground_truth"]]
+    ours = sum(seconds[stage] for stage in loop + ["ground_truth"] if stage != "forward")
+    rows.append(row("ours (all but forward and COCO eval)", ours, max(peaks[stage] for stage in loop)))
+    rows.append(row("coco_eval pycocotools", seconds["coco_eval"], peaks["coco_eval"]))
+    for backend, result in coco.items():  # in a process of its own, from detections.json
+        rows.append(row(f"coco_eval {backend}", result["seconds"]["coco_eval"], result["peaks"]["coco_eval"]))
     return build_rows, rows
 
 

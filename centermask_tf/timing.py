@@ -32,10 +32,12 @@ def timings(fn, runs, warmup=2):
 
 
 class Stopwatch:
-    """Wall seconds summed per named stage: `with watch("paste"): ...`; `watch.seconds`."""
+    """Wall seconds summed per named stage (`with watch("paste"): ...`; `watch.seconds`) and
+    the process's peak resident memory when each stage last ended (`watch.peak_rss_mb`)."""
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)
+        self.peak_rss_mb = {}
 
     @contextlib.contextmanager
     def __call__(self, stage):
@@ -44,6 +46,17 @@ class Stopwatch:
             yield
         finally:
             self.seconds[stage] += time.perf_counter() - start
+            self.peak_rss_mb[stage] = peak_rss_mb()
+
+
+def peak_rss_mb(children=False):
+    """Peak resident memory in MB of this process (or, with `children`, of the largest of its
+    finished child processes); None where the OS does not say (no `resource` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def latency_row(times):
