@@ -155,10 +155,9 @@ def _measured(fn, *args):
 def _in_child(fn, *args):
     """`fn(*args)` (a row dict) in a fresh spawned process, so the row's `peak_rss_mb` is that
     step's alone."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from centermask_tf.processes import process_pool
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with process_pool(1) as pool:
         return pool.submit(_measured, fn, *args).result()
 
 

@@ -259,6 +259,37 @@ def test_parallel_builds_write_the_same_examples_and_faults(messy, tmp_path, how
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
+def test_build_after_a_killed_one_removes_its_scratch_folder(messy, tmp_path):
+    """A killed build leaves TFDS's `incomplete.*` folder; the next build (holding the lock)
+    removes it and builds every example."""
+    config = data_config(messy, tmp_path)
+    key = tfds_builder._content_key(
+        {"train": (os.path.abspath(config.train.annotations), os.path.abspath(config.train.images))}, False
+    )
+    stale = tmp_path / "coco_folder" / key / "incomplete.ABC123_1.1.0"
+    stale.mkdir(parents=True)
+    (stale / "coco_folder-train.tfrecord-00000-of-00001").write_bytes(b"half")
+    assert tfds_builder.prepare_dataset(config).info.splits["train"].num_examples == GOOD_IMAGES
+    assert not stale.exists()
+
+
+def test_unguarded_script_with_build_workers_fails_with_the_fix(messy, tmp_path):
+    """Build workers import the user's script (spawn); a script that builds at import would
+    hang on the parent's lock. It stops with a message naming the `__main__` guard instead."""
+    import subprocess
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from centermask_tf.config import DataConfig, SplitConfig\n"
+        "from centermask_tf.data.tfds_builder import prepare_dataset\n"
+        f"prepare_dataset(DataConfig(train=SplitConfig({str(messy / 'annotations' / 'instances_train.json')!r}, "
+        f"{str(messy / 'train')!r}), tfds_data_dir={str(tmp_path / 'tfds')!r}, build_workers=2))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr and "data.build_workers" in result.stderr
+
+
 def test_beam_build_that_loses_examples_is_refused(messy, tmp_path, monkeypatch):
     """Workers produced more examples than were written (as Beam's multi-worker DirectRunner
     does at scale): the build raises and leaves no dataset to reuse."""

@@ -30,13 +30,16 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -45,6 +48,7 @@ from PIL import Image, ImageOps
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import Categories, DataError, FaultReport, image_record, load_annotations, open_coco
 from centermask_tf.files import locked
+from centermask_tf.processes import process_pool
 
 logger = logging.getLogger("centermask_tf.data")
 
@@ -193,13 +197,19 @@ _OPENED = {}  # annotation path -> COCO, once per process (pool and Beam workers
 
 @contextlib.contextmanager
 def _mapped(workers):
-    """`map`, or an ordered `imap` over a pool of `workers` fresh processes."""
+    """`map`, or an ordered map over `workers` fresh processes."""
     if workers <= 1:
         yield map
         return
-    # spawn: the parent has TensorFlow's threads running, which fork does not copy safely.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield functools.partial(pool.imap, chunksize=8)
+    try:
+        with process_pool(workers) as pool:
+            yield functools.partial(pool.map, chunksize=8)
+    except BrokenProcessPool:
+        raise DataError(
+            f"The {workers} dataset build workers (data.build_workers) stopped before finishing. A script "
+            "that builds with data.build_workers > 1 must call centermask_tf under "
+            "`if __name__ == \"__main__\":` (worker processes import the script); the CLI does."
+        ) from None
 
 
 def _read_image(image_id, annotations, images, categories, strict):
@@ -322,6 +332,13 @@ def prepare_dataset(data_config, splits=SPLITS):
     if not paths:
         raise DataError("No data split configured: set data.train.annotations and data.train.images.")
 
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A build worker importing the user's script, which builds at import: waiting for the
+        # parent's lock below would hang both.
+        raise DataError(
+            "prepare_dataset ran while a data.build_workers process was starting: call centermask_tf "
+            "under `if __name__ == \"__main__\":` in scripts that build with data.build_workers > 1."
+        )
     key = _content_key(paths, data_config.strict)
     config = CocoFolderConfig(
         name=key, splits=paths, strict=data_config.strict,
@@ -337,6 +354,9 @@ def prepare_dataset(data_config, splits=SPLITS):
                 if report.counts:
                     logger.warning("split '%s', when it was built: %s", name, report.summary())
         else:
+            # A build killed earlier left its TFDS scratch folder; under the lock none is in use.
+            for stale in glob.glob(os.path.join(data_config.tfds_data_dir, "coco_folder", key, "incomplete.*")):
+                shutil.rmtree(stale, ignore_errors=True)
             logger.info("building TFDS dataset %s in %s", config.name, data_config.tfds_data_dir)
             if not sys.stderr.isatty():  # progress bars in a log file are a line per update
                 tfds.disable_progress_bar()
