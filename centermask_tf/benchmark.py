@@ -299,12 +299,11 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
     def row(stage, spent, peak):
         return {"stage": stage, "images": n, "seconds": spent, "ms_per_image": 1e3 * spent / n, "peak_rss_mb": peak}
 
-    # peak_rss_mb: the evaluating process's peak so far when the stage last ended. "masks" is the
-    # wall time of pasting and encoding (threads); "paste" and "encode" are their thread-seconds.
-    stages = ["input", "forward", "decode", "masks", "paste", "encode", "ground_truth"]
-    rows = [row(stage, seconds[stage], peaks[stage]) for stage in stages]
-    ours = sum(seconds[stage] for stage in ("input", "decode", "masks", "ground_truth"))
-    rows.append(row("ours (all but forward and COCO eval)", ours, max(peaks[stage] for stage in stages[:4])))
+    # peak_rss_mb: the evaluating process's peak so far when the stage last ended.
+    loop = ["input", "forward", "decode", "paste", "encode"]
+    rows = [row(stage, seconds[stage], peaks[stage]) for stage in loop + ["ground_truth"]]
+    ours = sum(seconds[stage] for stage in loop + ["ground_truth"] if stage != "forward")
+    rows.append(row("ours (all but forward and COCO eval)", ours, max(peaks[stage] for stage in loop)))
     rows.append(row("coco_eval pycocotools", seconds["coco_eval"], peaks["coco_eval"]))
     for backend, result in coco.items():  # in a process of its own, from detections.json
         rows.append(row(f"coco_eval {backend}", result["seconds"]["coco_eval"], result["peaks"]["coco_eval"]))

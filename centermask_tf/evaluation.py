@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import keras
@@ -47,41 +46,43 @@ class InstanceMask(NamedTuple):
         return mask
 
 
-def _paste_weights(start, end, first, count, cells):
-    """Bilinear weights `[n, count, cells]` that resize `cells` values onto each of n spans
-    [start, end) for the pixels first .. first + count - 1 (`model.assembly.paste_masks`'s
-    geometry), zero for pixels whose centre lies outside the span, and `[n, count]` whether
-    it lies inside."""
-    extent = np.maximum(end - start, 1e-6)
-    rel = (first[:, None] + np.arange(count, dtype=np.float32) + 0.5 - start[:, None]) / extent[:, None]
+def _paste_weights(start, end, first, counts, cells):
+    """Bilinear weights that resize `cells` values onto each of n spans [start, end), for the
+    `counts[k]` pixels of span k from pixel `first[k]` on (`model.assembly.paste_masks`'s
+    geometry), all spans' pixels concatenated: `[sum(counts), cells]`, and where each span's
+    rows start. Pixels whose centre lies outside their span get zero weights, and `[sum(counts)]`
+    says which lie inside."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    span = np.repeat(np.arange(len(counts)), counts)
+    pixel = np.arange(offsets[-1]) - offsets[span] + first[span]
+    rel = (pixel + 0.5 - start[span]) / np.maximum(end - start, 1e-6)[span]
     inside = (rel >= 0.0) & (rel <= 1.0)
     coords = np.clip(rel * cells - 0.5, 0.0, cells - 1.0)
-    weights = np.maximum(0.0, 1.0 - np.abs(coords[..., None] - np.arange(cells, dtype=np.float32)))
-    return (weights * inside[..., None]).astype(np.float32), inside
+    weights = np.maximum(0.0, 1.0 - np.abs(coords[:, None] - np.arange(cells)))
+    return (weights * inside[:, None]).astype(np.float32), offsets, inside
 
 
 def paste_instances(box_masks, boxes, height, width, threshold):
     """Box-relative `[n, M, M]` mask probabilities pasted (bilinear, as `paste_masks`) into
     their boxes `[n, 4]` (ymin, xmin, ymax, xmax, image pixels) and thresholded, each kept as
-    the crop of its box (`InstanceMask`). Only each box's own pixels are computed, two small
-    matmuls per detection (padding detections to a common size cost 4x more on COCO-sized
-    boxes); each crop is computed column by column, the order RLE encoding reads."""
+    the crop of its box (`InstanceMask`). Only each box's own pixels are computed: the weights
+    of every box's rows and columns at once, then two small matmuls per detection (padding
+    detections to a common size cost 4x more on COCO-sized boxes). Each crop is computed
+    column by column, the order RLE encoding reads."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     box_masks = np.asarray(box_masks, np.float32)
-    if not len(boxes):
-        return []
     limits = np.array([height, width], np.float32)
     first = np.clip(np.floor(boxes[:, :2]), 0, limits - 1).astype(np.int64)  # top, left
     spans = np.maximum(np.clip(np.ceil(boxes[:, 2:]), 0, limits).astype(np.int64) - first, 0)
-    longest = np.maximum(spans.max(axis=0), 1)
     cells = box_masks.shape[-1]
-    row_weights, in_rows = _paste_weights(boxes[:, 0], boxes[:, 2], first[:, 0], int(longest[0]), cells)
-    col_weights, in_cols = _paste_weights(boxes[:, 1], boxes[:, 3], first[:, 1], int(longest[1]), cells)
+    row_weights, row_at, in_rows = _paste_weights(boxes[:, 0], boxes[:, 2], first[:, 0], spans[:, 0], cells)
+    col_weights, col_at, in_cols = _paste_weights(boxes[:, 1], boxes[:, 3], first[:, 1], spans[:, 1], cells)
     masks = []
-    for k, ((top, left), (rows, cols)) in enumerate(zip(first.tolist(), spans.tolist())):
-        crop = (col_weights[k, :cols] @ box_masks[k].T @ row_weights[k, :rows].T) >= threshold  # [cols, rows]
+    for k, (top, left) in enumerate(first.tolist()):
+        rows, cols = slice(row_at[k], row_at[k + 1]), slice(col_at[k], col_at[k + 1])
+        crop = (col_weights[cols] @ box_masks[k].T @ row_weights[rows].T) >= threshold  # [cols, rows]
         if threshold <= 0:  # outside the span the product is 0: only a threshold of 0 keeps it
-            crop &= in_cols[k, :cols, None] & in_rows[k, None, :rows]
+            crop &= in_cols[cols, None] & in_rows[None, rows]
         masks.append(InstanceMask(top, left, crop.T))
     return masks
 
@@ -242,9 +243,8 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
         output_dir: where to write detections.json and metrics.json (None: not written).
         max_images: evaluate at most this many images.
         timer: a `timing.Stopwatch` that gets the seconds of each stage: "input" (reading and
-            letterboxing), "detect", "masks" (pasting and encoding a batch's masks, in threads;
-            "paste" and "encode" sum each thread's time in them), "ground_truth" and
-            "coco_eval".
+            letterboxing), "detect", "paste" (masks to image pixels), "encode" (RLE and
+            results), "ground_truth" and "coco_eval".
 
     Returns:
         The metrics dict.
@@ -263,17 +263,8 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
     detections, image_ids, annotation_ids = [], [], []
     timer = timer or Stopwatch()
     batches = iter(dataset)
-
-    def image_results(i):
-        with timer("paste"):
-            result = to_original_image(batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold)
-        with timer("encode"):
-            return coco_results(info["image_id"][i], result, category_ids)
-
-    # Images are pasted and encoded in threads: numpy's matmuls and array passes release the GIL.
-    with ThreadPoolExecutor(os.cpu_count()) as pool, tqdm(
-        total=total, desc="evaluate", unit="img", leave=False, disable=None  # no bar in a log file
-    ) as progress:
+    # disable=None: no bar when stderr is not a terminal (a log file would get one per update).
+    with tqdm(total=total, desc="evaluate", unit="img", leave=False, disable=None) as progress:
         while True:
             with timer("input"):
                 images, info = next(batches, (None, None))
@@ -282,10 +273,14 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
                 info = {k: v.flat_values.numpy() if k == "annotation_ids" else v.numpy() for k, v in info.items()}
             with timer("detect"):
                 batch = {k: np.asarray(v) for k, v in detect(images).items()}
-            with timer("masks"):
-                for entries in pool.map(image_results, range(len(images))):
-                    detections.extend(entries)
-            image_ids.extend(int(i) for i in info["image_id"])
+            for i, image_id in enumerate(info["image_id"]):
+                with timer("paste"):
+                    result = to_original_image(
+                        batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold
+                    )
+                with timer("encode"):
+                    detections.extend(coco_results(image_id, result, category_ids))
+                image_ids.append(int(image_id))
             annotation_ids.extend(info["annotation_ids"].tolist())
             progress.update(len(images))
     metrics = coco_metrics(

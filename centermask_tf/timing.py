@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import statistics
-import threading
 import time
 
 import numpy as np
@@ -34,13 +33,11 @@ def timings(fn, runs, warmup=2):
 
 class Stopwatch:
     """Wall seconds summed per named stage (`with watch("paste"): ...`; `watch.seconds`) and
-    the process's peak resident memory when each stage last ended (`watch.peak_rss_mb`).
-    Threads may time stages at once: their seconds add up."""
+    the process's peak resident memory when each stage last ended (`watch.peak_rss_mb`)."""
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)
         self.peak_rss_mb = {}
-        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def __call__(self, stage):
@@ -48,10 +45,8 @@ class Stopwatch:
         try:
             yield
         finally:
-            spent, peak = time.perf_counter() - start, peak_rss_mb()
-            with self._lock:
-                self.seconds[stage] += spent
-                self.peak_rss_mb[stage] = peak
+            self.seconds[stage] += time.perf_counter() - start
+            self.peak_rss_mb[stage] = peak_rss_mb()
 
 
 def peak_rss_mb(children=False):
