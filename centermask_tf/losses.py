@@ -151,3 +151,17 @@ def _stack_losses(outputs, targets, weights, valid, normalizer):
             raise ValueError("train.saliency_weight > 0 needs a Saliency head (model.mask_factors both or saliency).")
         losses["saliency"] = saliency_loss(outputs, targets)
     return losses
+
+
+def giou_loss(predicted, target):
+    """1 - GIoU between boxes given as distances (l, t, r, b) from the same location (FCOS's
+    box regression), element-wise over leading dims: `[..., 4]` -> `[...]`."""
+    pl, pt, pr, pb = tf.unstack(predicted, axis=-1)
+    tl, tt, tr, tb = tf.unstack(target, axis=-1)
+    predicted_area = (pl + pr) * (pt + pb)
+    target_area = (tl + tr) * (tt + tb)
+    intersection = (tf.minimum(pl, tl) + tf.minimum(pr, tr)) * (tf.minimum(pt, tt) + tf.minimum(pb, tb))
+    union = predicted_area + target_area - intersection
+    enclosing = (tf.maximum(pl, tl) + tf.maximum(pr, tr)) * (tf.maximum(pt, tt) + tf.maximum(pb, tb))
+    giou = intersection / tf.maximum(union, 1e-9) - (enclosing - union) / tf.maximum(enclosing, 1e-9)
+    return 1.0 - giou
