@@ -118,18 +118,21 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         masks decoded here or, with `build_workers` > 1, by a pool of processes (in order)."""
         report = FaultReport(strict=self.builder_config.strict)
         coco, _ = open_coco(annotations, categories, report)
-        _OPENED[annotations] = coco
+        _OPENED[_file_key(annotations)] = coco  # this process reads with the one it checked
         read = functools.partial(
             _read_image, annotations=annotations, images=images, categories=categories,
             strict=self.builder_config.strict,
         )
         usable = 0
-        with _mapped(self.builder_config.build_workers) as imap:
-            for example, faults in imap(read, sorted(coco.imgs)):
-                report.counts.update(faults)
-                if example is not None:
-                    usable += 1
-                    yield example
+        try:
+            with _mapped(self.builder_config.build_workers) as imap:
+                for example, faults in imap(read, sorted(coco.imgs)):
+                    report.counts.update(faults)
+                    if example is not None:
+                        usable += 1
+                        yield example
+        finally:
+            _OPENED.clear()  # COCO train's index is gigabytes: not kept past the build
         self._expected[split] = usable
         self._record_faults(split, annotations, report.counts, usable)
 
@@ -153,6 +156,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     def _process_pipeline_result(self, pipeline_result):
         from apache_beam.metrics.metric import MetricsFilter
 
+        _OPENED.clear()  # what an in-process runner loaded
         counts = {split: collections.Counter(faults) for split, (_, faults) in self._json_faults.items()}
         queried = pipeline_result.metrics().query(MetricsFilter().with_namespace(_BEAM_NAMESPACE))
         for counter in queried["counters"]:
@@ -192,7 +196,13 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
 
 
 _BEAM_NAMESPACE = "centermask_build"
-_OPENED = {}  # annotation path -> COCO, once per process (pool and Beam workers)
+_OPENED = {}  # (annotation path, mtime, size) -> COCO, loaded once per process
+
+
+def _file_key(path):
+    """The annotation file as it is now: an edited file is another key, never a stale COCO."""
+    stat = os.stat(path)
+    return path, stat.st_mtime_ns, stat.st_size
 
 
 @contextlib.contextmanager
@@ -215,10 +225,11 @@ def _mapped(workers):
 def _read_image(image_id, annotations, images, categories, strict):
     """One image id -> ((key, example) or None when unusable, its fault counts). Each process
     loads the annotation file once."""
-    if annotations not in _OPENED:
-        _OPENED[annotations] = load_annotations(annotations)
+    key = _file_key(annotations)
+    if key not in _OPENED:
+        _OPENED[key] = load_annotations(annotations)
     report = FaultReport(strict=strict)
-    record = image_record(_OPENED[annotations], image_id, images, categories, report, annotations)
+    record = image_record(_OPENED[key], image_id, images, categories, report, annotations)
     return (None if record is None else (record["image_id"], to_example(record))), dict(report.counts)
 
 
