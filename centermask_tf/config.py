@@ -69,6 +69,10 @@ class ModelConfig:
     """The network and its decoding.
 
     Attributes:
+        type: "centernet" (CenterMask: five heads at stride 4, peaks decoded without NMS) or
+            "fcos" (CenterMask-FCOS: an FPN P3-P7 with FCOS's heads shared over the levels, the
+            Shape on its box tower, the saliency from P3 upsampled to stride 4, and class-wise
+            NMS; ResNet backbones, box assembly).
         backbone: one of `BACKBONES`.
         weights: backbone initialisation: null (random), "imagenet" (keras.applications
             backbones only; needs the Keras weight cache or network access) or a path to a
@@ -80,7 +84,8 @@ class ModelConfig:
             localisation for small inputs and objects at little cost).
         num_classes: number of object categories C (heatmap channels).
         input_size: square training/inference input size in pixels (a multiple of 32).
-        head_conv: channels of each head's 3x3 conv (256 in the paper's DLA-34 setting).
+        head_conv: channels of each head's 3x3 conv (256 in the paper's DLA-34 setting); for
+            fcos also the width of the FPN and of its towers (256 in FCOS).
         head_type: "conv" (the paper's 3x3 conv) or "separable" (depthwise 3x3 + pointwise 1x1:
             about 1/8 of the cost at 96 input channels; for the edge config, whose four dense
             heads at stride 4 otherwise cost twice its backbone).
@@ -95,11 +100,18 @@ class ModelConfig:
         assembly: "box" (each mask on an M x M grid over its box: fixed-size outputs, what the
             exports carry) or "native" (each mask at output-map resolution inside its box, the
             paper's h x w Local Shape times the saliency crop), in the loss and in evaluation.
-        max_detections: K, peaks kept by decoding.
+        max_detections: K, peaks (fcos: detections after NMS) kept by decoding.
         score_threshold: detections below this score are dropped.
         mask_threshold: mask probability above which a pixel belongs to the instance.
+        tower_convs: fcos: 3x3 conv + GroupNorm + ReLU layers in each head tower (4 in FCOS).
+        pre_nms_top_k: fcos: candidates kept per pyramid level before NMS (1000 in FCOS).
+        nms_iou_threshold: fcos: class-wise NMS IoU threshold (0.6 in FCOS).
+        mask_samples: fcos: positive locations per image the mask loss assembles masks at
+            (those with the highest centerness targets); the CenterNet variant uses one per
+            object, its centre.
     """
 
+    type: str = _choice("centernet", ("centernet", "fcos"))
     backbone: str = _choice("resnet18", BACKBONES)
     weights: Optional[str] = None
     width_multiplier: float = _bounded(1.0, above=0)
@@ -116,8 +128,14 @@ class ModelConfig:
     max_detections: int = _bounded(100, low=1)
     score_threshold: float = _bounded(0.05, low=0, high=1)
     mask_threshold: float = _bounded(0.4, low=0, high=1)
+    tower_convs: int = _bounded(4, low=0)
+    pre_nms_top_k: int = _bounded(1000, low=1)
+    nms_iou_threshold: float = _bounded(0.6, above=0, high=1)
+    mask_samples: int = _bounded(64, low=1)
 
     def validate(self):
+        if self.type == "fcos":
+            self._validate_fcos()
         if self.input_size % 32:
             raise ConfigError(
                 f"model.input_size={self.input_size} must be a multiple of 32 "
@@ -132,6 +150,20 @@ class ModelConfig:
             raise ConfigError(
                 f"model.neck=skip applies to the ResNet backbones; {self.backbone} fuses its stages "
                 "in its own neck. Remove model.neck or set it to deconv."
+            )
+
+    def _validate_fcos(self):
+        if self.backbone not in ("resnet18", "resnet50", "resnet101"):
+            raise ConfigError(
+                f"model.type=fcos builds its feature pyramid on resnet18, resnet50 or resnet101; "
+                f"got model.backbone={self.backbone}."
+            )
+        if self.neck != "deconv":
+            raise ConfigError("model.neck applies to model.type=centernet (fcos has its FPN); remove model.neck.")
+        if self.assembly != "box":
+            raise ConfigError(
+                "model.type=fcos assembles masks on each box's M x M grid: remove model.assembly or "
+                "set it to box."
             )
 
 
@@ -215,10 +247,13 @@ class TrainConfig:
         clipnorm: global gradient-norm clipping; null disables.
         ema_decay: exponential moving average of weights; null disables.
         mixed_precision: null, "mixed_float16" or "mixed_bfloat16".
-        heatmap_weight: lambda_p.
-        offset_weight: lambda_off.
-        size_weight: lambda_size.
+        heatmap_weight: centernet: lambda_p.
+        offset_weight: centernet: lambda_off.
+        size_weight: centernet: lambda_size.
         mask_weight: lambda_mask.
+        classification_weight: fcos: the sigmoid focal loss (alpha 0.25, gamma 2) weight.
+        centerness_weight: fcos: the centerness BCE weight.
+        box_weight: fcos: the GIoU box loss weight.
         saliency_weight: weight of a per-pixel BCE of the saliency map against the union of
             the instance masks (per class for class-specific saliency); the paper reports
             +0.5 AP from this supervision. 0 (default) trains the saliency through the mask
@@ -243,6 +278,9 @@ class TrainConfig:
     size_weight: float = _bounded(0.1, low=0)
     mask_weight: float = _bounded(1.0, low=0)
     saliency_weight: float = _bounded(0.0, low=0)
+    classification_weight: float = _bounded(1.0, low=0)
+    centerness_weight: float = _bounded(1.0, low=0)
+    box_weight: float = _bounded(1.0, low=0)
     seed: int = _bounded(0, low=0)
 
     def validate(self):
@@ -302,6 +340,8 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.model, self.data, self.train):
             section.validate()
+        if self.model.type == "fcos" and self.eval.flip_test:
+            raise ConfigError("eval.flip_test is implemented for model.type=centernet; set eval.flip_test: false.")
         return self
 
     def to_dict(self) -> dict:

@@ -19,7 +19,10 @@ _INFERENCE_NETWORKS = weakref.WeakKeyDictionary()
 
 def inference_network(network):
     """`network` with the Shape head's input features (`shape_features`) in place of its dense
-    `[B, H, W, S*S]` output, sharing every layer and weight. Built once per network."""
+    `[B, H, W, S*S]` output, sharing every layer and weight. Built once per network. A
+    CenterMask-FCOS network (its Shape conv is shared by five levels) is returned as it is."""
+    if "classification" in network.output:
+        return network
     if network not in _INFERENCE_NETWORKS:
         names = [layer.name for layer in network.layers]
         outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from centermask_tf.config import Config, config_from_dict
 from centermask_tf.decode import CenterMaskDecoder, inference_network
+from centermask_tf.fcos_decode import FcosDecoder
 from centermask_tf.errors import UserError
 from centermask_tf.losses import compute_losses, loss_names
 from centermask_tf.model.centermask import build_model, network_factors
@@ -76,14 +77,15 @@ class CenterMask(keras.Model):
                 f"which a network trained with mask_factors={trained} does not have; use "
                 f"model.mask_factors={trained}."
             )
-        self.decoder = CenterMaskDecoder.from_model_config(model)
+        self.decoder = (FcosDecoder if model.type == "fcos" else CenterMaskDecoder).from_model_config(model)
         train = self.config.train
         self.loss_weights = {
             "heatmap": train.heatmap_weight, "offset": train.offset_weight, "size": train.size_weight,
-            "mask": train.mask_weight, "saliency": train.saliency_weight,
+            "classification": train.classification_weight, "centerness": train.centerness_weight,
+            "box": train.box_weight, "mask": train.mask_weight, "saliency": train.saliency_weight,
         }
         self.loss_trackers = {
-            name: keras.metrics.Mean(name=f"{name}_loss") for name in loss_names(self.loss_weights)
+            name: keras.metrics.Mean(name=f"{name}_loss") for name in loss_names(self.loss_weights, model.type)
         }
         self._detect_canvases = None
         self.built = True  # the functional network is built; the rest holds no weights

@@ -1,5 +1,6 @@
 """CenterMask losses: focal heatmap loss, L1 offset/size, mask BCE on assembled masks, and an
-optional per-pixel saliency BCE.
+optional per-pixel saliency BCE; for CenterMask-FCOS (`compute_fcos_losses`) FCOS's sigmoid
+focal classification loss, centerness BCE and GIoU box loss in place of the first three.
 
 Every term is normalised by the number of objects in the batch (at least 1, so an image with no
 objects gives finite values) and computed in float32 with clamped logs, so it is also stable when
@@ -10,18 +11,26 @@ import tensorflow as tf
 
 from centermask_tf.model.assembly import assemble_box_masks, assemble_masks, inside_boxes, paste_masks
 from centermask_tf.model.centermask import INTERMEDIATE
-from centermask_tf.ops import centre_to_corners, gather_at, unflatten_index
+from centermask_tf.model.fcos import SALIENCY_STRIDE
+from centermask_tf.ops import centre_to_corners, corners_to_centre, gather_at, unflatten_index
 
 # CenterNet clamps probabilities to [1e-4, 1 - 1e-4] before taking logs.
 _EPS = 1e-4
 
 LOSS_NAMES = ("heatmap", "offset", "size", "mask", "saliency")
 PAPER_WEIGHTS = {"heatmap": 1.0, "offset": 1.0, "size": 0.1, "mask": 1.0, "saliency": 0.0}
+FCOS_LOSS_NAMES = ("classification", "centerness", "box", "mask", "saliency")
+# FCOS weighs its three terms equally; the mask term as CenterMask's.
+FCOS_WEIGHTS = {"classification": 1.0, "centerness": 1.0, "box": 1.0, "mask": 1.0, "saliency": 0.0}
+# RetinaNet/FCOS sigmoid focal loss parameters.
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 
 
-def loss_names(weights):
-    """The terms computed for `weights`: the saliency BCE only when its weight is above 0."""
-    return [name for name in LOSS_NAMES if name != "saliency" or weights.get(name, 0.0) > 0]
+def loss_names(weights, model_type="centernet"):
+    """The terms computed for `weights` and a `model.type`: the saliency BCE only when its
+    weight is above 0."""
+    names = FCOS_LOSS_NAMES if model_type == "fcos" else LOSS_NAMES
+    return [name for name in names if name != "saliency" or weights.get(name, 0.0) > 0]
 
 
 def focal_loss(logits, target, normalizer):
@@ -80,14 +89,16 @@ def mask_loss(outputs, targets, normalizer):
     return tf.reduce_sum(per_instance * targets["valid"]) / normalizer
 
 
-def saliency_target(targets, height, width, channels):
+def saliency_target(targets, height, width, channels, boxes=None):
     """`[B, H, W, channels]` 0/1 map: the union of the instance masks (one channel per class
     when `channels` > 1): the output-resolution `map_masks` when the targets have them, else
-    the box-relative mask targets pasted onto the output map."""
+    the box-relative mask targets pasted onto the output map at `boxes` (ymin, xmin, ymax,
+    xmax in output pixels; default: the CenterNet targets' boxes)."""
     if "map_masks" in targets:
         inside = tf.cast(targets["map_masks"], tf.float32)
     else:
-        boxes = centre_to_corners(ground_truth_boxes(targets, width))
+        if boxes is None:
+            boxes = centre_to_corners(ground_truth_boxes(targets, width))
         pasted = paste_masks(tf.cast(targets["masks"], tf.float32), boxes, height, width)  # [B, M, H, W]
         inside = tf.cast(pasted >= 0.5, tf.float32)
     inside *= targets["valid"][..., None, None]
@@ -104,19 +115,25 @@ def saliency_target(targets, height, width, channels):
     return tf.transpose(per_class, [0, 2, 3, 1])
 
 
-def saliency_loss(outputs, targets):
+def saliency_loss(outputs, targets, boxes=None):
     """Per-pixel BCE of the saliency map against `saliency_target`, averaged over pixels."""
     logits = tf.cast(outputs["saliency"], tf.float32)
     _, height, width, channels = logits.shape
-    truth = saliency_target(targets, height, width, channels)
+    truth = saliency_target(targets, height, width, channels, boxes)
     return tf.reduce_mean(_bce(tf.sigmoid(logits), truth))
+
+
+def _check_saliency(outputs):
+    if "saliency" not in outputs:
+        raise ValueError("train.saliency_weight > 0 needs a Saliency head (model.mask_factors both or saliency).")
 
 
 def compute_losses(outputs, targets, weights=None):
     """All loss terms and their weighted sum.
 
     Args:
-        outputs: the model's dict of head outputs (batched).
+        outputs: the model's dict of head outputs (batched); a CenterMask-FCOS network's go to
+            `compute_fcos_losses`.
         targets: a batch of `encode_targets` dicts.
         weights: `LOSS_NAMES` -> lambda; defaults to `PAPER_WEIGHTS` (1, 1, 0.1, 1, and no
             saliency supervision).
@@ -125,6 +142,8 @@ def compute_losses(outputs, targets, weights=None):
         {"heatmap", "offset", "size", "mask", ["saliency",] "total"} scalar float32 tensors,
         each summed over the stacks of a stacked network.
     """
+    if "classification" in outputs:
+        return compute_fcos_losses(outputs, targets, weights)
     weights = {**PAPER_WEIGHTS, **(weights or {})}
     valid = tf.cast(targets["valid"], tf.float32)
     normalizer = tf.maximum(tf.reduce_sum(valid), 1.0)
@@ -147,8 +166,7 @@ def _stack_losses(outputs, targets, weights, valid, normalizer):
         "mask": mask_loss(outputs, targets, normalizer),
     }
     if "saliency" in loss_names(weights):
-        if "saliency" not in outputs:
-            raise ValueError("train.saliency_weight > 0 needs a Saliency head (model.mask_factors both or saliency).")
+        _check_saliency(outputs)
         losses["saliency"] = saliency_loss(outputs, targets)
     return losses
 
@@ -165,3 +183,68 @@ def giou_loss(predicted, target):
     enclosing = (tf.maximum(pl, tl) + tf.maximum(pr, tr)) * (tf.maximum(pt, tt) + tf.maximum(pb, tb))
     giou = intersection / tf.maximum(union, 1e-9) - (enclosing - union) / tf.maximum(enclosing, 1e-9)
     return 1.0 - giou
+
+
+def sigmoid_focal_loss(logits, labels):
+    """RetinaNet's sigmoid focal loss (alpha 0.25, gamma 2), summed: `[..., C]` logits and
+    `[...]` int labels (-1: background, every class negative)."""
+    logits = tf.cast(logits, tf.float32)
+    truth = tf.one_hot(labels, logits.shape[-1], dtype=tf.float32)  # -1 -> all zeros
+    prob = tf.sigmoid(logits)
+    p_true = prob * truth + (1.0 - prob) * (1.0 - truth)
+    alpha = FOCAL_ALPHA * truth + (1.0 - FOCAL_ALPHA) * (1.0 - truth)
+    cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(labels=truth, logits=logits)
+    return tf.reduce_sum(alpha * tf.pow(1.0 - p_true, FOCAL_GAMMA) * cross_entropy)
+
+
+def _fcos_mask_loss(outputs, targets, boxes):
+    """BCE of masks assembled at the sampled positive locations (their own Shape vector, their
+    object's box and saliency crop) against the objects' box-relative masks, averaged over the
+    samples. `boxes`: `[B, M, 4]` (cy, cx, h, w) in saliency-map pixels."""
+    slots = targets["sample_slots"]
+    sample_boxes = tf.gather(boxes, slots, batch_dims=1)
+    truth = tf.cast(tf.gather(targets["masks"], slots, batch_dims=1), tf.float32)  # [B, Q, P, P]
+    shape_vectors = None
+    if "shape" in outputs:
+        shape_vectors = tf.gather(outputs["shape"], targets["sample_locations"], batch_dims=1)
+    saliency = outputs.get("saliency")
+    classes = None
+    if saliency is not None and saliency.shape[-1] > 1:
+        classes = tf.gather(targets["classes"], slots, batch_dims=1)
+    prob = assemble_box_masks(shape_vectors, sample_boxes, saliency, truth.shape[-1], classes)
+    per_sample = tf.reduce_mean(_bce(prob, truth), axis=[2, 3])
+    valid = targets["sample_valid"]
+    return tf.reduce_sum(per_sample * valid) / tf.maximum(tf.reduce_sum(valid), 1.0)
+
+
+def compute_fcos_losses(outputs, targets, weights=None):
+    """CenterMask-FCOS's loss terms and their weighted sum.
+
+    - classification: sigmoid focal loss over every location and class, per positive;
+    - centerness: BCE on the positives' centerness logits, per positive;
+    - box: 1 - GIoU at the positives, weighted by their centerness targets (FCOS);
+    - mask: `_fcos_mask_loss`; saliency: `saliency_loss` when its weight is above 0.
+
+    Args:
+        outputs: a `build_fcos_model` network's outputs.
+        targets: a batch of `encode_fcos_targets` dicts.
+        weights: `FCOS_LOSS_NAMES` -> weight; defaults to `FCOS_WEIGHTS`.
+    """
+    weights = {**FCOS_WEIGHTS, **(weights or {})}
+    positive = tf.cast(targets["labels"] >= 0, tf.float32)  # [B, L]
+    positives = tf.maximum(tf.reduce_sum(positive), 1.0)
+    centerness = targets["centerness"]
+    centerness_bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=centerness, logits=outputs["centerness"][..., 0])
+    giou = giou_loss(tf.cast(outputs["box"], tf.float32), targets["ltrb"])
+    boxes = corners_to_centre(targets["boxes"]) / SALIENCY_STRIDE
+    losses = {
+        "classification": sigmoid_focal_loss(outputs["classification"], targets["labels"]) / positives,
+        "centerness": tf.reduce_sum(centerness_bce * positive) / positives,
+        "box": tf.reduce_sum(giou * centerness * positive) / tf.maximum(tf.reduce_sum(centerness * positive), 1e-6),
+        "mask": _fcos_mask_loss(outputs, targets, boxes),
+    }
+    if "saliency" in loss_names(weights, "fcos"):
+        _check_saliency(outputs)
+        losses["saliency"] = saliency_loss(outputs, targets, centre_to_corners(boxes))
+    losses["total"] = tf.add_n([weights[name] * value for name, value in losses.items()])
+    return losses

@@ -13,6 +13,7 @@ The workdir (layout, epoch commits, resume and refusals) is described in `workdi
 """
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import tensorflow as tf
 
 from centermask_tf import files
 from centermask_tf.data.coco import DataError
+from centermask_tf.data.fcos_targets import encode_fcos_targets
 from centermask_tf.errors import MissingError, UserError
 from centermask_tf.losses import compute_losses
 from centermask_tf.workdir import Workdir, WorkdirError
@@ -299,16 +301,24 @@ def config_train_dataset(config, builder):
     from centermask_tf.data.pipeline import train_dataset
     from centermask_tf.model.centermask import OUTPUT_STRIDE
 
+    model = config.model
+    encode = None
+    if model.type == "fcos":
+        encode = functools.partial(
+            encode_fcos_targets, input_size=model.input_size, max_instances=config.data.max_instances,
+            mask_size=model.mask_size, mask_samples=model.mask_samples,
+        )
     return train_dataset(
         builder,
         config.data,
-        input_size=config.model.input_size,
-        num_classes=config.model.num_classes,
-        mask_size=config.model.mask_size,
+        input_size=model.input_size,
+        num_classes=model.num_classes,
+        mask_size=model.mask_size,
         batch_size=config.train.batch_size,
         stride=OUTPUT_STRIDE,
         seed=config.train.seed,
-        map_masks=config.model.assembly == "native",
+        map_masks=model.assembly == "native",
+        encode=encode,
     )
 
 

@@ -13,10 +13,16 @@ min(t, b) / max(t, b)).
 
 Locations are listed level by level, row-major, each at (stride // 2 + stride * i) as FCOS
 places them; `fcos_locations` returns them with their level's stride and range.
+
+`encode_fcos_targets` is the training-target contract of CenterMask-FCOS (`fcos_target_spec`):
+the per-location FCOS targets, the objects' slots (as the CenterNet variant's, for the mask
+loss) and the positive locations the mask loss assembles masks at.
 """
 
 import numpy as np
 import tensorflow as tf
+
+from centermask_tf.data.targets import box_relative_masks, target_instances
 
 FCOS_STRIDES = (8, 16, 32, 64, 128)
 FCOS_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, float("inf")))
@@ -88,3 +94,81 @@ def fcos_targets(boxes, classes, valid, input_size, strides=FCOS_STRIDES, ranges
         "centerness": tf.where(positive, tf.sqrt(tf.maximum(ratio, 0.0)), 0.0),
         "matched": matched,
     }
+
+
+def num_locations(input_size, strides=FCOS_STRIDES):
+    """L, the number of locations over all levels of a square `input_size` canvas."""
+    return sum((-(-input_size // stride)) ** 2 for stride in strides)
+
+
+def fcos_target_spec(input_size, max_instances=128, mask_size=32, mask_samples=64):
+    """`tf.TensorSpec`s of one image's CenterMask-FCOS targets (L = `num_locations`, M slots,
+    Q = `mask_samples`):
+
+    - `labels` int32 `[L]` class of each location, -1 for background;
+    - `ltrb` float32 `[L, 4]` distances to the matched box's sides, input pixels;
+    - `centerness` float32 `[L]`;
+    - `boxes` float32 `[M, 4]` (ymin, xmin, ymax, xmax) input pixels, `classes` int32 `[M]`,
+      `valid` float32 `[M]`, `masks` uint8 `[M, P, P]` (box-relative, as the CenterNet
+      variant's), `dropped` int32 `[]`;
+    - `sample_locations` int32 `[Q]` positive locations for the mask loss, `sample_slots`
+      int32 `[Q]` their object's slot, `sample_valid` float32 `[Q]` 1 for a real sample.
+    """
+    locations, m, q = num_locations(input_size), max_instances, mask_samples
+    return {
+        "labels": tf.TensorSpec([locations], tf.int32),
+        "ltrb": tf.TensorSpec([locations, 4], tf.float32),
+        "centerness": tf.TensorSpec([locations], tf.float32),
+        "boxes": tf.TensorSpec([m, 4], tf.float32),
+        "classes": tf.TensorSpec([m], tf.int32),
+        "valid": tf.TensorSpec([m], tf.float32),
+        "masks": tf.TensorSpec([m, mask_size, mask_size], tf.uint8),
+        "dropped": tf.TensorSpec([], tf.int32),
+        "sample_locations": tf.TensorSpec([q], tf.int32),
+        "sample_slots": tf.TensorSpec([q], tf.int32),
+        "sample_valid": tf.TensorSpec([q], tf.float32),
+    }
+
+
+def encode_fcos_targets(boxes, classes, masks, is_crowd, *, input_size, max_instances=128, mask_size=32,
+                        mask_samples=64):
+    """One image's CenterMask-FCOS training targets (`fcos_target_spec`).
+
+    Args:
+        boxes, classes, masks, is_crowd: as `targets.encode_targets` takes them.
+        input_size: N, the square canvas side.
+        max_instances: M object slots; objects beyond are counted in `dropped`.
+        mask_size: P, side of the box-relative mask targets.
+        mask_samples: Q, positive locations kept for the mask loss: those with the highest
+            centerness target (the best-centred first), at most all positives.
+    """
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    classes = tf.cast(tf.reshape(classes, [-1]), tf.int32)
+    keep_idx, total = target_instances(boxes, tf.cast(tf.reshape(is_crowd, [-1]), tf.bool), max_instances)
+    n = tf.size(keep_idx)
+    pad = max_instances - n
+    slots = {
+        "boxes": tf.pad(tf.gather(boxes, keep_idx), [[0, pad], [0, 0]]),
+        "classes": tf.pad(tf.gather(classes, keep_idx), [[0, pad]]),
+        "valid": tf.pad(tf.ones([n], tf.float32), [[0, pad]]),
+        "masks": tf.pad(box_relative_masks(tf.gather(masks, keep_idx), tf.gather(boxes, keep_idx), mask_size),
+                        [[0, pad], [0, 0], [0, 0]]),
+        "dropped": total - n,
+    }
+    located = fcos_targets(slots["boxes"], slots["classes"], slots["valid"], input_size)
+    positive = located["labels"] >= 0
+    # Positives rank by centerness (+1, so a positive of centerness 0 still ranks above background).
+    k = min(mask_samples, num_locations(input_size))
+    rank, chosen = tf.math.top_k(tf.where(positive, located["centerness"] + 1.0, 0.0), k=k)
+    rank, chosen = tf.pad(rank, [[0, mask_samples - k]]), tf.pad(chosen, [[0, mask_samples - k]])
+    sample_valid = tf.cast(rank > 0, tf.float32)
+    targets = slots | {
+        "labels": located["labels"],
+        "ltrb": located["ltrb"],
+        "centerness": located["centerness"],
+        "sample_locations": chosen * tf.cast(sample_valid, tf.int32),
+        "sample_slots": tf.maximum(tf.gather(located["matched"], chosen), 0),
+        "sample_valid": sample_valid,
+    }
+    spec = fcos_target_spec(input_size, max_instances, mask_size, mask_samples)
+    return {key: tf.ensure_shape(value, spec[key].shape) for key, value in targets.items()}

@@ -195,7 +195,8 @@ def _options(deterministic):
 
 
 def train_dataset(
-    builder, data_config, *, input_size, num_classes, mask_size, batch_size, stride=4, seed=0, map_masks=False
+    builder, data_config, *, input_size, num_classes, mask_size, batch_size, stride=4, seed=0, map_masks=False,
+    encode=None,
 ):
     """Infinite, shuffled, augmented training batches `(images, targets)`.
 
@@ -206,6 +207,9 @@ def train_dataset(
         batch_size: global batch size (a `tf.distribute` strategy splits it).
         seed: base seed for shuffling and augmentation.
         map_masks: also encode output-resolution instance masks (`model.assembly: native`).
+        encode: `(boxes, classes, masks, is_crowd) -> targets` in place of `encode_targets`
+            (CenterMask-FCOS's `encode_fcos_targets`); the arguments above then only size
+            the canvas.
     """
     deterministic = data_config.deterministic
     dataset = builder.as_dataset(split="train", shuffle_files=not deterministic)
@@ -213,11 +217,11 @@ def train_dataset(
 
     def prepare(index, example):
         sample = augment(decode_example(example), input_size, data_config, tf.stack([seed, index]))
+        objects = sample["boxes"], sample["classes"], sample["masks"], sample["is_crowd"]
+        if encode is not None:
+            return sample["image"], encode(*objects)
         targets = encode_targets(
-            sample["boxes"],
-            sample["classes"],
-            sample["masks"],
-            sample["is_crowd"],
+            *objects,
             input_size=input_size,
             num_classes=num_classes,
             max_instances=data_config.max_instances,

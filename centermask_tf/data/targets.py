@@ -81,7 +81,16 @@ def _draw_gaussians(centres, radii, classes, out, num_classes):
     return tf.transpose(tf.maximum(per_class, 0.0), [1, 2, 0])
 
 
-def _box_relative_masks(masks, boxes, mask_size):
+def target_instances(boxes, is_crowd, max_instances):
+    """The objects that get target slots: not crowd regions (never positives), with a box of
+    positive size, the first `max_instances` of them. Returns (their indices, how many
+    qualified: the difference is the `dropped` count)."""
+    keep = tf.logical_not(is_crowd) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep_idx = tf.where(keep)[:, 0]
+    return keep_idx[:max_instances], tf.size(keep_idx)
+
+
+def box_relative_masks(masks, boxes, mask_size):
     """Samples each `[H, W]` mask on a P x P grid of pixel centres spread over its box.
 
     Sample m sits at ymin + (m + 0.5) / P * h, the same grid `assemble_box_masks` uses;
@@ -147,10 +156,7 @@ def encode_targets(
 
     heights = (boxes[:, 2] - boxes[:, 0]) / stride
     widths = (boxes[:, 3] - boxes[:, 1]) / stride
-    keep = (~is_crowd) & (heights > 0) & (widths > 0)
-    keep_idx = tf.where(keep)[:, 0]
-    total = tf.size(keep_idx)
-    keep_idx = keep_idx[:max_instances]
+    keep_idx, total = target_instances(boxes, is_crowd, max_instances)
     n = tf.size(keep_idx)
 
     boxes = tf.gather(boxes, keep_idx)
@@ -167,7 +173,7 @@ def encode_targets(
 
     centres_int = tf.cast(centres_int, tf.int32)
     indices = flat_index(centres_int[:, 0], centres_int[:, 1], out)
-    instance_masks = _box_relative_masks(tf.gather(masks, keep_idx), boxes, mask_size)
+    instance_masks = box_relative_masks(tf.gather(masks, keep_idx), boxes, mask_size)
 
     pad = max_instances - n
     targets = {

@@ -134,7 +134,8 @@ def _deconv_neck(x, width_multiplier, laterals=None):
 # === ResNet-18 (native) ===
 
 
-def _resnet18(x, width_multiplier, skips=False):
+def _resnet18_stages(x, width_multiplier):
+    """The outputs of ResNet-18's four stages, at strides 4, 8, 16 and 32."""
     x = _conv_bn(x, scaled_channels(64, width_multiplier), 7, 2, name="stem")
     x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
     stages = []
@@ -143,7 +144,12 @@ def _resnet18(x, width_multiplier, skips=False):
         x = _basic_block(x, filters, stride, name=f"stage{stage + 1}_block1")
         x = _basic_block(x, filters, 1, name=f"stage{stage + 1}_block2")
         stages.append(x)
-    return _deconv_neck(x, width_multiplier, stages[:3] if skips else None)
+    return stages
+
+
+def _resnet18(x, width_multiplier, skips=False):
+    *laterals, top = _resnet18_stages(x, width_multiplier)
+    return _deconv_neck(top, width_multiplier, laterals if skips else None)
 
 
 # === DLA-34 (native) with IDA-up ===
@@ -306,7 +312,26 @@ def _mobilenet_neck(features, width_multiplier):
     return x
 
 
-# === Entry point ===
+# === Entry points ===
+
+
+def _check_weights(name, weights):
+    if name not in _NORMALIZATION:
+        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(_NORMALIZATION)}.")
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise BackboneWeightsError(f"model.weights: file '{weights}' does not exist.")
+    if weights == "imagenet" and name not in _KERAS_APPLICATIONS:
+        raise BackboneWeightsError(
+            f"model.weights=imagenet: keras.applications has no ImageNet weights for {name}. "
+            "Set model.weights: null to train from scratch (as the paper does), or to the path "
+            f"of a .weights.h5 file saved from this backbone (`backbone.save_weights`)."
+        )
+
+
+def _load_own_weights(backbone, name, weights):
+    if weights not in (None, "imagenet") and name not in _KERAS_APPLICATIONS:
+        backbone.load_weights(weights)
+    return backbone
 
 
 def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="deconv"):
@@ -325,16 +350,7 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
         raise ValueError(f"Unknown neck {neck!r}; choose 'deconv' or 'skip'.")
     if neck == "skip" and not name.startswith("resnet"):
         raise ValueError(f"neck='skip' applies to the ResNet backbones; {name} fuses its stages already.")
-    if name not in _NORMALIZATION:
-        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(_NORMALIZATION)}.")
-    if weights not in (None, "imagenet") and not os.path.isfile(weights):
-        raise BackboneWeightsError(f"model.weights: file '{weights}' does not exist.")
-    if weights == "imagenet" and name not in _KERAS_APPLICATIONS:
-        raise BackboneWeightsError(
-            f"model.weights=imagenet: keras.applications has no ImageNet weights for {name}. "
-            "Set model.weights: null to train from scratch (as the paper does), or to the path "
-            f"of a .weights.h5 file saved from this backbone (`backbone.save_weights`)."
-        )
+    _check_weights(name, weights)
 
     images = keras.Input((input_size, input_size, 3), name="images")
     x = ImageNormalization(_NORMALIZATION[name], name="normalize")(images)
@@ -355,7 +371,27 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
                 features = _deconv_neck(top, width_multiplier, laterals)
         else:
             features = _deconv_neck(app(x), width_multiplier)
-    backbone = keras.Model(images, features, name=f"{name}_backbone")
-    if weights not in (None, "imagenet") and name not in _KERAS_APPLICATIONS:
-        backbone.load_weights(weights)
-    return backbone
+    return _load_own_weights(keras.Model(images, features, name=f"{name}_backbone"), name, weights)
+
+
+# The backbones FCOS's feature pyramid takes its C3-C5 from.
+PYRAMID_BACKBONES = ("resnet18", "resnet50", "resnet101")
+
+
+def build_pyramid_backbone(name, input_size, width_multiplier=1.0, weights=None):
+    """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to the ResNet's last stage
+    outputs at strides 8, 16 and 32 (C3, C4, C5), which an FPN builds on (CenterMask-FCOS).
+
+    Args: as `build_backbone`; `name` one of `PYRAMID_BACKBONES`.
+    """
+    if name not in PYRAMID_BACKBONES:
+        raise ValueError(f"The FCOS feature pyramid builds on {', '.join(PYRAMID_BACKBONES)}; got {name!r}.")
+    _check_weights(name, weights)
+    images = keras.Input((input_size, input_size, 3), name="images")
+    x = ImageNormalization(_NORMALIZATION[name], name="normalize")(images)
+    if name == "resnet18":
+        stages = _resnet18_stages(x, width_multiplier)[1:]
+    else:
+        app = _application(name, input_size, weights, width_multiplier)
+        stages = keras.Model(app.inputs, _feature_taps(app, input_size, (8, 16, 32)), name=f"{name}_features")(x)
+    return _load_own_weights(keras.Model(images, list(stages), name=f"{name}_pyramid_backbone"), name, weights)

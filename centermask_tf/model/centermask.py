@@ -11,7 +11,8 @@ INTERMEDIATE = "intermediate"
 
 
 def build_model(config) -> keras.Model:
-    """A functional `keras.Model` from images to the five raw head outputs.
+    """A functional `keras.Model` from images to the five raw head outputs (for `model.type:
+    fcos`, `fcos.build_fcos_model`'s outputs).
 
     Args:
         config: a `ModelConfig` (or a full `Config`, whose `.model` is used).
@@ -25,6 +26,10 @@ def build_model(config) -> keras.Model:
         `intermediate`: the same dict for each earlier stack.
     """
     config = getattr(config, "model", config)
+    if config.type == "fcos":
+        from centermask_tf.model.fcos import build_fcos_model
+
+        return build_fcos_model(config)
     backbone = build_backbone(
         config.backbone, config.input_size, config.width_multiplier, config.weights, config.neck
     )

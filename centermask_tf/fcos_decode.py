@@ -1,0 +1,183 @@
+"""CenterMask-FCOS outputs -> detections, in-graph: top-K per level, box decoding, class-wise
+NMS, then masks assembled as the CenterNet variant's (`assembly.assemble_box_masks`).
+
+The outputs have the same keys, shapes and meaning as `decode.decode_detections`' (`boxes`,
+`scores`, `classes`, `masks`, `num_detections`, `centres`), so evaluation, `detect` and the
+exports take either variant unchanged.
+
+NMS is `NonMaxSuppressionV4` (greedy, padded to a static K), which the TFLite converter lowers
+to its NON_MAX_SUPPRESSION_V4 builtin (XLA has a kernel for it too); classes are kept apart by
+shifting each class's boxes to a region of their own (`class_wise_nms`), so one NMS call per
+image serves every class.
+"""
+
+import keras
+import tensorflow as tf
+
+from centermask_tf.data.fcos_targets import FCOS_STRIDES, fcos_locations
+from centermask_tf.model.assembly import assemble_box_masks
+from centermask_tf.model.fcos import SALIENCY_STRIDE
+from centermask_tf.ops import corners_to_centre
+
+
+def class_wise_nms(boxes, scores, classes, max_output, iou_threshold, score_threshold, extent):
+    """Greedy NMS of each image's candidates, suppressing only within a class.
+
+    Args:
+        boxes: `[B, T, 4]` (ymin, xmin, ymax, xmax) within [0, extent].
+        scores: `[B, T]`; classes: `[B, T]` int32.
+        max_output: K, the most boxes kept per image.
+        iou_threshold: a box overlapping a kept box of its class by more is suppressed.
+        score_threshold: boxes scoring at most this are never kept.
+        extent: the largest coordinate (the canvas side); class c's boxes move by c * (extent
+            + 1), so boxes of different classes never overlap.
+
+    Returns:
+        (`[B, K]` int32 indices into T, highest score first, padded with 0; `[B]` int32 count
+        of real entries).
+    """
+    shifted = boxes + (tf.cast(classes, tf.float32) * (extent + 1.0))[..., None]
+
+    def one_image(args):
+        image_boxes, image_scores = args
+        selected, count = tf.raw_ops.NonMaxSuppressionV4(
+            boxes=image_boxes, scores=image_scores, max_output_size=max_output,
+            iou_threshold=iou_threshold, score_threshold=score_threshold, pad_to_max_output_size=True,
+        )
+        return selected, count
+
+    return tf.map_fn(
+        one_image, (shifted, scores),
+        fn_output_signature=(tf.TensorSpec([max_output], tf.int32), tf.TensorSpec([], tf.int32)),
+    )
+
+
+def _level_candidates(scores, input_size, pre_nms_top_k):
+    """The `pre_nms_top_k` best (location, class) pairs of each level: (scores, locations,
+    classes), each `[B, T]`, levels concatenated."""
+    num_classes = scores.shape[-1]
+    batch = tf.shape(scores)[0]
+    start, picked = 0, []
+    for stride in FCOS_STRIDES:
+        count = (-(-input_size // stride)) ** 2
+        flat = tf.reshape(scores[:, start : start + count], [batch, count * num_classes])
+        top, index = tf.math.top_k(flat, k=min(pre_nms_top_k, count * num_classes))
+        picked.append((top, start + index // num_classes, index % num_classes))
+        start += count
+    return [tf.concat(parts, axis=1) for parts in zip(*picked)]
+
+
+def decode_fcos(outputs, *, input_size, max_detections=100, score_threshold=0.05, mask_size=32,
+                mask_factors="both", pre_nms_top_k=1000, nms_iou_threshold=0.6):
+    """Decodes a batch of `build_fcos_model` outputs.
+
+    A location's score for a class is sqrt(sigmoid(classification) * sigmoid(centerness))
+    (FCOS ranks by the product; the square root keeps it on the classification's scale, as
+    later FCOS releases report it). Arguments and returns as `decode.decode_detections`
+    (box-relative M x M masks); `input_size` is the canvas side N.
+    """
+    classification = tf.sigmoid(tf.cast(outputs["classification"], tf.float32))  # [B, L, C]
+    centerness = tf.sigmoid(tf.cast(outputs["centerness"], tf.float32))  # [B, L, 1]
+    candidates, locations, classes = _level_candidates(
+        tf.sqrt(classification * centerness), input_size, pre_nms_top_k
+    )
+    points = tf.constant(fcos_locations(input_size)[0])  # [L, 2] (y, x)
+    y, x = tf.unstack(tf.gather(points, locations), axis=-1)  # [B, T]
+    left, top, right, bottom = tf.unstack(tf.gather(tf.cast(outputs["box"], tf.float32), locations, batch_dims=1), axis=-1)
+    boxes = tf.clip_by_value(tf.stack([y - top, x - left, y + bottom, x + right], axis=-1), 0.0, float(input_size))
+
+    k = min(max_detections, candidates.shape[1])
+    selected, count = class_wise_nms(
+        boxes, candidates, classes, k, nms_iou_threshold, score_threshold, float(input_size)
+    )
+    keep = tf.cast(tf.range(k)[None, :] < count[:, None], tf.float32)  # [B, K]
+    boxes = tf.gather(boxes, selected, batch_dims=1)
+    scores = tf.gather(candidates, selected, batch_dims=1)
+    classes = tf.gather(classes, selected, batch_dims=1)
+    locations = tf.gather(locations, selected, batch_dims=1)
+    centres = corners_to_centre(boxes) / SALIENCY_STRIDE  # the saliency map's pixels
+
+    shape_vectors = saliency = mask_classes = None
+    if mask_factors in ("both", "shape"):
+        shape_vectors = tf.gather(outputs["shape"], locations, batch_dims=1)  # [B, K, S*S]
+    if mask_factors in ("both", "saliency"):
+        saliency = outputs["saliency"]
+        mask_classes = classes if saliency.shape[-1] > 1 else None
+    masks = assemble_box_masks(shape_vectors, centres, saliency, mask_size, mask_classes)
+    return {
+        "boxes": boxes * keep[..., None],
+        "scores": scores * keep,
+        "classes": classes * tf.cast(keep, tf.int32),
+        "masks": masks * keep[..., None, None],
+        "num_detections": count,
+        "centres": centres * keep[..., None],
+    }
+
+
+@keras.saving.register_keras_serializable(package="centermask")
+class FcosDecoder(keras.layers.Layer):
+    """CenterMask-FCOS outputs -> detections (`decode_fcos`).
+
+    Args:
+        input_size: N, the square canvas side the network runs at.
+        max_detections: K, detections kept per image after NMS.
+        score_threshold: candidates scoring at most this are not detections.
+        mask_size: M, the side of each box-relative mask.
+        mask_factors: "both", "shape" or "saliency": what each mask is made of.
+        pre_nms_top_k: candidates kept per pyramid level before NMS.
+        nms_iou_threshold: class-wise NMS IoU threshold.
+
+    Example:
+
+    >>> from centermask_tf.data.fcos_targets import num_locations
+    >>> decoder = FcosDecoder(input_size=64, max_detections=5, mask_size=8)
+    >>> L = num_locations(64)
+    >>> outputs = {"classification": tf.zeros([1, L, 3]), "centerness": tf.zeros([1, L, 1]),
+    ...            "box": tf.fill([1, L, 4], 4.0), "shape": tf.zeros([1, L, 64]),
+    ...            "saliency": tf.zeros([1, 16, 16, 1])}
+    >>> decoder(outputs)["masks"].shape
+    TensorShape([1, 5, 8, 8])
+    """
+
+    def __init__(self, input_size, max_detections=100, score_threshold=0.05, mask_size=32,
+                 mask_factors="both", pre_nms_top_k=1000, nms_iou_threshold=0.6, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.input_size = input_size
+        self.max_detections = max_detections
+        self.score_threshold = score_threshold
+        self.mask_size = mask_size
+        self.mask_factors = mask_factors
+        self.pre_nms_top_k = pre_nms_top_k
+        self.nms_iou_threshold = nms_iou_threshold
+
+    @classmethod
+    def from_model_config(cls, model_config, **kwargs):
+        return cls(model_config.input_size, model_config.max_detections, model_config.score_threshold,
+                   model_config.mask_size, model_config.mask_factors, model_config.pre_nms_top_k,
+                   model_config.nms_iou_threshold, **kwargs)
+
+    def call(self, outputs, shape_head=None, mirrored=None):
+        # `shape_head`/`mirrored` are the CenterNet decoder's peak-only Shape head and flip
+        # test; the FCOS network's Shape output is dense and flip test is refused by the config.
+        del shape_head
+        if mirrored is not None:
+            raise ValueError("The flip test is implemented for model.type=centernet only.")
+        return decode_fcos(
+            outputs, input_size=self.input_size, max_detections=self.max_detections,
+            score_threshold=self.score_threshold, mask_size=self.mask_size, mask_factors=self.mask_factors,
+            pre_nms_top_k=self.pre_nms_top_k, nms_iou_threshold=self.nms_iou_threshold,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "input_size": self.input_size,
+            "max_detections": self.max_detections,
+            "score_threshold": self.score_threshold,
+            "mask_size": self.mask_size,
+            "mask_factors": self.mask_factors,
+            "pre_nms_top_k": self.pre_nms_top_k,
+            "nms_iou_threshold": self.nms_iou_threshold,
+        }
+
