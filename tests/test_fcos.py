@@ -1,10 +1,29 @@
 """CenterMask-FCOS pieces against numpy references and hand computations (issue 14)."""
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from centermask_tf.data.fcos_targets import CENTRE_RADIUS, FCOS_RANGES, FCOS_STRIDES, fcos_locations, fcos_targets
-from centermask_tf.losses import giou_loss
+from centermask_tf.config import load_config
+from centermask_tf.data.fcos_targets import (
+    CENTRE_RADIUS,
+    FCOS_RANGES,
+    FCOS_STRIDES,
+    encode_fcos_targets,
+    fcos_locations,
+    fcos_target_spec,
+    fcos_targets,
+    num_locations,
+)
+from centermask_tf.fcos_decode import FcosDecoder, class_wise_nms
+from centermask_tf.losses import compute_fcos_losses, giou_loss, sigmoid_focal_loss
+from centermask_tf.model.assembly import assemble_box_masks
+from centermask_tf.model.centermask import build_model, network_factors
+from centermask_tf.model.fcos import LevelScale
+from tests.helpers import run_layer_test
+
+CONFIG = "configs/shapes_fcos_tiny.yaml"
 
 SIZE = 256
 
@@ -96,3 +115,179 @@ def test_giou_loss_equals_hand_computation():
     predicted = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [2, 3, 4, 5]], np.float32)
     target = np.array([[2, 1, 0, 1], [0, 0, 2, 2], [2, 3, 4, 5]], np.float32)
     np.testing.assert_allclose(giou_loss(predicted, target).numpy(), [2 / 3, 1 - (1 / 7 - 2 / 9), 0.0], atol=1e-6)
+
+
+def reference_nms(boxes, scores, classes, max_output, iou_threshold, score_threshold):
+    """Greedy class-wise NMS of one image, one box at a time: kept indices, best first."""
+    def iou(a, b):
+        inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union
+
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        if scores[i] <= score_threshold or len(kept) == max_output:
+            break
+        if all(classes[j] != classes[i] or iou(boxes[i], boxes[j]) <= iou_threshold for j in kept):
+            kept.append(i)
+    return kept
+
+
+def test_class_wise_nms_equals_the_numpy_reference(rng):
+    """Two images of 300 clustered, heavily overlapping boxes in 3 classes."""
+    batch, count, size = 2, 300, 128.0
+    centres = rng.uniform(20, 108, (batch, 12, 2))[:, rng.integers(0, 12, count)] + rng.normal(0, 3, (batch, count, 2))
+    half = rng.uniform(4, 20, (batch, count, 2))
+    boxes = np.clip(np.concatenate([centres - half, centres + half], -1), 0, size).astype(np.float32)
+    scores = rng.uniform(0, 1, (batch, count)).astype(np.float32)
+    classes = rng.integers(0, 3, (batch, count)).astype(np.int32)
+    selected, counts = class_wise_nms(boxes, scores, classes, 50, 0.6, 0.05, size)
+    for b in range(batch):
+        expected = reference_nms(boxes[b], scores[b], classes[b], 50, 0.6, 0.05)
+        assert 10 < len(expected) < 50 or len(expected) == 50
+        assert int(counts[b]) == len(expected)
+        np.testing.assert_array_equal(selected[b, : len(expected)].numpy(), expected)
+
+
+def test_nms_suppresses_within_a_class_only():
+    box = [10.0, 10.0, 40.0, 40.0]
+    boxes = np.array([[box, [11.0, 10.0, 41.0, 40.0], box]], np.float32)  # IoU 0.94 with the first
+    scores = np.array([[0.9, 0.8, 0.7]], np.float32)
+    selected, count = class_wise_nms(boxes, scores, np.array([[0, 0, 1]], np.int32), 3, 0.6, 0.05, 64.0)
+    assert int(count[0]) == 2 and selected[0, :2].numpy().tolist() == [0, 2]
+
+
+def planted_outputs(size=64, classes=3, cells=4):
+    """Outputs of a 64-px network with detections planted on P3: location (row 3, col 4) (point
+    (28, 36)) class 1, and beside it (3, 5) the same class with a box IoU ~0.9 and a lower score,
+    and (4, 4) class 2 with the first's box. Everything else scores sigmoid(-8)."""
+    total = num_locations(size)
+    logits = np.full((1, total, classes), -8.0, np.float32)
+    centerness = np.zeros((1, total, 1), np.float32)
+    box = np.full((1, total, 4), 2.0, np.float32)
+    shape = np.random.default_rng(1).normal(0, 2, (1, total, cells * cells)).astype(np.float32)
+    side = size // 8
+    first, beside, below = 3 * side + 4, 3 * side + 5, 4 * side + 4
+    logits[0, first, 1], logits[0, beside, 1], logits[0, below, 2] = 4.0, 3.0, 2.0
+    box[0, first] = [10.0, 6.0, 14.0, 18.0]  # (l, t, r, b) -> (22, 26, 46, 50) around (28, 36)
+    box[0, beside] = [19.0, 6.0, 5.0, 18.0]  # x 44: (22, 25, 46, 49)
+    box[0, below] = [10.0, 14.0, 14.0, 10.0]  # y 36: the first's box
+    saliency = np.random.default_rng(2).normal(0, 1, (1, size // 4, size // 4, 1)).astype(np.float32)
+    outputs = {"classification": logits, "centerness": centerness, "box": box, "shape": shape, "saliency": saliency}
+    return {k: tf.constant(v) for k, v in outputs.items()}, (first, below)
+
+
+def test_decoder_boxes_scores_and_masks_of_planted_detections():
+    outputs, (first, below) = planted_outputs()
+    got = FcosDecoder(input_size=64, max_detections=5, score_threshold=0.05, mask_size=8)(outputs)
+    assert int(got["num_detections"][0]) == 2  # the neighbour of the same class is suppressed
+    np.testing.assert_allclose(got["boxes"][0, :2], [[22, 26, 46, 50], [22, 26, 46, 50]], atol=1e-5)
+    assert got["classes"][0, :2].numpy().tolist() == [1, 2]
+    half = 1 / (1 + np.exp(-0.0))
+    expected_scores = np.sqrt(1 / (1 + np.exp(-np.array([4.0, 2.0]))) * half)
+    np.testing.assert_allclose(got["scores"][0, :2], expected_scores, rtol=1e-6)
+    assert np.all(got["scores"][0, 2:].numpy() == 0) and np.all(got["masks"][0, 2:].numpy() == 0)
+    # Each mask: its own location's Shape vector, the box in saliency pixels (stride 4).
+    centre = tf.constant([[[34 / 4, 38 / 4, 24 / 4, 24 / 4]] * 2])
+    shapes = tf.gather(outputs["shape"], [[first, below]], batch_dims=1)
+    expected = assemble_box_masks(shapes, centre, outputs["saliency"], 8)
+    np.testing.assert_allclose(got["masks"][0, :2], expected[0], atol=1e-6)
+    np.testing.assert_allclose(got["centres"][0, :2], centre[0], atol=1e-6)
+
+
+def test_mask_samples_are_the_best_centred_positives():
+    size = 128
+    boxes = np.array([[10, 10, 50, 60], [60, 60, 120, 100], [0, 0, 0, 9]], np.float32)  # the last: no area
+    masks = np.zeros((3, size, size), np.uint8)
+    masks[0, 10:50, 10:60] = masks[1, 60:120, 60:100] = 1
+    got = encode_fcos_targets(boxes, [0, 2, 1], masks, [False, False, False], input_size=size, max_instances=4,
+                              mask_size=8, mask_samples=32)
+    spec = fcos_target_spec(size, 4, 8, 32)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in got.items()} == {k: (tuple(v.shape), v.dtype) for k, v in spec.items()}
+    located = fcos_targets(got["boxes"], got["classes"], got["valid"], size)
+    labels, centerness, matched = (located[k].numpy() for k in ("labels", "centerness", "matched"))
+    positives = int((labels >= 0).sum())
+    count = int(got["sample_valid"].numpy().sum())
+    assert count == min(32, positives) and positives > 10
+    chosen = got["sample_locations"].numpy()[:count]
+    assert (labels[chosen] >= 0).all()
+    assert np.all(np.diff(centerness[chosen]) <= 0)  # best-centred first
+    assert centerness[chosen].min() >= np.sort(centerness[labels >= 0])[::-1][count - 1]
+    np.testing.assert_array_equal(got["sample_slots"].numpy()[:count], matched[chosen])
+    assert got["valid"].numpy().tolist() == [1, 1, 0, 0] and int(got["dropped"]) == 0
+    np.testing.assert_array_equal(got["masks"][0].numpy(), np.ones((8, 8)))  # a full rectangle in its box
+
+
+def test_sigmoid_focal_loss_equals_hand_computation():
+    """Logits (0, 2) for a class-1 location: class 0 negative at p 0.5 -> 0.75 * 0.5^2 * ln 2;
+    class 1 positive at p = sigmoid(2) -> 0.25 * (1 - p)^2 * -ln p; a background location
+    with logits (0, 0) -> 2 * 0.75 * 0.25 * ln 2."""
+    p = 1 / (1 + np.exp(-2.0))
+    expected = 0.75 * 0.25 * np.log(2) + 0.25 * (1 - p) ** 2 * -np.log(p) + 2 * 0.75 * 0.25 * np.log(2)
+    got = sigmoid_focal_loss(tf.constant([[0.0, 2.0], [0.0, 0.0]]), tf.constant([1, -1]))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+
+
+def test_losses_of_exact_boxes_and_centerness_are_their_minima():
+    """Box outputs equal to the distance targets give GIoU loss 0; the centerness BCE equals its
+    hand computation (logit 0 -> ln 2 per positive, whatever the target)."""
+    size = 64
+    boxes = np.array([[8, 8, 40, 30]], np.float32)
+    masks = np.zeros((1, size, size), np.uint8)
+    masks[0, 8:40, 8:30] = 1
+    targets = encode_fcos_targets(boxes, [1], masks, [False], input_size=size, max_instances=2, mask_size=8,
+                                  mask_samples=8)
+    batch = {k: v[None] for k, v in targets.items()}
+    total = num_locations(size)
+    outputs = {
+        "classification": tf.zeros([1, total, 3]), "centerness": tf.zeros([1, total, 1]),
+        "box": batch["ltrb"], "shape": tf.zeros([1, total, 16]), "saliency": tf.zeros([1, 16, 16, 1]),
+    }
+    losses = compute_fcos_losses(outputs, batch)
+    assert float(losses["box"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses["centerness"]) == pytest.approx(np.log(2), rel=1e-6)
+    # Shape and saliency logits 0: every mask pixel 0.25; BCE against the full rectangle -ln 0.25.
+    assert float(losses["mask"]) == pytest.approx(-np.log(0.25), rel=1e-4)
+    worse = compute_fcos_losses({**outputs, "box": batch["ltrb"] * 1.5}, batch)
+    assert float(worse["box"]) > 0.1
+
+
+def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_path):
+    config = load_config(CONFIG, ["model.input_size=64", "model.head_conv=8", "model.width_multiplier=0.125"])
+    network = build_model(config)
+    outputs = network(np.zeros((2, 64, 64, 3), np.float32))
+    total = num_locations(64)
+    assert {k: tuple(v.shape) for k, v in outputs.items()} == {
+        "classification": (2, total, 3), "centerness": (2, total, 1), "box": (2, total, 4),
+        "shape": (2, total, 256), "saliency": (2, 16, 16, 1),
+    }
+    assert network_factors(network) == "both"
+    assert network_factors(build_model(load_config(CONFIG, ["model.mask_factors=shape"]))) == "shape"
+    layer = LevelScale(stride=16)
+    run_layer_test(layer, [np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 2, 4, 4)], tmp_path)
+    np.testing.assert_allclose(layer(tf.constant([[-1.0, 0.5]])), [[0.0, 8.0]])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbone=dla34", "resnet18, resnet50 or resnet101"),
+    ("model.assembly=native", "model.assembly"),
+    ("eval.flip_test=true", "eval.flip_test"),
+])
+def test_fcos_settings_it_does_not_support_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG, [override])
+
+
+def test_pipeline_yields_fcos_targets(shapes):
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.training import config_train_dataset
+
+    _, overrides = shapes
+    config = load_config(CONFIG, overrides + ["model.mask_samples=16"])
+    images, targets = next(iter(config_train_dataset(config, prepare_dataset(config.data))))
+    spec = fcos_target_spec(64, 8, 8, 16)
+    assert {k: (v.shape.as_list(), v.dtype) for k, v in targets.items()} == {
+        k: ([4, *v.shape], v.dtype) for k, v in spec.items()
+    }
+    assert images.shape == (4, 64, 64, 3)
+    assert (targets["labels"].numpy() >= 0).sum() > 0 and targets["sample_valid"].numpy().sum() > 0
