@@ -46,6 +46,11 @@ def class_wise_nms(boxes, scores, classes, max_output, iou_threshold, score_thre
         )
         return selected, count
 
+    if shifted.shape[0] is not None:
+        # A static batch (the TFLite export's 1, a traced evaluation batch) is unrolled: TFLite's
+        # int8 calibrator crashes (SIGSEGV) on the WHILE loop `map_fn` becomes.
+        selected, count = zip(*(one_image((shifted[i], scores[i])) for i in range(shifted.shape[0])))
+        return tf.stack(selected), tf.stack(count)
     return tf.map_fn(
         one_image, (shifted, scores),
         fn_output_signature=(tf.TensorSpec([max_output], tf.int32), tf.TensorSpec([], tf.int32)),

@@ -61,6 +61,12 @@ def saved_model_to_tflite(saved_model_dir, quantize="none", representative_datas
     return converter.convert()
 
 
+# GroupNormalization (CenterMask-FCOS's head towers) stays float32 inside the int8 network: its
+# int8 variance + epsilon ADD gets a rescale factor LiteRT cannot represent, and LiteRT aborts
+# the process (QuantizeMultiplierSmallerThanOneExp) when it allocates the tensors.
+_GROUP_NORM = re.compile(r"(_gn|group_normalization)(_\d+)?/")
+
+
 def _quantize_scope(converter, representative_dataset, scope):
     """int8 for the ops under `scope`, float32 for the others.
 
@@ -80,7 +86,7 @@ def _quantize_scope(converter, representative_dataset, scope):
     outside, inside_types, outside_types = set(), set(), set()
     for op in interpreter._get_ops_details():
         outputs = [names[i] for i in op["outputs"]]
-        if all(inside.match(name) for name in outputs):
+        if all(inside.match(name) and not _GROUP_NORM.search(name) for name in outputs):
             inside_types.add(op["op_name"])
         else:
             outside.update(outputs)
