@@ -28,11 +28,15 @@ CATEGORIES = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}, {"id": 12, "name":
 FILE_IDS = np.array([c["id"] for c in CATEGORIES])
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+# Every export test runs on both variants: the same signatures, outputs and tolerances.
+CONFIGS = {"centernet": "configs/shapes_tiny.yaml", "fcos": "configs/shapes_fcos_tiny.yaml"}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def workdir(tmp_path_factory, request):
     data = tmp_path_factory.mktemp("shapes")
     make_shapes(str(data), train=16, val=10, seed=1, image_size=64)  # int8 calibrates on train
-    config = load_config("configs/shapes_tiny.yaml", TINY + [
+    config = load_config(CONFIGS[request.param], TINY + [
         f"data.train.annotations={data}/annotations/instances_train.json",
         f"data.train.images={data}/train",
         f"data.val.annotations={data}/annotations/instances_val.json",
@@ -107,6 +111,15 @@ def test_saved_model_matches_keras(workdir, saved_model, image):
     _, config, detector = workdir
     loaded = tf.saved_model.load(str(saved_model))
     assert set(loaded.signatures) == {"serving_default", "image_tensor"}
+    k, m = config.model.max_detections, config.model.mask_size
+    for name, spec in (("serving_default", ([None], tf.string)), ("image_tensor", ([None, None, None, 3], tf.uint8))):
+        signature = loaded.signatures[name]
+        (given,) = signature.structured_input_signature[1].values()
+        assert (given.shape.as_list(), given.dtype) == spec
+        assert {key: value.shape.as_list() for key, value in signature.structured_outputs.items()} == {
+            "num_detections": [None], "detection_boxes": [None, k, 4], "detection_scores": [None, k],
+            "detection_classes": [None, k], "detection_masks": [None, k, m, m],
+        }
     got = {k: v.numpy() for k, v in loaded.signatures["image_tensor"](image_tensor=tf.constant(image[None])).items()}
     ref = keras_reference(detector, config, image)
     n = int(ref["num_detections"][0])
@@ -154,6 +167,8 @@ def test_saved_model_rejects_wrong_dtype_and_rank(saved_model):
 ])
 def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou, overrides):
     root, config, detector = workdir
+    if config.model.type == "fcos":  # the flip test is CenterNet's (refused for fcos, test_fcos.py)
+        overrides = [o for o in overrides if not o.startswith("eval.flip_test")]
     if overrides:
         config = config_from_dict(config.to_dict(), overrides)
         detector = CenterMask(config, CATEGORIES, network=detector.network)
@@ -197,8 +212,10 @@ def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path):
         dtype = interpreter.get_tensor_details()[op["inputs"][0]]["dtype"]
         input_types.setdefault(op["op_name"], set()).add(np.dtype(dtype).name)
     assert input_types["CONV_2D"] == {"int8"}  # the network is integer
-    # Post-processing stays float32: peaks, box coordinates and mask assembly.
-    for name in ("TOPK_V2", "UNPACK", "BATCH_MATMUL", "FULLY_CONNECTED"):
+    # Post-processing stays float32: peaks (FCOS: candidates and NMS), box coordinates and mask
+    # assembly (CenterNet: its Shape head at the peaks, a FULLY_CONNECTED).
+    last = "NON_MAX_SUPPRESSION_V4" if config.model.type == "fcos" else "FULLY_CONNECTED"
+    for name in ("TOPK_V2", "UNPACK", "BATCH_MATMUL", last):
         assert input_types[name] == {"float32"}, (name, input_types[name])
     ious = []
     for name in sorted(os.listdir(config.data.val.images)):
