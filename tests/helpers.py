@@ -64,10 +64,10 @@ def run_model_saving_test(model, inputs, tmp_path, atol=1e-6):
     assert_outputs_close(actual, expected, atol=atol)
 
 
-def train_args(shapes, workdir, *extra):
-    """`centermask train` arguments for the tiny run on the `shapes` fixture's set."""
+def train_args(shapes, workdir, *extra, config="configs/shapes_tiny.yaml"):
+    """`centermask train` arguments for the tiny run of `config` on the `shapes` fixture's set."""
     _, overrides = shapes
-    args = ["train", "--config", "configs/shapes_tiny.yaml", "--workdir", str(workdir)]
+    args = ["train", "--config", config, "--workdir", str(workdir)]
     for override in [*overrides, *extra]:
         args += ["--set", override]
     return args

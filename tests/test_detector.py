@@ -17,22 +17,30 @@ from centermask_tf.detector import PresetError
 from centermask_tf.training import save_run_files
 
 CONFIG = "configs/shapes_tiny.yaml"
+CONFIGS = {"centernet": CONFIG, "fcos": "configs/shapes_fcos_tiny.yaml"}
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"}, {"id": 3, "name": "triangle"}]
+# Tests marked with this run on both variants; the others on the CenterNet one.
+BOTH_TYPES = pytest.mark.parametrize("workdir", sorted(CONFIGS), indirect=True)
 
 
 @pytest.fixture(scope="module")
-def workdir(shapes, tmp_path_factory):
-    """Random weights whose boxes have real extent, and a mask threshold that keeps masks."""
+def workdir(shapes, tmp_path_factory, request):
+    """Random weights whose boxes have real extent, and a mask threshold that keeps masks.
+    Returns (workdir, overrides, config path)."""
+    kind = getattr(request, "param", "centernet")
     _, overrides = shapes
     overrides = overrides + ["model.mask_threshold=0.1", "model.score_threshold=0.0"]
-    config = load_config(CONFIG, overrides)
-    workdir = tmp_path_factory.mktemp("detector")
+    config = load_config(CONFIGS[kind], overrides)
+    workdir = tmp_path_factory.mktemp(f"detector_{kind}")
     save_run_files(config, str(workdir), CATEGORIES)
     detector = CenterMask(config, CATEGORIES)
-    detector.network.get_layer("size").out.bias.assign([6.0, 6.0])
+    if kind == "fcos":  # distances of about 3 strides from each location
+        detector.network.get_layer("box").bias.assign([3.0] * 4)
+    else:
+        detector.network.get_layer("size").out.bias.assign([6.0, 6.0])
     (workdir / "checkpoints").mkdir()
     detector.network.save_weights(str(workdir / "checkpoints" / "last.weights.h5"))
-    return workdir, overrides
+    return workdir, overrides, CONFIGS[kind]
 
 
 def val_images(shapes):
@@ -45,14 +53,15 @@ def mask_iou(a, b):
     return (a & b).sum() / max((a | b).sum(), 1)
 
 
+@BOTH_TYPES
 def test_detect_equals_what_evaluate_writes(shapes, workdir):
     root, _ = shapes
-    directory, overrides = workdir
+    directory, overrides, config = workdir
     names, images = val_images(shapes)
     assert len({image.shape for image in images}) >= 3  # different sizes
     detector = CenterMask.from_workdir(str(directory))
     results = detector.detect(images)
-    args = ["evaluate", "--config", CONFIG, "--workdir", str(directory)]
+    args = ["evaluate", "--config", config, "--workdir", str(directory)]
     for override in overrides:
         args += ["--set", override]
     assert main(args) == 0
@@ -79,9 +88,10 @@ def test_detect_equals_what_evaluate_writes(shapes, workdir):
     assert compared >= 10
 
 
+@BOTH_TYPES
 def test_detect_takes_paths_one_array_and_thresholds(shapes, workdir):
     root, _ = shapes
-    directory, _ = workdir
+    directory, _, _ = workdir
     detector = CenterMask.from_workdir(str(directory))
     names, images = val_images(shapes)
     png = [i for i, n in enumerate(names) if n.endswith(".png")][0]  # decodes identically everywhere
@@ -94,8 +104,9 @@ def test_detect_takes_paths_one_array_and_thresholds(shapes, workdir):
         detector.detect([images[0].astype(np.float32)])
 
 
+@BOTH_TYPES
 def test_keras_file_and_preset_round_trips_detect_identically(shapes, workdir, tmp_path):
-    directory, _ = workdir
+    directory, _, _ = workdir
     detector = CenterMask.from_workdir(str(directory))
     _, images = val_images(shapes)
     expected = detector.detect(images)
@@ -125,7 +136,7 @@ def test_one_network_assembles_masks_from_either_factor(shapes, workdir):
     """On a network trained with both factors, `model.mask_factors` changes only the masks:
     the same detections, and the `both` mask is the product of the two single-factor masks."""
     _, images = val_images(shapes)
-    directory, _ = workdir
+    directory, _, _ = workdir
     size = CenterMask.from_workdir(str(directory)).input_size
     canvases = tf.stack([tf.image.resize_with_pad(tf.cast(i, tf.float32), size, size) for i in images[:2]])
     decoded = {
@@ -141,7 +152,7 @@ def test_one_network_assembles_masks_from_either_factor(shapes, workdir):
 
 
 def test_evaluate_takes_any_mask_factors_on_a_both_network(shapes, workdir):
-    directory, overrides = workdir
+    directory, overrides, _ = workdir
     segm = {}
     for factors in ("shape", "saliency"):
         args = ["evaluate", "--config", CONFIG, "--workdir", str(directory), "--set", f"model.mask_factors={factors}",
@@ -201,7 +212,7 @@ def test_flip_average_of_an_equivariant_network_equals_its_plain_outputs():
 def test_flip_test_detections_are_exactly_mirror_symmetric(shapes, workdir):
     """Flip-averaged outputs are flip-equivariant for any network: the detections in the
     mirror image are the mirrored detections (boxes reflected, masks mirrored)."""
-    directory, _ = workdir
+    directory, _, _ = workdir
     detector = CenterMask.from_workdir(str(directory), overrides=["eval.flip_test=true"])
     plain = CenterMask.from_workdir(str(directory))
     _, images = val_images(shapes)
@@ -223,7 +234,7 @@ def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
     from centermask_tf.model.assembly import paste_masks
     from centermask_tf.predict import letterbox_image
 
-    directory, _ = workdir
+    directory, _, _ = workdir
     detector = CenterMask.from_workdir(str(directory), overrides=["model.assembly=native"])
     _, images = val_images(shapes)
     image = images[1]

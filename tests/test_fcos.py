@@ -291,3 +291,31 @@ def test_pipeline_yields_fcos_targets(shapes):
     }
     assert images.shape == (4, 64, 64, 3)
     assert (targets["labels"].numpy() >= 0).sum() > 0 and targets["sample_valid"].numpy().sum() > 0
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_ablate_an_fcos_model(shapes, tmp_path, capsys):
+    """`train` (falling loss), `evaluate` (bbox and segm AP), `ablate` (three mask modes)."""
+    import csv
+    import json
+
+    from centermask_tf.cli import main
+    from tests.helpers import train_args
+
+    _, overrides = shapes
+    args = train_args(shapes, tmp_path, "train.epochs=4", "train.steps_per_epoch=6", config=CONFIG)
+    assert main(args) == 0
+    with open(tmp_path / "history.csv") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert {"classification_loss", "centerness_loss", "box_loss", "mask_loss"} <= set(
+        json.loads((tmp_path / "state.json").read_text())["history"][0])
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    evaluate = ["evaluate", "--config", CONFIG, "--workdir", str(tmp_path)]
+    for override in overrides + ["model.score_threshold=0.0"]:
+        evaluate += ["--set", override]
+    assert main(evaluate) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"bbox", "segm"} and all(0 <= metrics[t]["AP"] <= 1 for t in metrics)
+    assert "segm  AP" in capsys.readouterr().out
+    assert main(["ablate", "--workdir", str(tmp_path), "--images", "1"]) == 0
+    assert set(json.loads((tmp_path / "ablate" / "ablation.json").read_text())["metrics"]) == {"shape", "saliency", "both"}
