@@ -238,9 +238,9 @@ class TrainConfig:
         batch_size: global batch size (split across replicas).
         epochs: number of epochs.
         steps_per_epoch: steps per epoch; null = one pass over the training set.
-        optimizer: "adam" or "adamw".
+        optimizer: "adam", "adamw" or "sgd" (momentum 0.9, as FCOS trains).
         learning_rate: base learning rate (reached after warmup).
-        weight_decay: AdamW decoupled weight decay.
+        weight_decay: AdamW decoupled weight decay; SGD weight decay.
         warmup_steps: linear warmup length.
         schedule: "step" (x0.1 at each of `decay_epochs`) or "cosine".
         decay_epochs: epochs at which the step schedule divides the rate by 10.
@@ -264,7 +264,7 @@ class TrainConfig:
     batch_size: int = _bounded(16, low=1)
     epochs: int = _bounded(140, low=1)
     steps_per_epoch: Optional[int] = _bounded(None, low=1)
-    optimizer: str = _choice("adam", ("adam", "adamw"))
+    optimizer: str = _choice("adam", ("adam", "adamw", "sgd"))
     learning_rate: float = _bounded(2.5e-4, above=0)
     weight_decay: float = _bounded(1e-4, low=0)
     warmup_steps: int = _bounded(500, low=0)

@@ -81,7 +81,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def build_optimizer(train_config, steps_per_epoch):
-    """Adam/AdamW with warmup + step/cosine decay, optional EMA and gradient-norm clipping."""
+    """Adam/AdamW/SGD with warmup + step/cosine decay, optional EMA and gradient-norm clipping."""
     total = train_config.epochs * steps_per_epoch
     schedule = WarmupSchedule(
         train_config.learning_rate,
@@ -95,6 +95,10 @@ def build_optimizer(train_config, steps_per_epoch):
         options.update(use_ema=True, ema_momentum=train_config.ema_decay)
     if train_config.optimizer == "adamw":
         return keras.optimizers.AdamW(weight_decay=train_config.weight_decay, **options)
+    if train_config.optimizer == "sgd":
+        # FCOS's optimiser: momentum 0.9 and weight decay (Keras applies it to the weights
+        # directly; PyTorch adds it to the gradient before the momentum, nearly the same).
+        return keras.optimizers.SGD(momentum=0.9, weight_decay=train_config.weight_decay, **options)
     return keras.optimizers.Adam(**options)
 
 

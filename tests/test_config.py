@@ -20,6 +20,8 @@ def test_shipped_configs_exist():
         "coco_dla34.yaml",
         "coco_hourglass104.yaml",
         "edge_mobilenetv3.yaml",
+        "shapes_fcos_tiny.yaml",
+        "coco_fcos_r50.yaml",
     } <= names
 
 

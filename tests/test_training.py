@@ -8,6 +8,7 @@ import sys
 import time
 
 import h5py
+import keras
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
@@ -18,7 +19,7 @@ from centermask_tf.config import load_config
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.evaluation import METRIC_NAMES, coco_metrics
 from centermask_tf.model.centermask import build_model
-from centermask_tf.training import WarmupSchedule, save_run_files
+from centermask_tf.training import WarmupSchedule, build_optimizer, save_run_files
 
 CONFIG = "configs/shapes_tiny.yaml"
 
@@ -36,6 +37,21 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_sgd_steps_with_momentum_and_weight_decay():
+    """FCOS's optimiser: the first step is w - lr * (g + wd * w), the second adds 0.9 x the
+    first's velocity."""
+    train_config = load_config("configs/coco_fcos_r50.yaml").train
+    train_config.warmup_steps = 0
+    optimizer = build_optimizer(train_config, steps_per_epoch=1000)
+    weight = keras.Variable([2.0, -1.0])
+    lr, wd, grad = 0.01, 1e-4, np.array([0.5, 0.25], np.float32)
+    optimizer.apply_gradients([(grad, weight)])
+    first = np.array([2.0, -1.0]) * (1 - lr * wd) - lr * grad
+    np.testing.assert_allclose(weight.numpy(), first, rtol=1e-6)
+    optimizer.apply_gradients([(grad, weight)])
+    np.testing.assert_allclose(weight.numpy(), first * (1 - lr * wd) - lr * grad * 1.9, rtol=1e-6)
 
 
 def test_warmup_schedule_values():
