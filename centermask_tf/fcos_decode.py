@@ -144,6 +144,9 @@ class FcosDecoder(keras.layers.Layer):
     TensorShape([1, 5, 8, 8])
     """
 
+    _SETTINGS = ("input_size", "max_detections", "score_threshold", "mask_size", "mask_factors",
+                 "pre_nms_top_k", "nms_iou_threshold")
+
     def __init__(self, input_size, max_detections=100, score_threshold=0.05, mask_size=32,
                  mask_factors="both", pre_nms_top_k=1000, nms_iou_threshold=0.6, **kwargs):
         kwargs.setdefault("dtype", "float32")
@@ -175,14 +178,4 @@ class FcosDecoder(keras.layers.Layer):
         )
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "input_size": self.input_size,
-            "max_detections": self.max_detections,
-            "score_threshold": self.score_threshold,
-            "mask_size": self.mask_size,
-            "mask_factors": self.mask_factors,
-            "pre_nms_top_k": self.pre_nms_top_k,
-            "nms_iou_threshold": self.nms_iou_threshold,
-        }
-
+        return {**super().get_config(), **{name: getattr(self, name) for name in self._SETTINGS}}

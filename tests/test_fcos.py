@@ -1,6 +1,7 @@
 """CenterMask-FCOS pieces against numpy references and hand computations (issue 14)."""
 
-import keras
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -179,7 +180,8 @@ def planted_outputs(size=64, classes=3, cells=4):
 
 def test_decoder_boxes_scores_and_masks_of_planted_detections():
     outputs, (first, below) = planted_outputs()
-    got = FcosDecoder(input_size=64, max_detections=5, score_threshold=0.05, mask_size=8)(outputs)
+    decoder = FcosDecoder(input_size=64, max_detections=5, score_threshold=0.05, mask_size=8)
+    got = decoder(outputs)
     assert int(got["num_detections"][0]) == 2  # the neighbour of the same class is suppressed
     np.testing.assert_allclose(got["boxes"][0, :2], [[22, 26, 46, 50], [22, 26, 46, 50]], atol=1e-5)
     assert got["classes"][0, :2].numpy().tolist() == [1, 2]
@@ -193,6 +195,10 @@ def test_decoder_boxes_scores_and_masks_of_planted_detections():
     expected = assemble_box_masks(shapes, centre, outputs["saliency"], 8)
     np.testing.assert_allclose(got["masks"][0, :2], expected[0], atol=1e-6)
     np.testing.assert_allclose(got["centres"][0, :2], centre[0], atol=1e-6)
+    clone = FcosDecoder.from_config(json.loads(json.dumps(decoder.get_config())))
+    assert clone.get_config() == decoder.get_config()
+    for key, value in clone(outputs).items():
+        np.testing.assert_array_equal(value, got[key])
 
 
 def test_mask_samples_are_the_best_centred_positives():
@@ -297,7 +303,6 @@ def test_pipeline_yields_fcos_targets(shapes):
 def test_train_evaluate_and_ablate_an_fcos_model(shapes, tmp_path, capsys):
     """`train` (falling loss), `evaluate` (bbox and segm AP), `ablate` (three mask modes)."""
     import csv
-    import json
 
     from centermask_tf.cli import main
     from tests.helpers import train_args
