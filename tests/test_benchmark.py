@@ -13,8 +13,8 @@ def results(tmp_path, monkeypatch):
     return tmp_path / "results.json"
 
 
-def run_benchmark(what, results, *extra):
-    args = ["benchmark", what, "--quick", "--config", "configs/shapes_tiny.yaml", "--runs", "2",
+def run_benchmark(what, results, *extra, config="configs/shapes_tiny.yaml"):
+    args = ["benchmark", what, "--quick", "--config", config, "--runs", "2",
             "--results", str(results), *extra]
     assert main(args) == 0
     return json.loads(results.read_text())
@@ -38,6 +38,13 @@ def test_data_benchmark_compares_pipeline_and_step(results):
     # Cores per GPU: the GPU's estimated images/s over the pipeline's images/s per core.
     assert row["images_per_s_per_core"] == pytest.approx(row["images_per_s"] / os.cpu_count())
     assert row["cores_per_gpu_est"] == pytest.approx(row["gpu_images_per_s_est"] / row["images_per_s_per_core"])
+
+
+def test_inference_benchmark_takes_an_fcos_config(results):
+    (record,) = run_benchmark("inference", results, config="configs/shapes_fcos_tiny.yaml")
+    assert record["config"] == "shapes_fcos_tiny.yaml"
+    assert [r["form"] for r in record["rows"]] == ["keras", "saved_model"]
+    assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in record["rows"])
 
 
 @pytest.mark.slow

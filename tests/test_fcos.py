@@ -256,6 +256,12 @@ def test_losses_of_exact_boxes_and_centerness_are_their_minima():
     assert float(losses["mask"]) == pytest.approx(-np.log(0.25), rel=1e-4)
     worse = compute_fcos_losses({**outputs, "box": batch["ltrb"] * 1.5}, batch)
     assert float(worse["box"]) > 0.1
+    # Saliency supervision: the box (8, 8, 40, 30) is (2, 2, 10, 7.5) at stride 4, so the target
+    # is rows 2-9, columns 2-7; logits +-5 that match it everywhere cost log(1 + e^-5) per pixel.
+    truth = np.zeros((1, 16, 16, 1), np.float32)
+    truth[0, 2:10, 2:8] = 1
+    supervised = compute_fcos_losses({**outputs, "saliency": tf.constant(10 * truth - 5)}, batch, {"saliency": 1.0})
+    assert float(supervised["saliency"]) == pytest.approx(np.log1p(np.exp(-5)), rel=1e-4)
 
 
 def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_path):
