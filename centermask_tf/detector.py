@@ -24,8 +24,8 @@ import tensorflow as tf
 
 from centermask_tf.config import Config, config_from_dict
 from centermask_tf.decode import CenterMaskDecoder, inference_network
-from centermask_tf.fcos_decode import FcosDecoder
 from centermask_tf.errors import UserError
+from centermask_tf.fcos_decode import FcosDecoder
 from centermask_tf.losses import compute_losses, loss_names
 from centermask_tf.model.centermask import build_model, network_factors
 from centermask_tf.model.heads import mask_heads

@@ -269,3 +269,26 @@ def test_hourglass104_builds_at_512_with_stride_4_outputs():
     assert [o["saliency"].shape for o in outputs["intermediate"]] == [(1, 128, 128, 80)]
     print(f"Hourglass-104 CenterMask parameters: {model.count_params():,}")
     assert 190e6 < model.count_params() < 200e6
+
+
+@pytest.mark.parametrize("model_type", ["centernet", "fcos"])
+def test_mixed_float16_network_matches_float32_with_float32_outputs(model_type):
+    """`train.mixed_precision: mixed_float16` (the COCO configs' GPU setting): the network
+    builds, computes in float16 and returns float32 outputs within float16 error of the float32
+    network with the same weights."""
+    import keras
+
+    images = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    reference = build_model(tiny_config(type=model_type))
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = build_model(tiny_config(type=model_type))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(reference.get_weights())
+    assert any(layer.compute_dtype == "float16" for layer in mixed.layers)
+    expected, got = reference(images), mixed(images)
+    for name, value in got.items():
+        assert value.dtype == "float32", name
+        scale = float(np.abs(expected[name]).max()) + 1.0
+        np.testing.assert_allclose(value, expected[name], atol=0.02 * scale, err_msg=name)
