@@ -340,8 +340,6 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.model, self.data, self.train):
             section.validate()
-        if self.model.type == "fcos" and self.eval.flip_test:
-            raise ConfigError("eval.flip_test is implemented for model.type=centernet; set eval.flip_test: false.")
         return self
 
     def to_dict(self) -> dict:

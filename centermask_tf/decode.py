@@ -37,11 +37,18 @@ def _mirror(maps):
     return tf.reverse(maps, axis=[2])
 
 
-def _mirror_shape_grids(vectors):
+def mirror_shape_grids(vectors):
     """Shape vectors `[..., S*S]` with each S x S grid mirrored left-right."""
     cells = shape_cells(vectors)
     grids = tf.reshape(vectors, tf.concat([tf.shape(vectors)[:-1], [cells, cells]], axis=0))
     return tf.reshape(tf.reverse(grids, axis=[-1]), tf.shape(vectors))
+
+
+def mean_probability_logits(logits, other):
+    """Logits of the mean of two sigmoid probabilities (the flip test's score averaging)."""
+    mean = 0.5 * (tf.sigmoid(logits) + tf.sigmoid(other))
+    mean = tf.clip_by_value(mean, 1e-7, 1.0 - 1e-7)
+    return tf.math.log(mean) - tf.math.log1p(-mean)
 
 
 def flip_averaged(outputs, mirrored):
@@ -58,9 +65,7 @@ def flip_averaged(outputs, mirrored):
     """
     averaged = dict(outputs)
     back = {name: _mirror(value) for name, value in mirrored.items() if name != "shape_features"}
-    heatmap = 0.5 * (tf.sigmoid(outputs["heatmap"]) + tf.sigmoid(back["heatmap"]))
-    heatmap = tf.clip_by_value(heatmap, 1e-7, 1.0 - 1e-7)
-    averaged["heatmap"] = tf.math.log(heatmap) - tf.math.log1p(-heatmap)
+    averaged["heatmap"] = mean_probability_logits(outputs["heatmap"], back["heatmap"])
     averaged["size"] = 0.5 * (outputs["size"] + back["size"])
     dy, dx = tf.unstack(outputs["offset"], axis=-1)
     dy_back, dx_back = tf.unstack(back["offset"], axis=-1)
@@ -68,7 +73,7 @@ def flip_averaged(outputs, mirrored):
     if "saliency" in outputs:
         averaged["saliency"] = 0.5 * (outputs["saliency"] + back["saliency"])
     if "shape" in outputs:
-        averaged["shape"] = 0.5 * (outputs["shape"] + _mirror_shape_grids(back["shape"]))
+        averaged["shape"] = 0.5 * (outputs["shape"] + mirror_shape_grids(back["shape"]))
     return averaged
 
 
@@ -80,7 +85,7 @@ def flip_averaged_shape(shape_head, features, mirrored_features):
     def shape_at(pixels):
         rows, cols = unflatten_index(pixels, width)
         mirrored_pixels = flat_index(rows, width - 1 - cols, width)
-        mirrored = _mirror_shape_grids(shape_head.call_at(mirrored_features, mirrored_pixels))
+        mirrored = mirror_shape_grids(shape_head.call_at(mirrored_features, mirrored_pixels))
         return 0.5 * (shape_head.call_at(features, pixels) + mirrored)
 
     return shape_at

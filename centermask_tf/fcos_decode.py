@@ -12,9 +12,11 @@ image serves every class.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from centermask_tf.data.fcos_targets import FCOS_STRIDES, fcos_locations
+from centermask_tf.decode import mean_probability_logits, mirror_shape_grids
 from centermask_tf.model.assembly import assemble_box_masks
 from centermask_tf.model.fcos import SALIENCY_STRIDE
 from centermask_tf.ops import corners_to_centre
@@ -55,6 +57,39 @@ def class_wise_nms(boxes, scores, classes, max_output, iou_threshold, score_thre
         one_image, (shifted, scores),
         fn_output_signature=(tf.TensorSpec([max_output], tf.int32), tf.TensorSpec([], tf.int32)),
     )
+
+
+def _unmirror_levels(values, input_size):
+    """Per-location values of the mirror image `[B, L, C]` -> the same, each level's map
+    mirrored back: entry i then holds the mirror image's location mirroring location i."""
+    parts, start = [], 0
+    for stride in FCOS_STRIDES:
+        side = -(-input_size // stride)
+        level = tf.reshape(values[:, start : start + side * side], [-1, side, side, values.shape[-1]])
+        parts.append(tf.reshape(tf.reverse(level, axis=[2]), [-1, side * side, values.shape[-1]]))
+        start += side * side
+    return tf.concat(parts, axis=1)
+
+
+def fcos_flip_averaged(outputs, mirrored, input_size):
+    """FCOS outputs averaged over an image and its mirror image (the flip test):
+    classification and centerness as the mean probability, Shape and saliency logits as the
+    mean (grids and map mirrored back), and box distances as the mean of the location's own and
+    those of the mirrored location, (l, t, r, b) read as (r, t, l, b) and shifted by how far the
+    level's grid overhangs the canvas (stride x side - N: 0 unless N is no multiple of the
+    stride, e.g. P7 at 800 px), so both describe a box in this image exactly."""
+    back = {name: _unmirror_levels(value, input_size) for name, value in mirrored.items() if name != "saliency"}
+    averaged = {name: mean_probability_logits(outputs[name], back[name]) for name in ("classification", "centerness")}
+    strides = fcos_locations(input_size)[1]
+    overhang = tf.constant(strides * np.ceil(input_size / strides) - input_size)  # [L]
+    left, top, right, bottom = tf.unstack(back["box"], axis=-1)
+    from_mirror = tf.stack([right + overhang, top, left - overhang, bottom], axis=-1)
+    averaged["box"] = 0.5 * (outputs["box"] + from_mirror)
+    if "shape" in outputs:
+        averaged["shape"] = 0.5 * (outputs["shape"] + mirror_shape_grids(back["shape"]))
+    if "saliency" in outputs:
+        averaged["saliency"] = 0.5 * (outputs["saliency"] + tf.reverse(mirrored["saliency"], axis=[2]))
+    return averaged
 
 
 def _level_candidates(scores, input_size, pre_nms_top_k):
@@ -132,6 +167,9 @@ class FcosDecoder(keras.layers.Layer):
         pre_nms_top_k: candidates kept per pyramid level before NMS.
         nms_iou_threshold: class-wise NMS IoU threshold.
 
+    With `mirrored` (the outputs for the mirror images) the two are averaged first
+    (`fcos_flip_averaged`).
+
     Example:
 
     >>> from centermask_tf.data.fcos_targets import num_locations
@@ -166,11 +204,10 @@ class FcosDecoder(keras.layers.Layer):
                    model_config.nms_iou_threshold, **kwargs)
 
     def call(self, outputs, shape_head=None, mirrored=None):
-        # `shape_head`/`mirrored` are the CenterNet decoder's peak-only Shape head and flip
-        # test; the FCOS network's Shape output is dense and flip test is refused by the config.
+        # `shape_head` is the CenterNet decoder's peak-only Shape head; FCOS's Shape is dense.
         del shape_head
         if mirrored is not None:
-            raise ValueError("The flip test is implemented for model.type=centernet only.")
+            outputs = fcos_flip_averaged(outputs, mirrored, self.input_size)
         return decode_fcos(
             outputs, input_size=self.input_size, max_detections=self.max_detections,
             score_threshold=self.score_threshold, mask_size=self.mask_size, mask_factors=self.mask_factors,

@@ -209,6 +209,7 @@ def test_flip_average_of_an_equivariant_network_equals_its_plain_outputs():
         np.testing.assert_allclose(averaged[key], value, atol=1e-4 if key == "heatmap" else 1e-6)
 
 
+@BOTH_TYPES
 def test_flip_test_detections_are_exactly_mirror_symmetric(shapes, workdir):
     """Flip-averaged outputs are flip-equivariant for any network: the detections in the
     mirror image are the mirrored detections (boxes reflected, masks mirrored)."""

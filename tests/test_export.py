@@ -167,8 +167,6 @@ def test_saved_model_rejects_wrong_dtype_and_rank(saved_model):
 ])
 def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou, overrides):
     root, config, detector = workdir
-    if config.model.type == "fcos":  # the flip test is CenterNet's (refused for fcos, test_fcos.py)
-        overrides = [o for o in overrides if not o.startswith("eval.flip_test")]
     if overrides:
         config = config_from_dict(config.to_dict(), overrides)
         detector = CenterMask(config, CATEGORIES, network=detector.network)

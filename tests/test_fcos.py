@@ -17,7 +17,7 @@ from centermask_tf.data.fcos_targets import (
     fcos_targets,
     num_locations,
 )
-from centermask_tf.fcos_decode import FcosDecoder, class_wise_nms
+from centermask_tf.fcos_decode import FcosDecoder, class_wise_nms, fcos_flip_averaged
 from centermask_tf.losses import compute_fcos_losses, giou_loss, sigmoid_focal_loss
 from centermask_tf.model.assembly import assemble_box_masks
 from centermask_tf.model.centermask import build_model, network_factors
@@ -201,6 +201,43 @@ def test_decoder_boxes_scores_and_masks_of_planted_detections():
         np.testing.assert_array_equal(value, got[key])
 
 
+@pytest.mark.parametrize("size", [64, 96])
+def test_flip_average_of_an_equivariant_network_equals_its_plain_outputs(size, rng):
+    """What a flip-equivariant network gives on the mirror image, built from geometry: each
+    location's box reflected (x -> N - x) and written as distances from the location that
+    mirrors it (at 64 and 96 px P6/P7 overhang the canvas, so that location is not at N - x).
+    Averaging it with the plain outputs gives the plain outputs back."""
+    points, _, _ = fcos_locations(size)
+    total = len(points)
+    outputs = {
+        "classification": rng.normal(0, 2, (1, total, 3)), "centerness": rng.normal(0, 1, (1, total, 1)),
+        "box": rng.uniform(1, 40, (1, total, 4)), "shape": rng.normal(0, 1, (1, total, 16)),
+        "saliency": rng.normal(0, 1, (1, size // 4, size // 4, 1)),
+    }
+    # The mirror image's location j holds what location i's mirror twin would: j mirrors i.
+    mirror_of = np.empty(total, int)
+    start = 0
+    for stride in FCOS_STRIDES:
+        side = -(-size // stride)
+        index = np.arange(side * side).reshape(side, side)
+        mirror_of[start + index[:, ::-1].ravel()] = start + index.ravel()
+        start += side * side
+    mirrored = {k: v.copy() for k, v in outputs.items()}
+    for key in ("classification", "centerness", "shape", "box"):
+        mirrored[key][0, mirror_of] = outputs[key][0]
+    shape_grids = mirrored["shape"].reshape(1, total, 4, 4)
+    mirrored["shape"] = shape_grids[..., ::-1].reshape(1, total, 16)
+    left, top, right, bottom = np.moveaxis(outputs["box"][0], -1, 0)
+    xmin, xmax = size - (points[:, 1] + right), size - (points[:, 1] - left)  # the reflected box
+    x_mirror = points[mirror_of, 1]
+    mirrored["box"][0, mirror_of] = np.stack([x_mirror - xmin, top, xmax - x_mirror, bottom], -1)
+    mirrored["saliency"] = outputs["saliency"][:, :, ::-1]
+    as_tensors = lambda d: {k: tf.constant(v, tf.float32) for k, v in d.items()}  # noqa: E731
+    averaged = fcos_flip_averaged(as_tensors(outputs), as_tensors(mirrored), size)
+    for key, value in outputs.items():
+        np.testing.assert_allclose(averaged[key], value, atol=1e-4, err_msg=key)
+
+
 def test_mask_samples_are_the_best_centred_positives():
     size = 128
     boxes = np.array([[10, 10, 50, 60], [60, 60, 120, 100], [0, 0, 0, 9]], np.float32)  # the last: no area
@@ -283,7 +320,7 @@ def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_pa
 @pytest.mark.parametrize("override, message", [
     ("model.backbone=dla34", "resnet18, resnet50 or resnet101"),
     ("model.assembly=native", "model.assembly"),
-    ("eval.flip_test=true", "eval.flip_test"),
+    ("model.neck=skip", "model.neck"),
 ])
 def test_fcos_settings_it_does_not_support_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
