@@ -182,6 +182,7 @@ class FcosDecoder(keras.layers.Layer):
     TensorShape([1, 5, 8, 8])
     """
 
+    # The constructor's arguments, each named as its `ModelConfig` field.
     _SETTINGS = ("input_size", "max_detections", "score_threshold", "mask_size", "mask_factors",
                  "pre_nms_top_k", "nms_iou_threshold")
 
@@ -199,9 +200,7 @@ class FcosDecoder(keras.layers.Layer):
 
     @classmethod
     def from_model_config(cls, model_config, **kwargs):
-        return cls(model_config.input_size, model_config.max_detections, model_config.score_threshold,
-                   model_config.mask_size, model_config.mask_factors, model_config.pre_nms_top_k,
-                   model_config.nms_iou_threshold, **kwargs)
+        return cls(**{name: getattr(model_config, name) for name in cls._SETTINGS}, **kwargs)
 
     def call(self, outputs, shape_head=None, mirrored=None):
         # `shape_head` is the CenterNet decoder's peak-only Shape head; FCOS's Shape is dense.
