@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.data.fcos_targets import FCOS_STRIDES, fcos_locations
+from centermask_tf.data.fcos_targets import fcos_locations, level_sides
 from centermask_tf.decode import mean_probability_logits, mirror_shape_grids
 from centermask_tf.model.assembly import assemble_box_masks
 from centermask_tf.model.fcos import SALIENCY_STRIDE
@@ -63,8 +63,7 @@ def _unmirror_levels(values, input_size):
     """Per-location values of the mirror image `[B, L, C]` -> the same, each level's map
     mirrored back: entry i then holds the mirror image's location mirroring location i."""
     parts, start = [], 0
-    for stride in FCOS_STRIDES:
-        side = -(-input_size // stride)
+    for _, side in level_sides(input_size):
         level = tf.reshape(values[:, start : start + side * side], [-1, side, side, values.shape[-1]])
         parts.append(tf.reshape(tf.reverse(level, axis=[2]), [-1, side * side, values.shape[-1]]))
         start += side * side
@@ -98,8 +97,8 @@ def _level_candidates(scores, input_size, pre_nms_top_k):
     num_classes = scores.shape[-1]
     batch = tf.shape(scores)[0]
     start, picked = 0, []
-    for stride in FCOS_STRIDES:
-        count = (-(-input_size // stride)) ** 2
+    for _, side in level_sides(input_size):
+        count = side * side
         flat = tf.reshape(scores[:, start : start + count], [batch, count * num_classes])
         top, index = tf.math.top_k(flat, k=min(pre_nms_top_k, count * num_classes))
         picked.append((top, start + index // num_classes, index % num_classes))

@@ -30,6 +30,12 @@ FCOS_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.
 CENTRE_RADIUS = 1.5
 
 
+def level_sides(input_size, strides=FCOS_STRIDES):
+    """(stride, side) of each level's square map: side = ceil(N / stride), the size the FPN's
+    stride-2 "same" convolutions give P6 and P7."""
+    return [(stride, -(-input_size // stride)) for stride in strides]
+
+
 def fcos_locations(input_size, strides=FCOS_STRIDES, ranges=FCOS_RANGES):
     """All levels' locations for a square `input_size` canvas.
 
@@ -38,8 +44,7 @@ def fcos_locations(input_size, strides=FCOS_STRIDES, ranges=FCOS_RANGES):
         float32), levels concatenated in order, each row-major.
     """
     points, level_strides, level_ranges = [], [], []
-    for stride, size_range in zip(strides, ranges):
-        side = -(-input_size // stride)  # ceil: the feature map of a stride-s level
+    for (stride, side), size_range in zip(level_sides(input_size, strides), ranges):
         centres = stride // 2 + stride * np.arange(side, dtype=np.float32)
         ys, xs = np.meshgrid(centres, centres, indexing="ij")
         points.append(np.stack([ys.ravel(), xs.ravel()], -1))
@@ -98,7 +103,7 @@ def fcos_targets(boxes, classes, valid, input_size, strides=FCOS_STRIDES, ranges
 
 def num_locations(input_size, strides=FCOS_STRIDES):
     """L, the number of locations over all levels of a square `input_size` canvas."""
-    return sum((-(-input_size // stride)) ** 2 for stride in strides)
+    return sum(side * side for _, side in level_sides(input_size, strides))
 
 
 def fcos_target_spec(input_size, max_instances=128, mask_size=32, mask_samples=64):
