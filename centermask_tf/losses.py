@@ -236,15 +236,15 @@ def compute_fcos_losses(outputs, targets, weights=None):
     centerness = targets["centerness"]
     centerness_bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=centerness, logits=outputs["centerness"][..., 0])
     giou = giou_loss(tf.cast(outputs["box"], tf.float32), targets["ltrb"])
-    boxes = corners_to_centre(targets["boxes"]) / SALIENCY_STRIDE
+    corners = targets["boxes"] / SALIENCY_STRIDE  # in saliency-map pixels
     losses = {
         "classification": sigmoid_focal_loss(outputs["classification"], targets["labels"]) / positives,
         "centerness": tf.reduce_sum(centerness_bce * positive) / positives,
         "box": tf.reduce_sum(giou * centerness * positive) / tf.maximum(tf.reduce_sum(centerness * positive), 1e-6),
-        "mask": _fcos_mask_loss(outputs, targets, boxes),
+        "mask": _fcos_mask_loss(outputs, targets, corners_to_centre(corners)),
     }
     if "saliency" in loss_names(weights, "fcos"):
         _check_saliency(outputs)
-        losses["saliency"] = saliency_loss(outputs, targets, centre_to_corners(boxes))
+        losses["saliency"] = saliency_loss(outputs, targets, corners)
     losses["total"] = tf.add_n([weights[name] * value for name, value in losses.items()])
     return losses
