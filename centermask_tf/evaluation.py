@@ -314,9 +314,10 @@ class CocoEvalCallback(keras.callbacks.Callback):
         self.config = config
         self.workdir = workdir
         self.every = every
-        # A resumed run repeats the values of its last committed epoch until it evaluates again.
+        # A resumed run repeats the values of its last committed epoch until it evaluates again;
+        # one that never evaluated logs none (a made-up 0 would become the best checkpoint).
         last = last or {}
-        self.last = {name: float(last.get(name, 0.0)) for name in ("val_bbox_AP", "val_segm_AP")}
+        self.last = {name: float(last[name]) for name in ("val_bbox_AP", "val_segm_AP") if name in last}
         self._samples = self._writer = None
 
     def on_epoch_end(self, epoch, logs=None):

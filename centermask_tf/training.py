@@ -438,10 +438,12 @@ def _fit(config, run, state, strategy, extra_callbacks):
     network = detector.network
     callbacks = []
     # Order matters: evaluation adds val_*_AP to the logs that the later callbacks record.
-    if "val" in builder.info.splits and config.eval.every_epochs > 0:
+    evaluating = "val" in builder.info.splits and config.eval.every_epochs > 0
+    # A continued run may have turned evaluation on or off (eval.* may change).
+    state.follow("val_segm_AP" if evaluating else "loss")
+    if evaluating:
         from centermask_tf.evaluation import CocoEvalCallback
 
-        state.monitor = "val_segm_AP"
         last = state.history[-1] if state.history else {}
         callbacks.append(CocoEvalCallback(detector, builder, config, run.path, config.eval.every_epochs, last))
     callbacks += [

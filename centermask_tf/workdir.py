@@ -78,6 +78,20 @@ class RunState:
             return True
         return value > self.best if "AP" in self.monitor else value < self.best
 
+    def follow(self, monitor):
+        """Makes `monitor` choose `best` from now on. A best value of another monitor (a loss
+        against an AP) cannot be compared, so it is dropped: the next value seen becomes the
+        best, and `best.weights.h5` follows it."""
+        if monitor == self.monitor:
+            return
+        if self.best is not None:
+            logger.warning(
+                "the best checkpoint is now chosen by %s instead of %s (best %.4g at epoch %s): "
+                "checkpoints/best.weights.h5 is replaced at the next %s value",
+                monitor, self.monitor, self.best, self.best_epoch, monitor,
+            )
+        self.monitor, self.best, self.best_epoch = monitor, None, None
+
 
 def _flatten(tree, prefix=""):
     flat = {}

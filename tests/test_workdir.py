@@ -297,3 +297,20 @@ def test_a_holder_that_has_not_written_its_name_yet_is_waited_for(tmp_path):
                 pass
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("before, after", [("0", "1"), ("1", "0")])
+def test_a_continued_run_whose_evaluation_changed_chooses_best_by_the_new_monitor(shapes, tmp_path, before, after):
+    """eval.* may change when a run continues: the best checkpoint then follows the new monitor
+    (AP, higher is better, or the loss) instead of comparing it with the old monitor's best."""
+    workdir = tmp_path / "run"
+    train(config_for(shapes, "train.epochs=1", f"eval.every_epochs={before}"), str(workdir))
+    train(config_for(shapes, "train.epochs=2", f"eval.every_epochs={after}"), str(workdir))
+    state = Workdir(str(workdir)).load_state()
+    monitor = "val_segm_AP" if after == "1" else "loss"
+    assert state.monitor == monitor
+    assert state.best_epoch == 2 and state.best == state.history[1][monitor]
+    if monitor == "val_segm_AP":
+        assert 0.0 <= state.best <= 1.0
+    best, last = (weights_of(workdir / "checkpoints" / f"{k}.weights.h5") for k in ("best", "last"))
+    assert all(np.array_equal(b, l) for b, l in zip(best, last))
