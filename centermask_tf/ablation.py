@@ -150,7 +150,8 @@ def grid_images(split, count):
 def ablation_grid(detectors, paths):
     """One row per image (`paths`), one column per mode: masks, boxes and class names of the
     detections scoring at least 0.3."""
-    from centermask_tf.predict import detect_image, draw_overlay, load_image
+    from centermask_tf.images import load_image
+    from centermask_tf.predict import detect_image, draw_overlay
 
     header = 18
     font = ImageFont.load_default()

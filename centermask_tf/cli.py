@@ -24,6 +24,39 @@ import warnings
 from centermask_tf.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end as one line, as every other error does: `centermask <cmd>: error: ...`
+    (exit 2); `--help` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, what=None):
+    """An argparse type: `kind` (int or float), finite, within [low, high]."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = " and ".join(b for b in (low is not None and f">= {low}", high is not None and f"<= {high}") if b)
+            raise argparse.ArgumentTypeError(f"must be {what or bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _path(text):
+    """An argparse type for a path: not empty (an empty path would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return text
+
+
 def _add_set_arg(parser, example="model.backbone=resnet50"):
     parser.add_argument(
         "--set",
@@ -36,7 +69,7 @@ def _add_set_arg(parser, example="model.backbone=resnet50"):
 
 
 def _add_config_args(parser):
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/).")
+    parser.add_argument("--config", required=True, type=_path, help="YAML config file (see configs/).")
     _add_set_arg(parser)
 
 
@@ -46,9 +79,9 @@ _INFERENCE_SETTING = "model.mask_factors=shape (or eval.flip_test=true)"
 
 def _add_model_source_args(parser):
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
-    source.add_argument("--saved-model", help="run an exported SavedModel version folder instead")
-    source.add_argument("--tflite", help="run an exported .tflite file instead")
+    source.add_argument("--weights", type=_path, help="weights file (default: best, else last checkpoint)")
+    source.add_argument("--saved-model", type=_path, help="run an exported SavedModel version folder instead")
+    source.add_argument("--tflite", type=_path, help="run an exported .tflite file instead")
 
 
 def _load(args):
@@ -95,7 +128,7 @@ def cmd_make_shapes(args):
         preset.get("train", 600 if args.train is None else args.train),
         args.val if args.val is not None else preset.get("val", 100),
         args.seed,
-        preset.get("image_size", args.image_size or 128),
+        preset.get("image_size", 128 if args.image_size is None else args.image_size),
         args.occlusion,
         layout,
     )
@@ -125,7 +158,7 @@ def cmd_benchmark(args):
         return _benchmark_scale(args)
     paths = args.config or (QUICK_CONFIGS if args.quick else BENCHMARK_CONFIGS)
     kinds = ["inference", "efficiency", "assembly", "data", "train"] if args.what == "all" else [args.what]
-    runs = args.runs or (5 if args.quick else 20)
+    runs = args.runs if args.runs is not None else (5 if args.quick else 20)
     ceiling, steps = None, {}
     if "efficiency" in kinds or "data" in kinds:  # data: sizes the pipeline for a GPU from it
         ceiling = benchmark.matmul_ceiling()
@@ -237,6 +270,17 @@ def _detect_for(args, config, categories):
     return _detector(config, categories, args.workdir, args.weights).detect_canvases
 
 
+def artifact_eval_dir(eval_dir, artifact):
+    """The result folder of one exported artifact: its last two path parts (`shapes_tiny_1`,
+    `model.tflite`) for reading, and a digest of its absolute path, so that two artifacts (say
+    `A/1` and `B/1`) never share one."""
+    import hashlib
+
+    path = os.path.realpath(artifact)
+    label = "_".join(path.split(os.sep)[-2:])
+    return os.path.join(eval_dir, f"{label}-{hashlib.sha256(path.encode()).hexdigest()[:8]}")
+
+
 def cmd_evaluate(args):
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.evaluation import evaluate_detector
@@ -245,9 +289,8 @@ def cmd_evaluate(args):
     builder = prepare_dataset(config.data)
     detect = _detect_for(args, config, builder.info.metadata["categories"])
     output = os.path.join(args.workdir, "eval")
-    artifact = args.saved_model or args.tflite
-    if artifact:  # keep the Keras model's metrics.json; each artifact gets its own folder
-        output = os.path.join(output, os.path.basename(os.path.normpath(artifact)).replace(os.sep, "_"))
+    if args.saved_model or args.tflite:  # keep the Keras model's metrics.json
+        output = artifact_eval_dir(output, args.saved_model or args.tflite)
     metrics = evaluate_detector(detect, builder, config, output, config.eval.max_images)
     for iou_type, values in metrics.items():
         print(f"{iou_type:5s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
@@ -255,9 +298,8 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from centermask_tf.predict import (
-        DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, image_files, load_workdir, predict_files,
-    )
+    from centermask_tf.images import DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS
+    from centermask_tf.predict import image_files, load_workdir, predict_files
 
     config, categories = load_workdir(args.workdir, args.overrides)
     detect = _detect_for(args, config, categories)
@@ -265,7 +307,8 @@ def cmd_predict(args):
     predictions = predict_files(
         detect, files, config.model.input_size, categories, args.score,
         config.model.mask_threshold, args.output,
-        args.max_pixels or DEFAULT_MAX_PIXELS, args.max_megabytes or DEFAULT_MAX_MEGABYTES,
+        DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
+        DEFAULT_MAX_MEGABYTES if args.max_megabytes is None else args.max_megabytes,
     )
     skipped = sum("error" in p for p in predictions)
     print(f"wrote {len(predictions) - skipped} overlays (*.overlay.png) and predictions.json to {args.output}"
@@ -282,9 +325,10 @@ def cmd_demo(args):
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.evaluation import evaluate_detector
     from centermask_tf.export.serving import next_version
+    from centermask_tf.files import write_json
     from centermask_tf.predict import image_files, predict_files
     from centermask_tf.training import train
-    from centermask_tf.workdir import Workdir
+    from centermask_tf.workdir import EXPORTS_RECORD, Workdir
 
     start = time.time()
     shapes = os.path.join(args.data, "annotations", "instances_val.json")  # written last
@@ -326,18 +370,23 @@ def cmd_demo(args):
     print("[6/6] exporting SavedModel and TFLite")
     saved_model = os.path.join("saved_models", "shapes_tiny")
     tflite = os.path.join("saved_models", "shapes_tiny.tflite")
-    # Versions are immutable for TF Serving: a new model becomes the next version.
-    version = next_version(saved_model)
+    # Versions are immutable for TF Serving: this run's model is the version it recorded when
+    # it exported, else the next one (another run may have exported since).
+    record = os.path.join(args.workdir, EXPORTS_RECORD)
+    exported = _read_exports(record)
     exports = [("tflite", tflite)]
-    if reuse and version > 1:
-        version -= 1
-        print(f"SavedModel of this run: {saved_model}/{version}")
+    if reuse and os.path.isdir(exported.get("saved_model", "")):
+        version_path = exported["saved_model"]
+        print(f"SavedModel of this run: {version_path}")
     else:
+        version_path = os.path.join(saved_model, str(next_version(saved_model)))
         exports.insert(0, ("saved_model", saved_model))
     for form, output in exports:
         cmd_export(argparse.Namespace(
-            workdir=args.workdir, weights=None, format=form, output=output, version=version, quantize=None, overrides=[]
+            workdir=args.workdir, weights=None, format=form, output=output,
+            version=int(os.path.basename(version_path)), quantize=None, overrides=[]
         ))
+    write_json(record, {"saved_model": version_path, "tflite": tflite})
     minutes = (time.time() - start) / 60
     print("\n=== centermask demo summary ===")
     for iou_type in ("bbox", "segm"):
@@ -355,8 +404,20 @@ def cmd_demo(args):
     print(f"detections     {eval_dir}/detections.json (COCO results format)")
     print(f"overlays       {overlays}/*.overlay.png, {overlays}/predictions.json")
     print(f"logs           {args.workdir}/history.csv, TensorBoard: {args.workdir}/logs")
-    print(f"SavedModel     {saved_model}/{version} (TF Serving layout)")
+    print(f"SavedModel     {version_path} (TF Serving layout)")
     print(f"TFLite         {tflite} ({os.path.getsize(tflite) / 1e6:.2f} MB, builtin ops only)")
+
+
+def _read_exports(path):
+    """What `demo` recorded it exported ({} when nothing, or an unreadable record)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def cmd_ablate(args):
@@ -378,18 +439,21 @@ def cmd_data_service(args):
     """Runs a tf.data service dispatcher or worker until interrupted (see data/service.py)."""
     import socket
 
-    from centermask_tf.data.service import start_dispatcher, start_worker
+    from centermask_tf.data.service import bound_port, start_dispatcher, start_worker
 
     if args.role == "dispatcher":
         if not args.workers:
             raise UsageError("data-service dispatcher needs --workers host:port[,host:port...]: "
                              "the workers that will prepare batches.")
         server = start_dispatcher(args.port, args.workers.split(","))
-        print(f"tf.data service dispatcher on port {args.port} for workers {args.workers}; train with "
-              f"--set data.service=grpc://{socket.gethostname()}:{args.port}", flush=True)
+        port = bound_port(server)
+        print(f"tf.data service dispatcher on port {port} for workers {args.workers}; train with "
+              f"--set data.service=grpc://{socket.gethostname()}:{port}", flush=True)
     else:
         if not args.dispatcher:
             raise UsageError("data-service worker needs --dispatcher host:port.")
+        if not args.port:
+            raise UsageError("data-service worker needs a fixed --port: the dispatcher's --workers lists it.")
         server = start_worker(args.dispatcher, args.port, args.address)
         print(f"tf.data service worker on port {args.port}, dispatcher {args.dispatcher}", flush=True)
     server.join()
@@ -402,7 +466,7 @@ def cmd_export(args):
     from centermask_tf.export.tflite import (
         non_builtin_ops, representative_dataset, saved_model_to_tflite, with_categories,
     )
-    from centermask_tf.files import write_bytes
+    from centermask_tf.files import remove_stale_temporaries, write_bytes
     from centermask_tf.predict import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
@@ -410,6 +474,10 @@ def cmd_export(args):
         print("note: exports carry fixed-size box masks (model.mask_size per box); model.assembly=native "
               "applies to evaluate, predict and CenterMask.detect")
         config.model.assembly = "box"
+    if args.format == "tflite":
+        if os.path.isdir(args.output):
+            raise UsageError(f"--output '{args.output}' is a folder; a TFLite export is a file (FILE.tflite).")
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(args.output)))  # killed exports' files
     detector = _detector(config, categories, args.workdir, args.weights)
     if args.format == "saved_model":
         path = export_saved_model(detector, args.output, args.version)
@@ -435,11 +503,11 @@ def cmd_export(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="centermask", description="CenterMask instance segmentation (TensorFlow/Keras)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up log lines")
     common.add_argument("--debug", action="store_true", help="show the traceback of a user error")
 
@@ -447,7 +515,7 @@ def build_parser():
         return commands.add_parser(name, parents=[common], **kwargs)
 
     info = command("info", help="parameters and FLOPs of configs' networks")
-    info.add_argument("--config", nargs="+", required=True, help="one or more YAML configs")
+    info.add_argument("--config", nargs="+", required=True, type=_path, help="one or more YAML configs")
     _add_set_arg(info, "model.input_size=256")
     info.add_argument(
         "--no-weights",
@@ -458,7 +526,7 @@ def build_parser():
 
     train = command("train", help="train a config into a workdir (resumes if rerun)")
     _add_config_args(train)
-    train.add_argument("--workdir", required=True, help="checkpoints, logs and results go here")
+    train.add_argument("--workdir", required=True, type=_path, help="checkpoints, logs and results go here")
     train.add_argument(
         "--overwrite", action="store_true",
         help="start over in a workdir that holds a run (the old run is moved into WORKDIR/previous/)",
@@ -471,68 +539,69 @@ def build_parser():
 
     evaluate = command("evaluate", help="COCO bbox/segm AP on the validation split")
     _add_config_args(evaluate)
-    evaluate.add_argument("--workdir", required=True, help="the training workdir")
+    evaluate.add_argument("--workdir", required=True, type=_path, help="the training workdir")
     _add_model_source_args(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = command("predict", help="overlay PNGs + predictions.json for images")
-    predict.add_argument("--workdir", required=True, help="the training workdir")
-    predict.add_argument("--input", required=True, help="an image file or a folder of images")
-    predict.add_argument("--output", required=True, help="folder for overlays and predictions.json")
-    predict.add_argument("--score", type=float, default=0.3, help="minimum detection score")
-    predict.add_argument("--max-pixels", type=int,
+    predict.add_argument("--workdir", required=True, type=_path, help="the training workdir")
+    predict.add_argument("--input", required=True, type=_path, help="an image file or a folder of images")
+    predict.add_argument("--output", required=True, type=_path, help="folder for overlays and predictions.json")
+    predict.add_argument("--score", type=_number(float, 0, 1), default=0.3, help="minimum detection score")
+    predict.add_argument("--max-pixels", type=_number(int, 1),
                          help="skip images that declare more pixels (default: PIL's limit, 89.5 M)")
-    predict.add_argument("--max-megabytes", type=float, help="skip larger files (default 200)")
+    predict.add_argument("--max-megabytes", type=_number(float, what="> 0", low=1e-9), help="skip larger files (default 200)")
     _add_set_arg(predict, _INFERENCE_SETTING)
     _add_model_source_args(predict)
     predict.set_defaults(handler=cmd_predict)
 
     demo = command("demo", help="shapes set -> train -> evaluate -> overlays, in one go")
-    demo.add_argument("--config", default="configs/shapes_tiny.yaml")
-    demo.add_argument("--workdir", default="work/demo")
-    demo.add_argument("--data", default="work/shapes", help="where the shapes set is (or goes)")
+    demo.add_argument("--config", default="configs/shapes_tiny.yaml", type=_path)
+    demo.add_argument("--workdir", default="work/demo", type=_path)
+    demo.add_argument("--data", default="work/shapes", type=_path, help="where the shapes set is (or goes)")
     _add_set_arg(demo, "train.epochs=10")
     demo.add_argument("--overwrite", action="store_true", help="retrain even if --workdir holds a finished run")
     demo.set_defaults(handler=cmd_demo)
 
     export = command("export", help="SavedModel for TF Serving, or TFLite")
-    export.add_argument("--workdir", required=True, help="the training workdir")
+    export.add_argument("--workdir", required=True, type=_path, help="the training workdir")
     export.add_argument("--format", required=True, choices=["saved_model", "tflite"])
-    export.add_argument("--output", required=True, help="saved_models/NAME, or FILE.tflite")
-    export.add_argument("--version", type=int, default=1, help="TF Serving model version")
+    export.add_argument("--output", required=True, type=_path, help="saved_models/NAME, or FILE.tflite")
+    export.add_argument("--version", type=_number(int, 1), default=1, help="TF Serving model version")
     export.add_argument(
         "--quantize", choices=["none", "fp16", "int8"], help="default: the config's export.quantize"
     )
-    export.add_argument("--weights", help="weights file (default: best, else last checkpoint)")
+    export.add_argument("--weights", type=_path, help="weights file (default: best, else last checkpoint)")
     _add_set_arg(export, _INFERENCE_SETTING)
     export.set_defaults(handler=cmd_export)
 
     ablation = command("ablate", help="mask AP with Local Shape only, Global Saliency only, and both")
-    ablation.add_argument("--workdir", required=True,
+    ablation.add_argument("--workdir", required=True, type=_path,
                           help="a workdir trained with both factors; with --train, where the three runs go")
     ablation.add_argument("--train", action="store_true", help="train one model per mode (needs --config)")
-    ablation.add_argument("--config", help="with --train: the config each mode is trained with")
+    ablation.add_argument("--config", type=_path, help="with --train: the config each mode is trained with")
     _add_set_arg(ablation, "eval.max_images=50")
-    ablation.add_argument("--images", type=int, default=4, help="validation images in ablation.png")
+    ablation.add_argument("--images", type=_number(int, 1), default=4, help="validation images in ablation.png")
     ablation.set_defaults(handler=cmd_ablate)
 
     service = command("data-service", help="run a tf.data service dispatcher or worker (data.service)")
     service.add_argument("role", choices=["dispatcher", "worker"])
-    service.add_argument("--port", type=int, default=5050, help="port to serve on (default 5050)")
+    service.add_argument("--port", type=_number(int, 0, 65535), default=5050,
+                         help="port to serve on (default 5050; 0: any free port, printed)")
     service.add_argument("--workers", help="dispatcher: the workers, host:port,host:port,...")
     service.add_argument("--dispatcher", help="worker: the dispatcher's host:port")
     service.add_argument("--address", help="worker: its host:port as the dispatcher lists it (default: hostname:port)")
     service.set_defaults(handler=cmd_data_service)
 
     shapes = command("make-shapes", help="write the synthetic COCO-format shapes set")
-    shapes.add_argument("--output", required=True, help="dataset folder to create")
-    shapes.add_argument("--train", type=int, help="training images (default 600)")
-    shapes.add_argument("--val", type=int, help="validation images (default 100)")
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--image-size", type=int, help="longest image side (default 128)")
+    shapes.add_argument("--output", required=True, type=_path, help="dataset folder to create")
+    shapes.add_argument("--train", type=_number(int, 0), help="training images (default 600)")
+    shapes.add_argument("--val", type=_number(int, 0), help="validation images (default 100)")
+    shapes.add_argument("--seed", type=_number(int, 0), default=0)
+    shapes.add_argument("--image-size", type=_number(int, 32), help="longest image side (default 128)")
     shapes.add_argument("--preset", choices=["coco-val"],
                         help="coco-val: 5,000 validation images shaped like COCO val2017 (640 px, ~7 objects, crowd)")
-    shapes.add_argument("--occlusion", type=float, metavar="P",
+    shapes.add_argument("--occlusion", type=_number(float, 0, 1), metavar="P",
                         help="fraction of objects placed over an earlier one (0-1; default: uniform positions)")
     shapes.add_argument("--object-size", type=float, nargs=2, metavar=("MIN", "MAX"),
                         help="object size range as fractions of the image side (default 0.12 0.55)")
@@ -546,13 +615,13 @@ def build_parser():
         "images/s; scale: TFDS build and evaluation on 5,000 COCO-sized images; all: every one "
         "but scale",
     )
-    bench.add_argument("--config", nargs="+", help="configs (default: the four COCO/edge configs)")
+    bench.add_argument("--config", nargs="+", type=_path, help="configs (default: the four COCO/edge configs)")
     _add_set_arg(bench)
     bench.add_argument("--quick", action="store_true", help="two configs, few runs: minutes, not an hour")
-    bench.add_argument("--runs", type=int, help="timed runs (default 20, 5 with --quick)")
-    bench.add_argument("--results", default="benchmarks/results.json", help="JSON file appended to")
+    bench.add_argument("--runs", type=_number(int, 1), help="timed runs (default 20, 5 with --quick)")
+    bench.add_argument("--results", default="benchmarks/results.json", type=_path, help="JSON file appended to")
     bench.add_argument("--plots", action="store_true", help="also draw PNG plots next to --results (matplotlib)")
-    bench.add_argument("--cache", help="scale: where the generated set is kept between runs (~/.cache/centermask_tf)")
+    bench.add_argument("--cache", type=_path, help="scale: where the generated set is kept between runs (~/.cache/centermask_tf)")
     bench.set_defaults(handler=cmd_benchmark)
     return parser
 
@@ -585,10 +654,22 @@ def _import_tensorflow_quietly():
 
 
 def _one_line(error):
-    """The message of a user error on one line."""
-    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename:
-        return f"{error.strerror}: '{error.filename}'. Check the path and its permissions."
-    return " ".join(str(error).split())
+    """`(message on one line, exit code)`: 2 for what the user can fix, 1 for the rest."""
+    from centermask_tf.files import disk_full
+
+    if isinstance(error, UserError):
+        return " ".join(str(error).split()), 2
+    if disk_full(error):
+        where = f" in '{error.filename}'" if isinstance(error, OSError) and error.filename else ""
+        return f"the disk is full{where}; free some space and rerun the same command (earlier files are intact).", 2
+    if isinstance(error, MemoryError) or "bad_alloc" in str(error) or type(error).__name__ == "ResourceExhaustedError":
+        return (f"out of memory ({type(error).__name__}); lower train.batch_size, eval.batch_size or "
+                "model.input_size, or free memory, and rerun the same command."), 2
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.strerror}: '{error.filename}'. Check the path and its permissions.", 2
+    first = " ".join(str(error).split())[:300] or "no message"
+    return (f"{type(error).__name__}: {first} (not an error we expected: rerun with --debug for the "
+            "traceback and report it)"), 1
 
 
 def main(argv=None):
@@ -603,16 +684,19 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.handler(args)
-    except (UserError, OSError) as e:
-        # Every error a user can cause is a UserError; an OSError names the path it hit (a
-        # read-only folder, a full disk). One line, unless --debug asks for the traceback.
-        if args.debug or (isinstance(e, OSError) and not isinstance(e, UserError) and not e.filename):
-            raise
-        print(f"centermask {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"centermask {args.command}: interrupted; rerun the same command to continue.", file=sys.stderr)
         return 130
+    except Exception as e:
+        # The one place an error becomes a line: every error a user can cause is a UserError,
+        # an OSError names the path it hit, a full disk or memory says what to free; anything
+        # else is a bug or a library's failure, still one line (exit 1) and the traceback with
+        # --debug.
+        if args.debug:
+            raise
+        message, code = _one_line(e)
+        print(f"centermask {args.command}: error: {message}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -220,9 +220,11 @@ class DataConfig:
     beam_options: list[str] = field(default_factory=list)
 
     def validate(self):
-        if self.service is not None and not re.fullmatch(r"grpc://[^:/\s]+:\d+", self.service):
+        port = re.fullmatch(r"grpc://[^:/\s]+:(\d+)", self.service or "")
+        if self.service is not None and not (port and 1 <= int(port.group(1)) <= 65535):
             raise ConfigError(
-                f"data.service must look like grpc://host:port (a tf.data service dispatcher), got {self.service!r}."
+                "data.service must look like grpc://host:port with a port in 1-65535 (a tf.data "
+                f"service dispatcher), got {self.service!r}."
             )
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(
@@ -428,8 +430,25 @@ def _apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"Override '{dotted}': '{part}' is not a section.")
-    # YAML parsing gives numbers, booleans, null and lists the same meaning as in the file.
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[parts[-1]] = _override_value(parts, text)
+
+
+def _override_value(parts, text):
+    """A string field keeps the text verbatim (YAML would drop what follows ` #` and turn
+    `a: b` into a mapping: wrong for paths); `null`, `~` or nothing unsets an optional one.
+    Other fields are parsed as YAML, so numbers, booleans, null and lists mean what they mean in
+    the file."""
+    hint = Config
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(hint)} if dataclasses.is_dataclass(hint) else {}
+        if part not in fields:
+            hint = None  # an unknown key: reported with a suggestion when the config is built
+            break
+        hint = typing.get_type_hints(hint)[part]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if hint is not None and str in (hint, *typing.get_args(hint)):
+        return None if optional and text.strip() in ("", "null", "~") else text
+    return yaml.safe_load(text) if text.strip() else None
 
 
 def config_from_dict(raw: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config:

@@ -16,6 +16,8 @@ all take it.
 """
 
 import dataclasses
+import json
+import logging
 import os
 
 import keras
@@ -25,12 +27,16 @@ import tensorflow as tf
 from centermask_tf.config import Config, config_from_dict
 from centermask_tf.decode import CenterMaskDecoder, inference_network
 from centermask_tf.errors import UserError
+from centermask_tf.files import sha256_of, write_json
 from centermask_tf.fcos_decode import FcosDecoder
 from centermask_tf.losses import compute_losses, loss_names
 from centermask_tf.model.centermask import build_model, network_factors
 from centermask_tf.model.heads import mask_heads
 
 PRESET_WEIGHTS = "model.weights.h5"
+PRESET_DIGESTS = "digests.json"
+PRESET_FILES = ("config.yaml", "categories.json", PRESET_WEIGHTS)
+logger = logging.getLogger("centermask_tf.detector")
 
 
 class PresetError(UserError):
@@ -161,12 +167,21 @@ class CenterMask(keras.Model):
             `class_names` (N strings) and `masks` bool `[N, H, W]` at the image's size.
         """
         from centermask_tf.evaluation import mask_boxes, paste_instances
-        from centermask_tf.predict import letterbox_image, load_image
+        from centermask_tf.images import load_image
+        from centermask_tf.predict import letterbox_image
 
-        single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
-        arrays = [load_image(x) if isinstance(x, (str, os.PathLike)) else _as_image(x) for x in ([images] if single else images)]
         threshold = self.config.model.score_threshold if score_threshold is None else score_threshold
         limit = self.config.model.max_detections if max_detections is None else max_detections
+        _check_argument("score_threshold", threshold, float, 0, 1)
+        _check_argument("max_detections", limit, int, 0)
+        _check_argument("batch_size", batch_size, int, 1)
+        single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
+        if images is None or not (single or isinstance(images, (list, tuple, np.ndarray))):
+            raise UserError(
+                "detect() takes an image ([H, W, 3] uint8 array or file path) or a list of them; "
+                f"got {type(images).__name__}."
+            )
+        arrays = [load_image(x) if isinstance(x, (str, os.PathLike)) else _as_image(x) for x in ([images] if single else images)]
         results = []
         for start in range(0, len(arrays), batch_size):
             chunk = arrays[start : start + batch_size]
@@ -230,17 +245,21 @@ class CenterMask(keras.Model):
                 f"'{path}': only local preset folders are supported; download it and pass the folder."
             )
         config, categories = load_workdir(path, overrides)
+        _check_digests(path)
         return cls.with_weights(config, categories, os.path.join(path, PRESET_WEIGHTS), trained_factors(path))
 
     def save_to_preset(self, path):
         """Writes `config.yaml`, `categories.json` and `model.weights.h5` (the network's weights)
-        into the folder `path`, each file atomically. The config records the mask heads the
-        network has (its trained `mask_factors`)."""
+        into the folder `path`, each file atomically, then `digests.json`, their SHA-256, which
+        `from_preset` checks. The config records the mask heads the network has (its trained
+        `mask_factors`)."""
         from centermask_tf.training import save_run_files, save_weights
 
         config = config_from_dict(self.config.to_dict(), [f"model.mask_factors={network_factors(self.network)}"])
         save_run_files(config, path, self.categories)  # what `load_workdir` reads back
         save_weights(self.network, os.path.join(path, PRESET_WEIGHTS), "preset")
+        write_json(os.path.join(path, PRESET_DIGESTS),
+                   {"sha256": {name: sha256_of(os.path.join(path, name)) for name in PRESET_FILES}})
 
     @classmethod
     def with_weights(cls, config, categories, weights, trained_factors=None):
@@ -262,6 +281,27 @@ class CenterMask(keras.Model):
         return cls(config, categories, network)
 
 
+def _check_digests(path):
+    """Refuses a preset whose files differ from the digests written when it was saved (a
+    damaged download or copy loads without a word and detects other boxes)."""
+    try:
+        with open(os.path.join(path, PRESET_DIGESTS), encoding="utf-8") as f:
+            digests = json.load(f)["sha256"]
+    except FileNotFoundError:
+        logger.warning("preset '%s' has no %s (saved by an older version): its files are not checked",
+                       path, PRESET_DIGESTS)
+        return
+    except (ValueError, KeyError, TypeError) as e:
+        raise PresetError(f"'{os.path.join(path, PRESET_DIGESTS)}' is damaged ({e}); copy the preset again.") from None
+    for name in PRESET_FILES:
+        if name in digests and sha256_of(os.path.join(path, name)) != digests[name]:
+            raise PresetError(
+                f"'{os.path.join(path, name)}' does not match its SHA-256 in {PRESET_DIGESTS}: it was damaged "
+                "or changed after the preset was saved. Copy or download the preset again (or save it anew "
+                "with CenterMask.save_to_preset)."
+            )
+
+
 def trained_factors(folder):
     """The `model.mask_factors` a workdir or preset was trained with (its saved config's)."""
     from centermask_tf.predict import load_workdir
@@ -271,6 +311,18 @@ def trained_factors(folder):
 
 def _as_image(array):
     image = np.asarray(array)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise UserError(f"detect() takes uint8 [H, W, 3] images; got {image.dtype} {list(image.shape)}.")
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+        raise UserError(
+            f"detect() takes uint8 [H, W, 3] images with H, W > 0 (or file paths); got {image.dtype} {list(image.shape)}."
+        )
     return image
+
+
+def _check_argument(name, value, kind, low, high=None):
+    """Refuses a `detect()` argument that is not a finite `kind` in [low, high]."""
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if kind is int:
+        numeric = numeric and float(value).is_integer()
+    if not numeric or not np.isfinite(value) or value < low or (high is not None and value > high):
+        wanted = f"an integer >= {low}" if kind is int else f"a number in [{low}, {high}]"
+        raise UserError(f"detect(): {name} must be {wanted}; got {value!r}.")

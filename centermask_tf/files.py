@@ -15,9 +15,11 @@ import collections
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -61,6 +63,14 @@ def _inject(point):
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     raise InjectedFault(f"injected fault at write point {point}")
+
+
+def disk_full(error):
+    """Whether an error (an `OSError`, or a TensorFlow/h5py error that wraps one in its text)
+    means the disk or the quota is full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
 
 
 def ensure_space(directory, needed):
@@ -107,7 +117,7 @@ def atomic_write(path, write, point=None, expected_size=0):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(e):
             raise DiskFullError(
                 f"disk full while writing '{path}'; files written before are intact. Free some "
                 "space and rerun the same command."
@@ -141,14 +151,40 @@ def write_json(path, data, point=None, indent=1):
     return write_text(path, json.dumps(data, indent=indent), point)
 
 
+def sha256_of(path):
+    """The SHA-256 hex digest of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def remove_stale_temporaries(directory):
-    """Deletes the temporary files that killed writes left in `directory`."""
+    """Deletes the temporary files and folders (`.tmp-<pid>-...`) that killed writes left in
+    `directory`; those of live processes, still being written, are left alone."""
     if not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
-        if name.startswith(".tmp-"):
+        match = re.match(r"\.tmp-(\d+)-", name)
+        if not match or (_alive(int(match.group(1))) and int(match.group(1)) != os.getpid()):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(directory, name))
+                os.remove(path)
 
 
 def _holder(path, attempts=40):

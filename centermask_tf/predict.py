@@ -16,47 +16,57 @@ import colorsys
 import json
 import logging
 import os
-import warnings
 
 import numpy as np
 import tensorflow as tf
 import yaml
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from centermask_tf.config import config_from_dict
 from centermask_tf.errors import MissingError, UserError
-from centermask_tf.files import atomic_write, write_json
+from centermask_tf.files import atomic_write, remove_stale_temporaries, write_json
 from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.evaluation import coco_results, to_original_image
+from centermask_tf.images import DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image
 
 logger = logging.getLogger("centermask_tf.predict")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 OVERLAY_SUFFIX = ".overlay.png"
-# PIL's own decompression-bomb limit (about 89.5 megapixels, 268 MB as RGB).
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-DEFAULT_MAX_MEGABYTES = 200
-
-
-class ImageError(UserError):
-    """An input image that cannot be used; the message says why."""
 
 
 def load_workdir(workdir, overrides=()):
     """The resolved `Config` (with `overrides`, "key=value") and category list a training run
     saved in its workdir."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise MissingError(f"'{workdir}' is a file; pass the training workdir (or preset) folder that holds it.")
+    config_path, categories_path = os.path.join(workdir, "config.yaml"), os.path.join(workdir, "categories.json")
+    raw = _read_run_file(workdir, config_path, yaml.safe_load, "YAML")
+    categories = _read_run_file(workdir, categories_path, json.load, "JSON")
+    if not isinstance(raw, dict):
+        raise UserError(f"'{config_path}' must hold a mapping of config sections; restore it or retrain.")
+    if not (isinstance(categories, list) and all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str) for c in categories)):
+        raise UserError(f"'{categories_path}' must be a list of {{\"id\": int, \"name\": str}}; restore it or retrain.")
     try:
-        with open(os.path.join(workdir, "config.yaml")) as f:
-            config = config_from_dict(yaml.safe_load(f), overrides)
-        with open(os.path.join(workdir, "categories.json")) as f:
-            categories = json.load(f)
-    except FileNotFoundError as e:
+        return config_from_dict(raw, overrides), categories
+    except UserError as e:
+        raise type(e)(f"{config_path}: {e}") from None
+
+
+def _read_run_file(workdir, path, parse, kind):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f)
+    except FileNotFoundError:
         raise MissingError(
-            f"'{workdir}' is not a training workdir ({e.filename} is missing); "
-            "run `centermask train --workdir` first."
+            f"'{workdir}' is not a training workdir ({path} is missing); run `centermask train --workdir` first."
         ) from None
-    return config, categories
+    except (ValueError, yaml.YAMLError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise UserError(
+            f"'{path}' is not valid {kind} ({' '.join(str(e).split())[:120]}); it is written by "
+            "`centermask train`: restore it or retrain."
+        ) from None
 
 
 def image_files(path):
@@ -73,42 +83,6 @@ def image_files(path):
     if not os.path.isfile(path):
         raise MissingError(f"--input '{path}' does not exist.")
     return [path]
-
-
-def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_MEGABYTES):
-    """RGB uint8 `[H, W, 3]` of an image file as displayed (EXIF orientation applied; grayscale,
-    palette and RGBA converted).
-
-    Raises:
-        ImageError: the file is empty, larger than `max_megabytes`, declares more than
-            `max_pixels` pixels (checked from its header, before decoding), or does not decode.
-    """
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise ImageError(f"'{path}': {e.strerror}") from None
-    if size == 0:
-        raise ImageError(f"'{path}' is empty (0 bytes)")
-    if size > max_megabytes * 1e6:
-        raise ImageError(f"'{path}' is {size / 1e6:.0f} MB, over the {max_megabytes} MB limit (--max-megabytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit applies
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageError(
-                        f"'{path}' declares {width}x{height} = {width * height / 1e6:.0f} megapixels, over "
-                        f"the {max_pixels / 1e6:.0f} megapixel limit (--max-pixels)"
-                    )
-                return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except Image.DecompressionBombError:  # PIL's own hard limit, 2x its default, hit while opening
-        raise ImageError(
-            f"'{path}' declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, over the "
-            f"{min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS) / 1e6:.0f} megapixel limit (--max-pixels)"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"'{path}' is not a readable image ({' '.join(str(e).split())[:120]})") from None
 
 
 def letterbox_image(image, size):
@@ -162,6 +136,7 @@ def predict_files(
         file that was skipped.
     """
     os.makedirs(output, exist_ok=True)
+    remove_stale_temporaries(output)  # overlays and JSON half-written by a killed run
     ids = [c["id"] for c in categories]
     names = [c["name"] for c in categories]
     predictions = []

@@ -14,9 +14,11 @@ The workdir (layout, epoch commits, resume and refusals) is described in `workdi
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
+import re
 import sys
 
 import keras
@@ -118,10 +120,31 @@ def make_strategy(name="mirrored"):
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name) if gpus else tf.distribute.get_strategy()
     if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--strategy multi_worker needs the TF_CONFIG environment variable.")
+        _check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise UserError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+
+
+def _check_tf_config(text):
+    """Refuses a TF_CONFIG that MultiWorkerMirroredStrategy would fail on deep inside TF (or
+    wait on forever): JSON with a `cluster` of "host:port" lists and a `task` in it."""
+    if not text:
+        raise UserError("--strategy multi_worker needs the TF_CONFIG environment variable.")
+    try:
+        tf_config = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"TF_CONFIG is not valid JSON ({e}).") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    if not (isinstance(cluster, dict) and cluster and all(
+            isinstance(hosts, list) and all(re.fullmatch(r"[^:\s]+:\d{1,5}", str(h)) for h in hosts)
+            for hosts in cluster.values())):
+        raise UserError('TF_CONFIG needs "cluster": {"worker": ["host:port", ...], ...}; got '
+                        f"{json.dumps(cluster) if cluster is not None else 'none'}.")
+    if not (isinstance(task, dict) and task.get("type") in cluster and isinstance(task.get("index"), int)
+            and 0 <= task["index"] < len(cluster[task["type"]])):
+        raise UserError(f'TF_CONFIG needs "task": {{"type": one of {sorted(cluster)}, "index": its position}}; '
+                        f"got {json.dumps(task)}.")
 
 
 def _is_chief(strategy):

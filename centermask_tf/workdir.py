@@ -4,7 +4,7 @@
     WORKDIR/state.json                       the commit record: epochs done, best value, history
     WORKDIR/checkpoints/{last,best}.weights.h5
     WORKDIR/backup/epoch_NNNN.weights.h5     network + optimizer state of the committed epoch
-    WORKDIR/history.csv, logs/, eval/, model.keras
+    WORKDIR/history.csv, logs/, eval/, model.keras, ablate/, exports.json
     WORKDIR/previous/<time>/                 earlier runs moved aside by --overwrite
     WORKDIR/.lock                            held by the process that trains here
 
@@ -36,8 +36,10 @@ from centermask_tf.errors import UserError
 logger = logging.getLogger("centermask_tf.workdir")
 
 # What a run owns; `--overwrite` moves these aside together.
+# Where `demo` records the artifacts it exported of this run.
+EXPORTS_RECORD = "exports.json"
 RUN_FILES = ("config.yaml", "categories.json", "state.json", "checkpoints", "backup", "history.csv",
-             "logs", "eval", "model.keras", "predictions")
+             "logs", "eval", "model.keras", "predictions", "ablate", EXPORTS_RECORD)
 # Keys that may change between a run and its continuation.
 RESUMABLE_KEYS = ("train.epochs", "eval.", "data.service", "data.build_workers", "data.beam_options")
 _PENDING = re.compile(r"^\.pending-(last|best)-(\d+)\.weights\.h5$")

@@ -65,3 +65,17 @@ def test_wrong_type_or_value_is_named(override, message):
 
 def test_int_is_accepted_for_float():
     assert config_from_dict({}, ["train.learning_rate=1"]).train.learning_rate == 1.0
+
+
+def test_override_keeps_string_values_verbatim():
+    """YAML would read `shapes/train #old copy` as `shapes/train` (a comment) and `a: b` as a
+    mapping; a string field takes the text as given, and null/~/nothing unset an optional one."""
+    config = load_config("configs/shapes_tiny.yaml", [
+        "data.train.images=shapes/train #old copy", "data.val.images=a: b", "model.weights=null",
+        "data.service=", "model.input_size=64", "eval.flip_test=true", "data.scale_range=[0.5, 1]",
+    ])
+    assert config.data.train.images == "shapes/train #old copy" and config.data.val.images == "a: b"
+    assert config.model.weights is None and config.data.service is None
+    assert config.model.input_size == 64 and config.eval.flip_test is True and config.data.scale_range == [0.5, 1.0]
+    with pytest.raises(ConfigError, match=r"got 'resnet18 #x'"):
+        load_config("configs/shapes_tiny.yaml", ["model.backbone=resnet18 #x"])

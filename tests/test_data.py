@@ -470,7 +470,7 @@ def _exif_rotated_jpeg(path, displayed, orientation=6):
 
 @pytest.mark.parametrize("height, width", [(40, 60), (48, 48)])
 def test_exif_rotated_training_image_has_its_mask_on_its_object(tmp_path, height, width):
-    from centermask_tf.predict import load_image
+    from centermask_tf.images import load_image
 
     displayed = np.zeros((height, width, 3), np.uint8)
     displayed[5:15, width - 25 : width - 5] = 255  # a white box near the top-right corner

@@ -14,6 +14,7 @@ from centermask_tf import CenterMask
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.detector import PresetError
+from centermask_tf.errors import UserError
 from centermask_tf.training import save_run_files
 
 CONFIG = "configs/shapes_tiny.yaml"
@@ -120,13 +121,58 @@ def test_keras_file_and_preset_round_trips_detect_identically(shapes, workdir, t
     loaded = keras.saving.load_model(str(tmp_path / "detector.keras"), safe_mode=True)
     detector.save_to_preset(str(tmp_path / "preset"))
     preset = CenterMask.from_preset(str(tmp_path / "preset"))
-    assert sorted(os.listdir(tmp_path / "preset")) == ["categories.json", "config.yaml", "model.weights.h5"]
+    assert sorted(os.listdir(tmp_path / "preset")) == ["categories.json", "config.yaml", "digests.json", "model.weights.h5"]
     for other in (loaded, preset):
         assert isinstance(other, CenterMask) and other.categories == CATEGORIES
         for got, want in zip(other.detect(images), expected):
             for key in ("boxes", "scores", "class_ids", "masks"):
                 np.testing.assert_array_equal(got[key], want[key])
             assert got["class_names"] == want["class_names"]
+
+
+def test_a_damaged_preset_is_refused_and_one_without_digests_loads_with_a_warning(workdir, tmp_path, caplog):
+    directory, _, _ = workdir
+    CenterMask.from_workdir(str(directory)).save_to_preset(str(tmp_path / "preset"))
+    weights = tmp_path / "preset" / "model.weights.h5"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 20000] = bytes(b ^ 0xFF for b in data[middle : middle + 20000])  # 20 KB flipped
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PresetError, match=r"model\.weights\.h5' does not match its SHA-256 in digests\.json"):
+        CenterMask.from_preset(str(tmp_path / "preset"))
+    (tmp_path / "preset" / "config.yaml").write_text("model: [not, a, mapping")
+    with pytest.raises(UserError, match=r"config\.yaml' is not valid YAML"):
+        CenterMask.from_preset(str(tmp_path / "preset"))
+    with pytest.raises(UserError, match="is a file"):
+        CenterMask.from_preset(str(weights))
+
+    CenterMask.from_workdir(str(directory)).save_to_preset(str(tmp_path / "old"))
+    os.remove(tmp_path / "old" / "digests.json")
+    with caplog.at_level("WARNING"):
+        assert isinstance(CenterMask.from_preset(str(tmp_path / "old")), CenterMask)
+    assert "has no digests.json (saved by an older version)" in caplog.text
+
+
+def test_detect_arguments_are_checked(workdir):
+    directory, _, _ = workdir
+    detector = CenterMask.from_workdir(str(directory))
+    image = np.zeros((32, 48, 3), np.uint8)
+    for kwargs, message in (
+        ({"max_detections": -1}, r"max_detections must be an integer >= 0; got -1"),
+        ({"max_detections": 2.5}, r"max_detections must be an integer"),
+        ({"score_threshold": float("nan")}, r"score_threshold must be a number in \[0, 1\]"),
+        ({"score_threshold": 1.5}, r"score_threshold must be a number in \[0, 1\]"),
+        ({"batch_size": 0}, r"batch_size must be an integer >= 1; got 0"),
+    ):
+        with pytest.raises(UserError, match=message):
+            detector.detect(image, **kwargs)
+    for images, message in ((None, "got NoneType"), (np.zeros((0, 5, 3), np.uint8), r"H, W > 0"),
+                            ([np.zeros((4, 4), np.uint8)], r"uint8 \[H, W, 3\]"), (3, "got int")):
+        with pytest.raises(UserError, match=message):
+            detector.detect(images)
+    assert detector.detect([]) == []
+    (none,) = detector.detect(image, max_detections=0)
+    assert len(none["scores"]) == 0 and none["masks"].shape == (0, 32, 48)
 
 
 def test_hub_handles_get_a_clear_error():

@@ -18,7 +18,8 @@ from centermask_tf.config import config_from_dict, load_config
 from centermask_tf.data.shapes import make_shapes
 from centermask_tf.detector import CenterMask
 from centermask_tf.export.tflite import non_builtin_ops, run_tflite
-from centermask_tf.predict import load_image, letterbox_image
+from centermask_tf.images import load_image
+from centermask_tf.predict import letterbox_image
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.training import config_train_dataset, save_run_files
 
@@ -363,3 +364,35 @@ def test_serve_client_sends_exif_rotated_photos_upright(tmp_path, image):
     Image.fromarray(image).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif.tobytes())
     sent = tf.io.decode_png(client.upright_bytes(str(tmp_path / "phone.png"))).numpy()
     np.testing.assert_array_equal(sent, image)
+
+
+def test_a_16_bit_png_gives_the_detections_of_its_8_bit_version_everywhere(workdir, saved_model, tmp_path):
+    """`detect`, `predict` and the SavedModel all read images with one decoder: a 16-bit grey
+    PNG (PIL's RGB conversion clipped it to white) detects exactly as its 8-bit version."""
+    from PIL import Image
+
+    root, config, detector = workdir
+    name = sorted(os.listdir(config.data.val.images))[0]
+    grey = load_image(os.path.join(config.data.val.images, name)).mean(-1).round().astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(grey).save(folder / "a8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "b16.png")
+    with Image.open(folder / "b16.png") as check:
+        assert check.mode == "I;16"
+    eight, sixteen = detector.detect([str(folder / "a8.png"), str(folder / "b16.png")], score_threshold=0.0)
+    assert len(eight["scores"]) > 0
+    for key in ("boxes", "scores", "class_ids", "masks"):
+        np.testing.assert_array_equal(eight[key], sixteen[key], err_msg=key)
+
+    assert main(["predict", "--workdir", str(root), "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--score", "0"]) == 0
+    with open(tmp_path / "out" / "predictions.json") as f:
+        by_file = {os.path.basename(p["file"]): p["detections"] for p in json.load(f)}
+    assert by_file["a8.png"] and by_file["a8.png"] == by_file["b16.png"]
+
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    outputs = serve(image_bytes=tf.constant([(folder / n).read_bytes() for n in ("a8.png", "b16.png")]))
+    for key, value in outputs.items():
+        np.testing.assert_array_equal(value[0], value[1], err_msg=key)
+    assert float(outputs["num_detections"][0]) > 0

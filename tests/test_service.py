@@ -48,3 +48,46 @@ def test_service_address_is_checked():
     with pytest.raises(ConfigError, match="grpc://host:port"):
         load_config("configs/shapes_tiny.yaml", ["data.service=localhost:5050"])
     assert main(["data-service", "dispatcher", "--port", "0"]) == 2
+
+
+def test_an_address_where_nothing_listens_is_refused_within_the_connect_timeout(shapes, tmp_path, capsys):
+    import time
+
+    from centermask_tf.data.service import CONNECT_TIMEOUT, _free_port
+
+    start = time.monotonic()
+    assert main(train_args(shapes, tmp_path, f"data.service=grpc://localhost:{_free_port()}")) == 2
+    assert time.monotonic() - start < CONNECT_TIMEOUT + 20
+    assert "no tf.data service dispatcher answers at localhost:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["grpc://localhost:99999999", "grpc://localhost:0", "grpc://a b:5050"])
+def test_service_ports_out_of_range_are_refused(address):
+    from centermask_tf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="port in 1-65535"):
+        load_config("configs/shapes_tiny.yaml", [f"data.service={address}"])
+
+
+def test_dispatcher_prints_the_port_it_took_and_a_busy_port_is_refused():
+    """`--port 0` takes a free port and prints it; a second dispatcher on that port is refused
+    (gRPC would let both listen); a worker's malformed --dispatcher is refused at once."""
+    import socket
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "centermask_tf.cli", "data-service", "dispatcher", "--workers", "localhost:1"]
+    first = subprocess.Popen([*command, "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = first.stdout.readline()
+        port = int(line.split("dispatcher on port ")[1].split()[0])
+        assert port > 0 and f"grpc://{socket.gethostname()}:{port}" in line
+        socket.create_connection(("localhost", port), timeout=5).close()
+        second = subprocess.run([*command, "--port", str(port)], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"port {port} is already in use" in second.stderr
+    finally:
+        first.kill()
+    worker = subprocess.run([sys.executable, "-m", "centermask_tf.cli", "data-service", "worker",
+                             "--dispatcher", "not a host:::", "--port", "5051"],
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2 and "--dispatcher must be host:port" in worker.stderr

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 from pycocotools.coco import COCO
 
 from centermask_tf.errors import UserError
+from centermask_tf.images import exif_orientation
 
 logger = logging.getLogger("centermask_tf.data")
 
@@ -227,16 +227,6 @@ def _resolve(root, file_name):
     root = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root, file_name))
     return path if os.path.commonpath([root, path]) == root else None
-
-
-def exif_orientation(path):
-    """The EXIF Orientation tag of an image file (1, upright, when absent or unreadable)."""
-    try:
-        with Image.open(path) as image:
-            orientation = image.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return 1
-    return orientation if orientation in range(1, 9) else 1
 
 
 def _check_image(path, height, width, where, report):

@@ -15,6 +15,7 @@ pixel; the image sits at the canvas's top-left corner).
 
 import tensorflow as tf
 
+from centermask_tf.data.service import wait_reachable
 from centermask_tf.data.targets import encode_targets
 
 
@@ -250,7 +251,9 @@ def from_service(address, deterministic=False):
     and then each worker prepares every batch and keeps its share). In deterministic mode
     always by batch, so the batches are exactly the in-process ones, at the cost of repeated
     work. Both need the dispatcher to know its workers (`centermask data-service dispatcher
-    --workers`)."""
+    --workers`). An address where no dispatcher answers is refused within
+    `service.CONNECT_TIMEOUT` seconds (tf.data itself would wait forever, silently)."""
+    wait_reachable(address, "data.service")
     policy = tf.data.experimental.service.ShardingPolicy
     return tf.data.experimental.service.distribute(
         processing_mode=policy.DATA if deterministic else policy.FILE_OR_DATA, service=address

@@ -280,12 +280,15 @@ def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=No
         {"train": (images, annotations, occluded), "val": (...)} counts of the written splits;
         `occluded` counts the annotations whose object is partly hidden by a later one.
     """
-    os.makedirs(os.path.join(output, "annotations"), exist_ok=True)
+    for name, value, low in (("train", train, 0), ("val", val, 0), ("image_size", image_size, 32), ("seed", seed, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise UserError(f"make_shapes: {name} must be an integer >= {low}, got {value!r}.")
     rng = np.random.default_rng(seed)
     if occlusion is not None and not 0 <= occlusion <= 1:
         raise UserError(f"--occlusion must be a fraction between 0 and 1, got {occlusion}.")
     if not 0 < layout.sizes[0] <= layout.sizes[1] <= 1:
         raise UserError(f"--object-size must be MIN MAX with 0 < MIN <= MAX <= 1, got {list(layout.sizes)}.")
+    os.makedirs(os.path.join(output, "annotations"), exist_ok=True)
     counts = {}
     # Validation ids start far from training ids: image ids are arbitrary in COCO.
     for split, count, first_id in (("train", train, 1), ("val", val, 100001)):

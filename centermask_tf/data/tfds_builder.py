@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -42,12 +41,13 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image, ImageOps
 
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import Categories, DataError, FaultReport, image_record, load_annotations, open_coco
-from centermask_tf.files import locked
+from centermask_tf.files import DiskFullError, disk_full, locked
+from centermask_tf.images import decode_image, exif_orientation, orient
 from centermask_tf.processes import process_pool
 
 logger = logging.getLogger("centermask_tf.data")
@@ -271,14 +271,9 @@ def _read(path):
 
 
 def upright_bytes(path):
-    """PNG bytes of the image with its EXIF orientation applied."""
-    with Image.open(path) as image:
-        upright = ImageOps.exif_transpose(image)
-        if upright.mode not in ("1", "L", "LA", "I", "P", "RGB", "RGBA"):  # CMYK JPEGs: PNG has no CMYK
-            upright = upright.convert("RGB")
-        buffer = io.BytesIO()
-        upright.save(buffer, format="PNG")
-    return buffer.getvalue()
+    """PNG bytes of the image as displayed (its EXIF orientation applied), decoded by the one
+    image reader, so training sees the pixels `predict` and `detect` see."""
+    return tf.io.encode_png(orient(decode_image(_read(path)), exif_orientation(path))).numpy()
 
 
 def _image_stats(content, root):
@@ -371,7 +366,16 @@ def prepare_dataset(data_config, splits=SPLITS):
             logger.info("building TFDS dataset %s in %s", config.name, data_config.tfds_data_dir)
             if not sys.stderr.isatty():  # progress bars in a log file are a line per update
                 tfds.disable_progress_bar()
-            builder.download_and_prepare(download_config=_download_config(config))
+            try:
+                builder.download_and_prepare(download_config=_download_config(config))
+            except (OSError, tf.errors.OpError) as e:
+                if not disk_full(e):
+                    raise
+                raise DiskFullError(
+                    f"disk full while building the dataset in '{data_config.tfds_data_dir}' "
+                    "(data.tfds_data_dir); free some space and rerun the same command (the partial "
+                    "build is removed then)."
+                ) from None
     return builder
 
 
@@ -386,4 +390,14 @@ def _download_config(config):
             "data.beam_options builds through Apache Beam, which is not installed: "
             ".venv/bin/pip install -e '.[beam]' (or set data.beam_options: [] to build without Beam)."
         ) from None
-    return tfds.download.DownloadConfig(beam_options=PipelineOptions(list(config.beam_options)))
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.runners.runner import create_runner
+
+    options = PipelineOptions(list(config.beam_options))
+    runner = options.view_as(StandardOptions).runner
+    if runner:
+        try:  # checked here: an unknown runner fails deep inside the build otherwise
+            create_runner(runner)
+        except ValueError as e:
+            raise ConfigError(f"data.beam_options: {' '.join(str(e).split())[:300]}") from None
+    return tfds.download.DownloadConfig(beam_options=options)

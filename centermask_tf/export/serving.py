@@ -22,6 +22,7 @@ Export goes through `keras.export.ExportArchive`, which keeps the network's weig
 """
 
 import os
+import shutil
 
 import keras
 import tensorflow as tf
@@ -29,17 +30,17 @@ import tensorflow as tf
 from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.decode import inference_network
 from centermask_tf.errors import UserError
-from centermask_tf.files import write_json
+from centermask_tf.files import DiskFullError, disk_full, ensure_space, remove_stale_temporaries, write_json
 
 CATEGORIES_FILE = os.path.join("assets.extra", "categories.json")
 
 
 # File signatures of the formats tf.io.decode_image reads.
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
 
 
 def _is_image(encoded):
-    """Whether a scalar string starts like a JPEG, PNG, GIF or BMP file."""
+    """Whether a scalar string starts like a JPEG, PNG, GIF, BMP or WebP file."""
     return tf.reduce_any(
         [tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic) for magic in _IMAGE_MAGIC]
     )
@@ -89,7 +90,7 @@ def export_saved_model(detector, output, version=1):
         # Named here: decode_image's own error does not say which input was wrong.
         check = tf.debugging.Assert(
             _is_image(encoded),
-            ["Input 'image_bytes' must hold JPEG, PNG, GIF or BMP file bytes; got a string starting",
+            ["Input 'image_bytes' must hold JPEG, PNG, GIF, BMP or WebP file bytes; got a string starting",
              tf.strings.substr(encoded, 0, 16)],
         )
         with tf.control_dependencies([check]):
@@ -108,27 +109,44 @@ def export_saved_model(detector, output, version=1):
         )
         return detection_outputs(detector, canvases, extents)
 
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UserError(f"'{output}' is a file; a SavedModel goes into a folder (saved_models/NAME/<version>).")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"the SavedModel version must be an integer >= 1 (TF Serving's), got {version!r}.")
     path = os.path.join(output, str(version))
     if os.path.exists(path):
         raise UserError(
             f"'{path}' exists: TF Serving treats a version as immutable. Export as a new version "
             f"(--version {next_version(output)}) or to another --output."
         )
+    os.makedirs(output, exist_ok=True)
+    remove_stale_temporaries(output)  # versions half-written by killed exports
+    # Twice the weights: the variables plus the graph's constants, with the usual margin.
+    ensure_space(output, 2 * sum(w.nbytes for w in detector.network.get_weights()))
     # Written beside the target and renamed: TF Serving never sees a half-written version.
     partial = os.path.join(output, f".tmp-{os.getpid()}-{version}")
-    _write_archive(
-        detector,
-        {
-            "serving_default": (detect_bytes, tf.TensorSpec([None], tf.string, name="image_bytes")),
-            "image_tensor": (
-                detect_images,
-                tf.TensorSpec([None, None, None, 3], tf.uint8, name="image_tensor"),
-            ),
-        },
-        partial,
-    )
-    write_json(os.path.join(partial, CATEGORIES_FILE), detector.categories)
-    os.rename(partial, path)
+    try:
+        _write_archive(
+            detector,
+            {
+                "serving_default": (detect_bytes, tf.TensorSpec([None], tf.string, name="image_bytes")),
+                "image_tensor": (
+                    detect_images,
+                    tf.TensorSpec([None, None, None, 3], tf.uint8, name="image_tensor"),
+                ),
+            },
+            partial,
+        )
+        write_json(os.path.join(partial, CATEGORIES_FILE), detector.categories)
+        os.rename(partial, path)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, (OSError, tf.errors.OpError)) and disk_full(e):
+            raise DiskFullError(
+                f"disk full while exporting to '{output}'; nothing was left behind. Free some space and "
+                "rerun the same command."
+            ) from None
+        raise
     return path
 
 
