@@ -324,7 +324,6 @@ def cmd_demo(args):
     from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.evaluation import evaluate_detector
-    from centermask_tf.export.serving import next_version
     from centermask_tf.files import write_json
     from centermask_tf.predict import image_files, predict_files
     from centermask_tf.training import train
@@ -373,13 +372,11 @@ def cmd_demo(args):
     # Versions are immutable for TF Serving: this run's model is the version it recorded when
     # it exported, else the next one (another run may have exported since).
     record = os.path.join(args.workdir, EXPORTS_RECORD)
-    exported = _read_exports(record)
+    version_path = demo_saved_model(record, saved_model, reuse)
     exports = [("tflite", tflite)]
-    if reuse and os.path.isdir(exported.get("saved_model", "")):
-        version_path = exported["saved_model"]
+    if os.path.isdir(version_path):
         print(f"SavedModel of this run: {version_path}")
     else:
-        version_path = os.path.join(saved_model, str(next_version(saved_model)))
         exports.insert(0, ("saved_model", saved_model))
     for form, output in exports:
         cmd_export(argparse.Namespace(
@@ -408,16 +405,22 @@ def cmd_demo(args):
     print(f"TFLite         {tflite} ({os.path.getsize(tflite) / 1e6:.2f} MB, builtin ops only)")
 
 
-def _read_exports(path):
-    """What `demo` recorded it exported ({} when nothing, or an unreadable record)."""
+def demo_saved_model(record, saved_model, reuse):
+    """The SavedModel version folder of the demo's model: the one its workdir's `record` names
+    when the run is reused and that folder still exists, else the next free version (to export).
+    Never the newest version as such: another run may have exported it."""
     import json
 
+    from centermask_tf.export.serving import next_version
+
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+        with open(record, encoding="utf-8") as f:
+            recorded = json.load(f).get("saved_model")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if reuse and isinstance(recorded, str) and os.path.isdir(recorded):
+        return recorded
+    return os.path.join(saved_model, str(next_version(saved_model)))
 
 
 def cmd_ablate(args):

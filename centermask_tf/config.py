@@ -111,27 +111,29 @@ class ModelConfig:
             object, its centre.
     """
 
+    # Upper bounds on sizes and counts that multiply work: a typo there (mask_samples=1000000)
+    # otherwise passes and ends in a segfault or an out-of-memory abort mid-run.
     type: str = _choice("centernet", ("centernet", "fcos"))
     backbone: str = _choice("resnet18", BACKBONES)
     weights: Optional[str] = None
     width_multiplier: float = _bounded(1.0, above=0)
     neck: str = _choice("deconv", ("deconv", "skip"))
     num_classes: int = _bounded(80, low=1)
-    input_size: int = _bounded(512, low=32)
-    head_conv: int = _bounded(256, low=1)
+    input_size: int = _bounded(512, low=32, high=4096)
+    head_conv: int = _bounded(256, low=1, high=4096)
     head_type: str = _choice("conv", ("conv", "separable"))
-    shape_size: int = _bounded(32, low=1)
-    mask_size: int = _bounded(32, low=1)
+    shape_size: int = _bounded(32, low=1, high=128)
+    mask_size: int = _bounded(32, low=1, high=256)
     saliency: str = _choice("agnostic", ("agnostic", "specific"))
     mask_factors: str = _choice("both", ("both", "shape", "saliency"))
     assembly: str = _choice("box", ("box", "native"))
-    max_detections: int = _bounded(100, low=1)
+    max_detections: int = _bounded(100, low=1, high=1000)
     score_threshold: float = _bounded(0.05, low=0, high=1)
     mask_threshold: float = _bounded(0.4, low=0, high=1)
-    tower_convs: int = _bounded(4, low=0)
-    pre_nms_top_k: int = _bounded(1000, low=1)
+    tower_convs: int = _bounded(4, low=0, high=16)
+    pre_nms_top_k: int = _bounded(1000, low=1, high=10000)
     nms_iou_threshold: float = _bounded(0.6, above=0, high=1)
-    mask_samples: int = _bounded(64, low=1)
+    mask_samples: int = _bounded(64, low=1, high=1024)
 
     def validate(self):
         if self.type == "fcos":
@@ -208,7 +210,7 @@ class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
     tfds_data_dir: str = "work/tfds"
-    max_instances: int = _bounded(128, low=1)
+    max_instances: int = _bounded(128, low=1, high=1000)
     strict: bool = False
     deterministic: bool = False
     shuffle_buffer: int = _bounded(512, low=1)

@@ -28,6 +28,7 @@ import tensorflow as tf
 from centermask_tf import files
 from centermask_tf.data.coco import DataError
 from centermask_tf.data.fcos_targets import encode_fcos_targets
+from centermask_tf.data.targets import target_instances
 from centermask_tf.errors import MissingError, UserError
 from centermask_tf.losses import compute_losses
 from centermask_tf.workdir import Workdir, WorkdirError
@@ -400,11 +401,26 @@ def _prepare(config, workdir, strategy, save):
             f"train.batch_size={batch}; the warnings above name the skipped ones. Fix the data or "
             "lower train.batch_size."
         )
+    if not _has_objects(builder):
+        raise DataError(
+            f"data.train ({config.data.train.annotations}) has {num_train} usable images but not one "
+            "annotation that can be trained on (every object is a crowd region, has no area, or "
+            "the file has none); training would learn nothing. Check the annotation file."
+        )
     steps_per_epoch = config.train.steps_per_epoch or num_train // batch
     logger.info("training on %d replica(s), %d steps per epoch", strategy.num_replicas_in_sync, steps_per_epoch)
     if save:
         save_run_files(config, workdir, categories)
     return builder, categories, steps_per_epoch
+
+
+def _has_objects(builder):
+    """Whether some training image has an object that can get a target slot. Stops at the first
+    one (no image is decoded), so it reads the whole split only when there is none."""
+    counts = builder.as_dataset(split="train", shuffle_files=False).map(
+        lambda example: tf.size(target_instances(example["objects"]["bbox"], example["objects"]["is_crowd"], 1)[0])
+    )
+    return any(True for _ in counts.filter(lambda n: n > 0).take(1))
 
 
 def _build_detector(config, categories, steps_per_epoch):

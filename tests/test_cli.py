@@ -28,7 +28,7 @@ def one_line_error(capsys, command):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.input_size=0", "'model.input_size' must be >= 32, got 0"),
+    ("model.input_size=0", "'model.input_size' must be >= 32 and <= 4096, got 0"),
     ("model.input_size=100", "model.input_size=100 must be a multiple of 32"),
     ("train.batch_size=0", "'train.batch_size' must be >= 1, got 0"),
     ("eval.batch_size=0", "'eval.batch_size' must be >= 1, got 0"),
@@ -38,7 +38,9 @@ def one_line_error(capsys, command):
     ("train.learning_rate=.nan", "'train.learning_rate' must be a finite number"),
     ("model.score_threshold=2", "'model.score_threshold' must be >= 0 and <= 1, got 2.0"),
     ("train.ema_decay=1.5", "'train.ema_decay' must be > 0 and <= 1, got 1.5"),
-    ("data.max_instances=0", "'data.max_instances' must be >= 1, got 0"),
+    ("data.max_instances=0", "'data.max_instances' must be >= 1 and <= 1000, got 0"),
+    ("model.mask_samples=1000000", "'model.mask_samples' must be >= 1 and <= 1024, got 1000000"),
+    ("data.max_instances=100000", "'data.max_instances' must be >= 1 and <= 1000, got 100000"),
     ("train.decay_epochs=[0]", "train.decay_epochs must hold epochs >= 1"),
 ])
 def test_each_bad_config_value_gets_one_line_naming_the_key(capsys, tmp_path, override, message):
@@ -177,3 +179,101 @@ def test_training_piped_to_a_file_prints_a_few_lines_per_epoch(shapes, tmp_path)
     assert run.returncode == 0, text[-2000:]
     assert "\r" not in text and "━" not in text
     assert text.count("Epoch ") == 2 and len(text.splitlines()) <= 2 * 10, text
+
+
+def test_two_saved_models_are_evaluated_into_separate_results(workdir, tmp_path, capsys):
+    """`A/1` and `B/1` used to share `eval/1/`: the second result replaced the first."""
+    directory, overrides = workdir
+    sets = [part for override in overrides for part in ("--set", override)]
+    folders = []
+    for name in ("A", "B"):
+        assert main(["export", "--workdir", str(directory), "--format", "saved_model",
+                     "--output", str(tmp_path / name)]) == 0
+        assert main(["evaluate", "--config", CONFIG, "--workdir", str(directory),
+                     "--saved-model", str(tmp_path / name / "1"), *sets]) == 0
+        folders.append(capsys.readouterr().out.strip().splitlines()[-1].split()[1].rsplit("/", 1)[0])
+    assert folders[0] != folders[1] and all(os.path.basename(f).startswith("1-") or "_1-" in f for f in folders)
+    for folder in folders:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            assert set(json.load(f)) == {"bbox", "segm"}
+
+
+def test_demo_names_the_saved_model_version_it_exported(tmp_path):
+    from centermask_tf.cli import demo_saved_model
+
+    root, record = tmp_path / "saved_models" / "shapes", tmp_path / "exports.json"
+    assert demo_saved_model(str(record), str(root), reuse=True) == str(root / "1")  # nothing yet
+    (root / "1").mkdir(parents=True)
+    record.write_text(json.dumps({"saved_model": str(root / "1")}))
+    (root / "2").mkdir()  # another run exported since
+    assert demo_saved_model(str(record), str(root), reuse=True) == str(root / "1")
+    assert demo_saved_model(str(record), str(root), reuse=False) == str(root / "3")
+    record.write_text("{not json")
+    assert demo_saved_model(str(record), str(root), reuse=True) == str(root / "3")
+
+
+def test_a_training_file_without_annotations_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}], "annotations": [],
+            "categories": [{"id": 1, "name": "box"}, {"id": 2, "name": "ring"}, {"id": 3, "name": "cone"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    args = ["train", "--config", CONFIG, "--workdir", str(tmp_path / "run")]
+    for override in (f"data.train.annotations={tmp_path}/ann.json", f"data.train.images={tmp_path}/images",
+                     f"data.tfds_data_dir={tmp_path}/tfds", "data.val.annotations=null", "data.val.images=null",
+                     "train.batch_size=1"):
+        args += ["--set", override]
+    assert main(args) == 2
+    assert "has 1 usable images but not one annotation that can be trained on" in one_line_error(capsys, "train")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_cli_numbers_and_paths_are_range_checked(capsys):
+    for args, message in (
+        (["make-shapes", "--output", "x", "--image-size", "0"], "argument --image-size: must be >= 32, got 0"),
+        (["make-shapes", "--output", "x", "--train", "-5"], "argument --train: must be >= 0, got -5"),
+        (["ablate", "--workdir", "w", "--images", "-1"], "argument --images: must be >= 1, got -1"),
+        (["predict", "--workdir", "w", "--input", "i", "--output", "o", "--max-megabytes", "nan"],
+         "argument --max-megabytes: 'nan' is not a finite number"),
+        (["predict", "--workdir", "w", "--input", "i", "--output", "o", "--max-pixels", "0"],
+         "argument --max-pixels: must be >= 1, got 0"),
+        (["benchmark", "inference", "--runs", "0"], "argument --runs: must be >= 1, got 0"),
+        (["export", "--workdir", "w", "--format", "saved_model", "--output", "o", "--version", "-1"],
+         "argument --version: must be >= 1, got -1"),
+        (["train", "--config", CONFIG, "--workdir", ""], "argument --workdir: an empty path"),
+        (["data-service", "dispatcher", "--port", "70000"], "argument --port: must be >= 0 and <= 65535, got 70000"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2
+        assert message in one_line_error(capsys, args[0])
+
+
+def test_leftovers_of_killed_exports_and_predictions_are_removed_by_the_next_run(workdir, tmp_path, capsys):
+    """A killed export leaves `.tmp-<pid>-<version>/`, a killed predict `.tmp-<pid>-*.png`; the
+    next run into the same folder removes those of dead processes, and keeps a live one's."""
+    directory, _ = workdir
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / "sm" / f".tmp-{pid}-1" / "variables").mkdir(parents=True)
+    live = tmp_path / "sm" / f".tmp-{os.getppid()}-9"
+    live.mkdir()
+    assert main(["export", "--workdir", str(directory), "--format", "saved_model", "--output", str(tmp_path / "sm")]) == 0
+    assert sorted(os.listdir(tmp_path / "sm")) == [live.name, "1"]
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f".tmp-{pid}-a.png.overlay.png").write_bytes(b"half")
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")  # skipped as empty: the run still writes predictions.json
+    assert main(["predict", "--workdir", str(directory), "--input", str(images), "--output", str(tmp_path / "out")]) == 0
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp-")]
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["export", "--workdir", str(directory), "--format", "saved_model", "--output", str(blocker)]) == 2
+    assert "is a file; a SavedModel goes into a folder" in one_line_error(capsys, "export")
+    assert main(["export", "--workdir", str(directory), "--format", "tflite", "--output", str(tmp_path)]) == 2
+    assert "is a folder; a TFLite export is a file" in one_line_error(capsys, "export")

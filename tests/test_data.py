@@ -506,3 +506,73 @@ def test_records_with_wrong_types_are_skipped_and_named(messy, caplog):
     assert "bbox ['1', '1', '4', '4'] is not a list of 4 numbers" in caplog.text
     assert "category_id '7' is not an integer" in caplog.text
     assert "id '9100' is not an integer" in caplog.text and "height '30' is not a positive integer" in caplog.text
+
+
+def _one_image_coco(root, objects, size=64, crowd=()):
+    """A COCO folder with one grey `size` image holding `objects` (x, y, w, h) rectangles; the
+    indices in `crowd` are crowd regions. Returns the DataConfig of its train split."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(np.full((size, size, 3), 90, np.uint8)).save(root / "images" / "a.png")
+    annotations = [
+        {"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": int(i in crowd), "area": float(w * h),
+         "bbox": [x, y, w, h], "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+        for i, (x, y, w, h) in enumerate(objects)
+    ]
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": size, "width": size}],
+            "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}
+    (root / "ann.json").write_text(json.dumps(data))
+    return DataConfig(train=SplitConfig(str(root / "ann.json"), str(root / "images")),
+                      tfds_data_dir=str(root / "tfds"))
+
+
+def test_decoding_keeps_only_the_objects_that_get_target_slots(tmp_path):
+    """`decode_example(example, n)` decodes the masks of the first n non-crowd objects only (the
+    others are counted in `surplus`), and they equal those of a full decode."""
+    objects = [(2, 2, 20, 20), (5, 5, 10, 12), (30, 8, 14, 9), (10, 40, 20, 15), (40, 40, 8, 8)]
+    builder = tfds_builder.prepare_dataset(_one_image_coco(tmp_path, objects, crowd=(0,)))
+    (example,) = list(builder.as_dataset(split="train"))
+    full, cut = decode_example(example), decode_example(example, 2)
+    assert cut["masks"].shape[0] == 2 and int(cut["surplus"]) == 2  # 4 qualify, 2 kept
+    for key in ("boxes", "classes", "is_crowd", "masks"):
+        np.testing.assert_array_equal(cut[key].numpy(), tf.gather(full[key], [1, 2]).numpy(), err_msg=key)
+    none = decode_example(example, 0)
+    assert none["masks"].shape[0] == 0 and int(none["surplus"]) == 4
+
+
+@pytest.mark.slow
+def test_images_with_100000_annotations_train_within_normal_memory(tmp_path):
+    """All masks used to be decoded before `data.max_instances` applied: 100,000 of them, and
+    training aborted with std::bad_alloc. Now a training step reads 8 of them. (A second image
+    for a batch of 2: train.batch_size=1 aborts inside TensorFlow's training step, a bug of
+    its own.)"""
+    import subprocess
+
+    rng = np.random.default_rng(0)
+    xy = rng.integers(0, 60, (100_000, 2))
+    objects = [(int(x), int(y), 3, 3) for x, y in xy]
+    config = _one_image_coco(tmp_path / "many", objects, size=64)
+    with open(config.train.annotations) as f:
+        data = json.load(f)
+    data["images"].append(dict(data["images"][0], id=2))  # a second image, with one object
+    data["annotations"].append(dict(data["annotations"][0], id=100_001, image_id=2))
+    with open(config.train.annotations, "w") as f:
+        json.dump(data, f)
+    tfds_builder.prepare_dataset(config)  # built here, so the child's peak is training's alone
+    command = [sys.executable, "-m", "centermask_tf.cli", "train", "--config", "configs/shapes_tiny.yaml",
+               "--workdir", str(tmp_path / "run")]
+    for override in (f"data.train.annotations={config.train.annotations}", f"data.train.images={config.train.images}",
+                     f"data.tfds_data_dir={config.tfds_data_dir}", "model.width_multiplier=0.125",
+                     "model.input_size=64", "model.head_conv=8", "model.shape_size=8", "model.mask_size=8", "model.num_classes=1",
+                     "data.max_instances=8", "train.batch_size=2", "train.epochs=1", "train.steps_per_epoch=3",
+                     "eval.every_epochs=0", "data.val.annotations=null", "data.val.images=null"):
+        command += ["--set", override]
+    # Through a fresh parent: its RUSAGE_CHILDREN is this training process's peak alone.
+    measure = ("import resource, subprocess, sys; run = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(run.returncode)")
+    run = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak_gb = int(run.stdout.split()[-1]) / 1e6  # kilobytes on Linux
+    assert peak_gb < 3.0, peak_gb
+    print(f"peak RSS of the training process: {peak_gb:.2f} GB")

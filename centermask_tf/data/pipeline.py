@@ -16,7 +16,7 @@ pixel; the image sits at the canvas's top-left corner).
 import tensorflow as tf
 
 from centermask_tf.data.service import wait_reachable
-from centermask_tf.data.targets import encode_targets
+from centermask_tf.data.targets import encode_targets, target_instances
 
 
 def decode_rle(counts, runs, height, width):
@@ -41,20 +41,34 @@ def decode_rle(counts, runs, height, width):
     return tf.transpose(tf.reshape(values, [count, width, height]), [0, 2, 1])  # column-major
 
 
-def decode_example(example):
-    """A TFDS example -> image uint8 `[H, W, 3]`, boxes, classes, crowd flags, masks, ids."""
+def decode_example(example, max_objects=None):
+    """A TFDS example -> image uint8 `[H, W, 3]`, boxes, classes, crowd flags, masks, ids.
+
+    With `max_objects`, only the first `max_objects` objects that can become targets (not crowd,
+    a box of positive size; `targets.target_instances`) are kept, and only their masks are
+    decoded: an image with 100,000 annotations must not decode 100,000 masks for 128 slots.
+    `surplus` counts the others, which the targets' `dropped` count includes.
+    """
     image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     height, width = example["height"], example["width"]
-    objects = example["objects"]
+    objects = dict(example["objects"])
+    rle, surplus = example["rle"], tf.constant(0, tf.int32)
+    if max_objects is not None:
+        keep, total = target_instances(objects["bbox"], objects["is_crowd"], max_objects)
+        surplus = total - tf.size(keep)
+        runs = tf.RaggedTensor.from_row_lengths(rle, tf.cast(objects["runs"], tf.int64))
+        rle = tf.gather(runs, keep).flat_values
+        objects = {name: tf.gather(value, keep) for name, value in objects.items()}
     return {
         "image": image,
         "boxes": objects["bbox"],
         "classes": objects["label"],
         "is_crowd": objects["is_crowd"],
-        "masks": decode_rle(example["rle"], objects["runs"], height, width),
+        "masks": decode_rle(rle, objects["runs"], height, width),
         "image_id": example["image_id"],
         "original_size": tf.stack([height, width]),
+        "surplus": surplus,
     }
 
 
@@ -217,11 +231,17 @@ def train_dataset(
     dataset = dataset.repeat().shuffle(data_config.shuffle_buffer, seed=seed)
 
     def prepare(index, example):
-        sample = augment(decode_example(example), input_size, data_config, tf.stack([seed, index]))
+        sample = decode_example(example, data_config.max_instances)
+        sample = augment(sample, input_size, data_config, tf.stack([seed, index]))
+        targets = encode_slots(sample)
+        targets["dropped"] += sample["surplus"]
+        return sample["image"], targets
+
+    def encode_slots(sample):
         objects = sample["boxes"], sample["classes"], sample["masks"], sample["is_crowd"]
         if encode is not None:
-            return sample["image"], encode(*objects)
-        targets = encode_targets(
+            return encode(*objects)
+        return encode_targets(
             *objects,
             input_size=input_size,
             num_classes=num_classes,
@@ -230,7 +250,6 @@ def train_dataset(
             stride=stride,
             map_masks=map_masks,
         )
-        return sample["image"], targets
 
     dataset = dataset.enumerate().map(
         lambda i, ex: prepare(tf.cast(i, tf.int32), ex),
@@ -267,7 +286,7 @@ def eval_dataset(builder, *, input_size, batch_size, split="val", max_images=Non
     truth, so evaluating never decodes a mask again."""
 
     def prepare(example):
-        sample = letterbox(decode_example(example), input_size)
+        sample = letterbox(decode_example(example, max_objects=0), input_size)  # no mask needed
         info = {
             "image_id": sample["image_id"],
             "original_size": sample["original_size"],
