@@ -448,7 +448,7 @@ def _override_value(parts, text):
             break
         hint = typing.get_type_hints(hint)[part]
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-    if hint is not None and str in (hint, *typing.get_args(hint)):
+    if hint is str or (optional and str in typing.get_args(hint)):  # not list[str]: a list is YAML
         return None if optional and text.strip() in ("", "null", "~") else text
     return yaml.safe_load(text) if text.strip() else None
 

@@ -277,3 +277,49 @@ def test_leftovers_of_killed_exports_and_predictions_are_removed_by_the_next_run
     assert "is a file; a SavedModel goes into a folder" in one_line_error(capsys, "export")
     assert main(["export", "--workdir", str(directory), "--format", "tflite", "--output", str(tmp_path)]) == 2
     assert "is a folder; a TFLite export is a file" in one_line_error(capsys, "export")
+
+
+def test_library_failures_outside_our_writes_are_one_line(shapes, workdir, tmp_path, capsys, monkeypatch):
+    """A full disk under a SavedModel export or a dataset build, an unknown Beam runner and a
+    bad TF_CONFIG each end in one line (exit 2), and nothing half-written is left."""
+    import errno
+
+    import tensorflow as tf
+
+    from centermask_tf.data import tfds_builder
+    from centermask_tf.export import serving
+
+    directory, overrides = workdir
+
+    def full_disk_archive(detector, endpoints, path):
+        os.makedirs(os.path.join(path, "variables"))
+        raise tf.errors.ResourceExhaustedError(None, None, f"{path}/variables: No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(serving, "_write_archive", full_disk_archive)
+        assert main(["export", "--workdir", str(directory), "--format", "saved_model", "--output", str(tmp_path / "sm")]) == 2
+    assert "disk full while exporting to" in one_line_error(capsys, "export")
+    assert os.listdir(tmp_path / "sm") == []
+
+    root, _ = shapes
+    fresh = [f"data.tfds_data_dir={tmp_path}/tfds", "train.epochs=1"]
+
+    def full_disk_build(self, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tfds_builder.CocoFolder, "download_and_prepare", full_disk_build)
+        assert main(train_args(shapes, tmp_path / "run", *fresh)) == 2
+    assert "disk full while building the dataset" in one_line_error(capsys, "train")
+
+    assert main(train_args(shapes, tmp_path / "run", *fresh, "data.beam_options=[--runner=FooRunner]")) == 2
+    assert "data.beam_options: Unexpected pipeline runner: FooRunner" in one_line_error(capsys, "train")
+
+    for tf_config, message in (
+        ("{not json", "TF_CONFIG is not valid JSON"),
+        ('{"cluster": {"worker": ["not a host"]}, "task": {"type": "worker", "index": 0}}', 'TF_CONFIG needs "cluster"'),
+        ('{"cluster": {"worker": ["localhost:1234"]}, "task": {"type": "worker", "index": 3}}', 'TF_CONFIG needs "task"'),
+    ):
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+        assert main([*train_args(shapes, tmp_path / "mw"), "--strategy", "multi_worker"]) == 2
+        assert message in one_line_error(capsys, "train")

@@ -73,7 +73,9 @@ def test_override_keeps_string_values_verbatim():
     config = load_config("configs/shapes_tiny.yaml", [
         "data.train.images=shapes/train #old copy", "data.val.images=a: b", "model.weights=null",
         "data.service=", "model.input_size=64", "eval.flip_test=true", "data.scale_range=[0.5, 1]",
+        "data.beam_options=[--runner=DirectRunner, --direct_num_workers=2]",
     ])
+    assert config.data.beam_options == ["--runner=DirectRunner", "--direct_num_workers=2"]
     assert config.data.train.images == "shapes/train #old copy" and config.data.val.images == "a: b"
     assert config.model.weights is None and config.data.service is None
     assert config.model.input_size == 64 and config.eval.flip_test is True and config.data.scale_range == [0.5, 1.0]

@@ -140,6 +140,9 @@ def test_a_damaged_preset_is_refused_and_one_without_digests_loads_with_a_warnin
     weights.write_bytes(bytes(data))
     with pytest.raises(PresetError, match=r"model\.weights\.h5' does not match its SHA-256 in digests\.json"):
         CenterMask.from_preset(str(tmp_path / "preset"))
+    (tmp_path / "preset" / "categories.json").write_text("[{'id': 1")
+    with pytest.raises(UserError, match=r"categories\.json' is not valid JSON"):
+        CenterMask.from_preset(str(tmp_path / "preset"))
     (tmp_path / "preset" / "config.yaml").write_text("model: [not, a, mapping")
     with pytest.raises(UserError, match=r"config\.yaml' is not valid YAML"):
         CenterMask.from_preset(str(tmp_path / "preset"))

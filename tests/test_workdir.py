@@ -88,9 +88,12 @@ def test_finished_run_is_refused_continued_with_more_epochs_and_overwrite_moves_
     assert len(history) == 1  # only the third epoch ran
     assert_complete(workdir, 3)
 
+    (workdir / "ablate").mkdir()  # `ablate` describes this run's model: it moves with it
+    (workdir / "ablate" / "ablation.md").write_text("table")
     train(config_for(shapes), str(workdir), overwrite=True)
     (previous,) = (workdir / "previous").iterdir()
     assert Workdir(str(previous)).load_state().epochs_done == 3
+    assert (previous / "ablate" / "ablation.md").read_text() == "table" and not (workdir / "ablate").exists()
     assert history_epochs(previous) == [0, 1, 2]
     assert_complete(workdir, 2)
 

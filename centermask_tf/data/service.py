@@ -67,7 +67,7 @@ def _refuse_busy(port):
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise ServiceError(f"port {port} is already in use; stop what listens there or pick another --port.") from None
-            raise
+            # Any other failure (no IPv6 on this host, say) leaves the check to gRPC.
 
 
 def start_dispatcher(port, workers):
