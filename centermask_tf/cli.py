@@ -92,16 +92,16 @@ def _load(args):
 
 def cmd_info(args):
     """Prints parameter count and FLOPs of the network built from each config."""
+    from centermask_tf.arch import build_network
     from centermask_tf.config import load_config
-    from centermask_tf.model.centermask import build_model
-    from centermask_tf.profiling import model_flops
+    from centermask_tf.tools.flops import model_flops
 
     rows = []
     for path in args.config:
         config = load_config(path, args.overrides)
         if args.no_weights:
             config.model.weights = None
-        model = build_model(config)
+        model = build_network(config)
         rows.append(
             (
                 os.path.basename(path),
@@ -149,8 +149,8 @@ TFLITE_CONFIGS = ("edge_mobilenetv3.yaml", "coco_dla34.yaml")
 
 def cmd_benchmark(args):
     """Runs one benchmark (or all) per config; prints tables, appends to --results."""
-    from centermask_tf import benchmark
     from centermask_tf.config import load_config
+    from centermask_tf.tools import benchmark
 
     if args.plots and importlib.util.find_spec("matplotlib") is None:  # fail before, not after, the run
         raise UsageError("--plots needs matplotlib: .venv/bin/pip install -e '.[plots]'")
@@ -222,8 +222,8 @@ SCALE_CONFIG = "configs/shapes_tiny.yaml"
 
 def _benchmark_scale(args):
     """`benchmark scale`: TFDS build and evaluation on a COCO-val-sized set (50 images with --quick)."""
-    from centermask_tf import benchmark
     from centermask_tf.config import load_config
+    from centermask_tf.tools import benchmark
 
     path = (args.config or [SCALE_CONFIG])[0]
     # K = 100 detections per image, as COCO evaluation allows.
@@ -240,7 +240,7 @@ def _benchmark_scale(args):
 
 
 def cmd_train(args):
-    from centermask_tf.training import train
+    from centermask_tf.training.train import train
 
     train(_load(args), args.workdir, args.strategy, overwrite=args.overwrite)
 
@@ -248,7 +248,7 @@ def cmd_train(args):
 def _detector(config, categories, workdir, weights):
     """The `CenterMask` detector of `config` with the workdir's (or the given) weights."""
     from centermask_tf.detector import CenterMask, trained_factors
-    from centermask_tf.training import weights_path
+    from centermask_tf.workdir import weights_path
 
     path = weights_path(workdir, weights)
     logging.info("weights: %s", path)
@@ -298,8 +298,13 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from centermask_tf.images import DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS
-    from centermask_tf.predict import image_files, load_workdir, predict_files
+    from centermask_tf.images import (
+        DEFAULT_MAX_MEGABYTES,
+        DEFAULT_MAX_PIXELS,
+        image_files,
+    )
+    from centermask_tf.predict import predict_files
+    from centermask_tf.workdir import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
     detect = _detect_for(args, config, categories)
@@ -319,14 +324,15 @@ def cmd_demo(args):
     """The main job end to end on the built-in shapes set: data, train, evaluate, predict."""
     import time
 
-    from centermask_tf.ablation import ablate
     from centermask_tf.config import load_config
     from centermask_tf.data.shapes import make_shapes
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.evaluation import evaluate_detector
     from centermask_tf.files import write_json
-    from centermask_tf.predict import image_files, predict_files
-    from centermask_tf.training import train
+    from centermask_tf.images import image_files
+    from centermask_tf.predict import predict_files
+    from centermask_tf.tools.ablation import ablate
+    from centermask_tf.training.train import train
     from centermask_tf.workdir import EXPORTS_RECORD, Workdir
 
     start = time.time()
@@ -425,7 +431,7 @@ def demo_saved_model(record, saved_model, reuse):
 
 def cmd_ablate(args):
     """The Local Shape / Global Saliency experiment (see centermask_tf/ablation.py)."""
-    from centermask_tf.ablation import ablate
+    from centermask_tf.tools.ablation import ablate
 
     if args.config and not args.train:
         raise UsageError("ablate without --train decodes the workdir's own model; drop --config "
@@ -465,12 +471,19 @@ def cmd_data_service(args):
 def cmd_export(args):
     import tempfile
 
-    from centermask_tf.export.serving import export_saved_model, export_tflite_saved_model, network_scope
+    from centermask_tf.export.serving import (
+        export_saved_model,
+        export_tflite_saved_model,
+        network_scope,
+    )
     from centermask_tf.export.tflite import (
-        non_builtin_ops, representative_dataset, saved_model_to_tflite, with_categories,
+        non_builtin_ops,
+        representative_dataset,
+        saved_model_to_tflite,
+        with_categories,
     )
     from centermask_tf.files import remove_stale_temporaries, write_bytes
-    from centermask_tf.predict import load_workdir
+    from centermask_tf.workdir import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
     if config.model.assembly == "native":

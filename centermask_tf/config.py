@@ -136,8 +136,7 @@ class ModelConfig:
     mask_samples: int = _bounded(64, low=1, high=1024)
 
     def validate(self):
-        if self.type == "fcos":
-            self._validate_fcos()
+        # What only one architecture needs is checked by it (`arch.architecture`).
         if self.input_size % 32:
             raise ConfigError(
                 f"model.input_size={self.input_size} must be a multiple of 32 "
@@ -152,20 +151,6 @@ class ModelConfig:
             raise ConfigError(
                 f"model.neck=skip applies to the ResNet backbones; {self.backbone} fuses its stages "
                 "in its own neck. Remove model.neck or set it to deconv."
-            )
-
-    def _validate_fcos(self):
-        if self.backbone not in ("resnet18", "resnet50", "resnet101"):
-            raise ConfigError(
-                f"model.type=fcos builds its feature pyramid on resnet18, resnet50 or resnet101; "
-                f"got model.backbone={self.backbone}."
-            )
-        if self.neck != "deconv":
-            raise ConfigError("model.neck applies to model.type=centernet (fcos has its FPN); remove model.neck.")
-        if self.assembly != "box":
-            raise ConfigError(
-                "model.type=fcos assembles masks on each box's M x M grid: remove model.assembly or "
-                "set it to box."
             )
 
 

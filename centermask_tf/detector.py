@@ -1,7 +1,7 @@
 """`CenterMask`: the detector object, from training to prediction on images in memory.
 
-One Keras model owns the functional five-head network (`build_model`), the losses (so
-`compile`/`fit` train it), the decoder (`CenterMaskDecoder`), the letterbox preprocessing, and
+One Keras model owns the functional network of its architecture (`arch.ARCHS`), the losses (so
+`compile`/`fit` train it), its decoder, the letterbox preprocessing, and
 the dataset's category ids and names. Training, evaluation, prediction, benchmarks and exports
 all take it.
 
@@ -24,14 +24,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from centermask_tf.arch import architecture
+from centermask_tf.arch.shared_losses import computed_terms, loss_weights
 from centermask_tf.config import Config, config_from_dict
-from centermask_tf.decode import CenterMaskDecoder, inference_network
 from centermask_tf.errors import UserError
 from centermask_tf.files import sha256_of, write_json
-from centermask_tf.fcos_decode import FcosDecoder
-from centermask_tf.losses import compute_losses, loss_names
-from centermask_tf.model.centermask import build_model, network_factors
-from centermask_tf.model.heads import mask_heads
+from centermask_tf.images import letterbox_image, load_image
+from centermask_tf.model.heads import mask_heads, network_factors
+from centermask_tf.postprocess import mask_boxes, paste_instances
+from centermask_tf.workdir import load_workdir, save_run_files, save_weights, weights_path
 
 PRESET_WEIGHTS = "model.weights.h5"
 PRESET_DIGESTS = "digests.json"
@@ -52,7 +53,8 @@ class CenterMask(keras.Model):
             decoder; the train section gives the loss weights.
         categories: `[{"id", "name"}]` in contiguous-index order (default: ids 1..C, names
             "class_<id>").
-        network: an already built functional network (default: `build_model(config.model)`).
+        network: an already built functional network (default: the architecture's, built from
+            `config.model`).
 
     Example:
 
@@ -74,7 +76,8 @@ class CenterMask(keras.Model):
                 f"{len(self.categories)} categories for model.num_classes={model.num_classes}; "
                 "they must agree."
             )
-        self.network = network or build_model(model)
+        self.arch = architecture(model)
+        self.network = network or self.arch.build_network(model)
         trained = network_factors(self.network)
         missing = set(mask_heads(model.mask_factors)) - set(mask_heads(trained))
         if missing:
@@ -83,15 +86,11 @@ class CenterMask(keras.Model):
                 f"which a network trained with mask_factors={trained} does not have; use "
                 f"model.mask_factors={trained}."
             )
-        self.decoder = (FcosDecoder if model.type == "fcos" else CenterMaskDecoder).from_model_config(model)
-        train = self.config.train
-        self.loss_weights = {
-            "heatmap": train.heatmap_weight, "offset": train.offset_weight, "size": train.size_weight,
-            "classification": train.classification_weight, "centerness": train.centerness_weight,
-            "box": train.box_weight, "mask": train.mask_weight, "saliency": train.saliency_weight,
-        }
+        self.decoder = self.arch.decoder.from_model_config(model)
+        self.loss_weights = loss_weights(self.arch.loss_terms, self.config.train)
         self.loss_trackers = {
-            name: keras.metrics.Mean(name=f"{name}_loss") for name in loss_names(self.loss_weights, model.type)
+            name: keras.metrics.Mean(name=f"{name}_loss")
+            for name in computed_terms(self.arch.loss_terms, self.loss_weights)
         }
         self._detect_canvases = None
         self.built = True  # the functional network is built; the rest holds no weights
@@ -102,7 +101,7 @@ class CenterMask(keras.Model):
         return self.network(images, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        losses = compute_losses(y_pred, y, self.loss_weights)
+        losses = self.arch.compute_losses(y_pred, y, self.loss_weights)
         for name, tracker in self.loss_trackers.items():
             tracker.update_state(losses[name])
         # Gradients are summed over replicas, so each replica's loss is divided by their count.
@@ -128,6 +127,17 @@ class CenterMask(keras.Model):
         """What masks are made of at inference: "both", "shape" or "saliency"."""
         return self.config.model.mask_factors
 
+    @property
+    def inference_network(self):
+        """The network decoding runs: the architecture's view of `network`, same weights."""
+        return self.arch.inference_network(self.network)
+
+    @property
+    def shape_head(self):
+        """The Shape head, when the inference network leaves it to the decoder (to run at the
+        peaks only), else None."""
+        return self.network.get_layer("shape") if "shape_features" in self.inference_network.output else None
+
     def decode(self, canvases):
         """Letterboxed float images `[B, N, N, 3]` (0..255) -> decoded detections: `boxes`
         (ymin, xmin, ymax, xmax, canvas pixels), `scores`, contiguous `classes`, box-relative
@@ -135,8 +145,7 @@ class CenterMask(keras.Model):
         and their `mask_boxes`) and `num_detections`. The Shape head runs at the peaks only.
         With `eval.flip_test` the network also runs on the mirror images (in the same batch)
         and the decoder averages the two."""
-        network = inference_network(self.network)
-        shape_head = self.network.get_layer("shape") if "shape_features" in network.output else None
+        network, shape_head = self.inference_network, self.shape_head
         if not self.config.eval.flip_test:
             return self.decoder(network(canvases, training=False), shape_head=shape_head)
         both = network(tf.concat([canvases, tf.reverse(canvases, axis=[2])], axis=0), training=False)
@@ -166,10 +175,6 @@ class CenterMask(keras.Model):
             image's pixels, `scores [N]`, `class_ids [N]` (the dataset's own ids),
             `class_names` (N strings) and `masks` bool `[N, H, W]` at the image's size.
         """
-        from centermask_tf.evaluation import mask_boxes, paste_instances
-        from centermask_tf.images import load_image
-        from centermask_tf.predict import letterbox_image
-
         threshold = self.config.model.score_threshold if score_threshold is None else score_threshold
         limit = self.config.model.max_detections if max_detections is None else max_detections
         _check_argument("score_threshold", threshold, float, 0, 1)
@@ -227,9 +232,6 @@ class CenterMask(keras.Model):
         """The detector a training run made: its config and categories, and `weights` (default:
         the best checkpoint, else the last). `overrides` (`"key=value"`) change how it decodes,
         e.g. `["model.mask_factors=shape", "eval.flip_test=true"]`."""
-        from centermask_tf.predict import load_workdir
-        from centermask_tf.training import weights_path
-
         config, categories = load_workdir(workdir, overrides)
         return cls.with_weights(config, categories, weights_path(workdir, weights), trained_factors(workdir))
 
@@ -238,8 +240,6 @@ class CenterMask(keras.Model):
         """A detector saved with `save_to_preset`: a local folder holding `config.yaml`,
         `categories.json` and `model.weights.h5`. Hub handles (`kaggle://`, `hf://`) are not
         supported: download the folder first. `overrides` as in `from_workdir`."""
-        from centermask_tf.predict import load_workdir
-
         if "://" in str(path):
             raise PresetError(
                 f"'{path}': only local preset folders are supported; download it and pass the folder."
@@ -253,8 +253,6 @@ class CenterMask(keras.Model):
         into the folder `path`, each file atomically, then `digests.json`, their SHA-256, which
         `from_preset` checks. The config records the mask heads the network has (its trained
         `mask_factors`)."""
-        from centermask_tf.training import save_run_files, save_weights
-
         config = config_from_dict(self.config.to_dict(), [f"model.mask_factors={network_factors(self.network)}"])
         save_run_files(config, path, self.categories)  # what `load_workdir` reads back
         save_weights(self.network, os.path.join(path, PRESET_WEIGHTS), "preset")
@@ -270,7 +268,8 @@ class CenterMask(keras.Model):
         masks are assembled."""
         config.model.weights = None  # the checkpoint holds every weight, the backbone's too
         trained = trained_factors or config.model.mask_factors
-        network = build_model(dataclasses.replace(config.model, mask_factors=trained))
+        model = dataclasses.replace(config.model, mask_factors=trained)
+        network = architecture(model).build_network(model)
         try:
             network.load_weights(weights)
         except (OSError, ValueError) as e:
@@ -304,8 +303,6 @@ def _check_digests(path):
 
 def trained_factors(folder):
     """The `model.mask_factors` a workdir or preset was trained with (its saved config's)."""
-    from centermask_tf.predict import load_workdir
-
     return load_workdir(folder)[0].model.mask_factors
 
 

@@ -14,13 +14,16 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from centermask_tf.errors import UserError
+from centermask_tf.data.pipeline import letterbox_images
+from centermask_tf.errors import MissingError, UserError
 
 # The formats tf.io.decode_image reads.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # PIL's own decompression-bomb limit (about 89.5 megapixels, 268 MB as RGB).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 DEFAULT_MAX_MEGABYTES = 200
+# `predict`'s overlay of `a.jpg` is `a.jpg.overlay.png`; overlays are never read as inputs.
+OVERLAY_SUFFIX = ".overlay.png"
 _ORIENTATION_TAG = 0x0112
 
 
@@ -95,3 +98,26 @@ def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_ME
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageError(f"'{path}' does not decode ({' '.join(first.split())[:120]})") from None
     return orient(image, orientation)
+
+
+def image_files(path):
+    """`path` itself, or the image files in the folder `path` (sorted; overlays excluded)."""
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, name)
+            for name in os.listdir(path)
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.endswith(OVERLAY_SUFFIX)
+        )
+        if not files:
+            raise MissingError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'.")
+        return files
+    if not os.path.isfile(path):
+        raise MissingError(f"--input '{path}' does not exist.")
+    return [path]
+
+
+
+def letterbox_image(image, size):
+    """`(canvas float32 [size, size, 3], scale)` exactly as the validation pipeline places it."""
+    canvases, scale = letterbox_images(tf.convert_to_tensor(image)[None], size)
+    return canvases[0], float(scale)

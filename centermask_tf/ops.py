@@ -35,3 +35,10 @@ def corners_to_centre(boxes):
     """`[..., 4]` (ymin, xmin, ymax, xmax) -> (cy, cx, h, w)."""
     ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
     return tf.stack([(ymin + ymax) / 2.0, (xmin + xmax) / 2.0, ymax - ymin, xmax - xmin], axis=-1)
+
+
+def mean_probability_logits(logits, other):
+    """Logits of the mean of two sigmoid probabilities (the flip test's score averaging)."""
+    mean = 0.5 * (tf.sigmoid(logits) + tf.sigmoid(other))
+    mean = tf.clip_by_value(mean, 1e-7, 1.0 - 1e-7)
+    return tf.math.log(mean) - tf.math.log1p(-mean)

@@ -13,82 +13,25 @@ pixel is decoded.
 """
 
 import colorsys
-import json
 import logging
 import os
 
 import numpy as np
-import tensorflow as tf
-import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from centermask_tf.config import config_from_dict
-from centermask_tf.errors import MissingError, UserError
 from centermask_tf.files import atomic_write, remove_stale_temporaries, write_json
-from centermask_tf.data.pipeline import letterbox_images
-from centermask_tf.evaluation import coco_results, to_original_image
-from centermask_tf.images import DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image
+from centermask_tf.images import (
+    DEFAULT_MAX_MEGABYTES,
+    DEFAULT_MAX_PIXELS,
+    OVERLAY_SUFFIX,
+    ImageError,
+    letterbox_image,
+    load_image,
+)
+from centermask_tf.postprocess import coco_results, to_original_image
 
 logger = logging.getLogger("centermask_tf.predict")
-
-OVERLAY_SUFFIX = ".overlay.png"
-
-
-def load_workdir(workdir, overrides=()):
-    """The resolved `Config` (with `overrides`, "key=value") and category list a training run
-    saved in its workdir."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise MissingError(f"'{workdir}' is a file; pass the training workdir (or preset) folder that holds it.")
-    config_path, categories_path = os.path.join(workdir, "config.yaml"), os.path.join(workdir, "categories.json")
-    raw = _read_run_file(workdir, config_path, yaml.safe_load, "YAML")
-    categories = _read_run_file(workdir, categories_path, json.load, "JSON")
-    if not isinstance(raw, dict):
-        raise UserError(f"'{config_path}' must hold a mapping of config sections; restore it or retrain.")
-    if not (isinstance(categories, list) and all(
-            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str) for c in categories)):
-        raise UserError(f"'{categories_path}' must be a list of {{\"id\": int, \"name\": str}}; restore it or retrain.")
-    try:
-        return config_from_dict(raw, overrides), categories
-    except UserError as e:
-        raise type(e)(f"{config_path}: {e}") from None
-
-
-def _read_run_file(workdir, path, parse, kind):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return parse(f)
-    except FileNotFoundError:
-        raise MissingError(
-            f"'{workdir}' is not a training workdir ({path} is missing); run `centermask train --workdir` first."
-        ) from None
-    except (ValueError, yaml.YAMLError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
-        raise UserError(
-            f"'{path}' is not valid {kind} ({' '.join(str(e).split())[:120]}); it is written by "
-            "`centermask train`: restore it or retrain."
-        ) from None
-
-
-def image_files(path):
-    """`path` itself, or the image files in the folder `path` (sorted; overlays excluded)."""
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, name)
-            for name in os.listdir(path)
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.endswith(OVERLAY_SUFFIX)
-        )
-        if not files:
-            raise MissingError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'.")
-        return files
-    if not os.path.isfile(path):
-        raise MissingError(f"--input '{path}' does not exist.")
-    return [path]
-
-
-def letterbox_image(image, size):
-    """`(canvas float32 [size, size, 3], scale)` exactly as the validation pipeline places it."""
-    canvases, scale = letterbox_images(tf.convert_to_tensor(image)[None], size)
-    return canvases[0], float(scale)
 
 
 def _colour(index):

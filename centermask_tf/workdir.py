@@ -27,11 +27,13 @@ import shutil
 import time
 from typing import Optional
 
+import numpy as np
+import tensorflow as tf
 import yaml
 
 from centermask_tf import files
 from centermask_tf.config import config_from_dict
-from centermask_tf.errors import UserError
+from centermask_tf.errors import MissingError, UserError
 
 logger = logging.getLogger("centermask_tf.workdir")
 
@@ -268,3 +270,77 @@ class Workdir:
         writer.writeheader()
         writer.writerows(rows)
         files.write_text(self.join("history.csv"), text.getvalue(), point="history")
+
+
+def weights_bytes(model):
+    """Bytes of a model's variables (its optimizer's too, when it has one): the size of its
+    `.weights.h5`, give or take the HDF5 overhead."""
+    variables = list(model.weights)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)
+
+
+
+def save_weights(model, path, point):
+    """`model.save_weights` through an atomic, space-checked write."""
+    return files.atomic_write(path, model.save_weights, point, expected_size=weights_bytes(model))
+
+
+
+def weights_path(workdir, weights=None):
+    """The weights file to evaluate or export: explicit, else best, else last."""
+    if weights:
+        if not os.path.isfile(weights):
+            raise MissingError(f"--weights: file '{weights}' does not exist.")
+        return weights
+    for name in ("best", "last"):
+        path = os.path.join(workdir, "checkpoints", f"{name}.weights.h5")
+        if os.path.isfile(path):
+            return path
+    raise MissingError(
+        f"No checkpoint in '{workdir}/checkpoints'; train first (centermask train --workdir "
+        f"{workdir}) or pass --weights FILE."
+    )
+
+
+
+def save_run_files(config, workdir, categories):
+    """Writes the resolved config and the category list that evaluate/predict/export read."""
+    Workdir(workdir).save_config(config)
+    files.write_json(os.path.join(workdir, "categories.json"), categories)
+
+
+def load_workdir(workdir, overrides=()):
+    """The resolved `Config` (with `overrides`, "key=value") and category list a training run
+    saved in its workdir."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise MissingError(f"'{workdir}' is a file; pass the training workdir (or preset) folder that holds it.")
+    config_path, categories_path = os.path.join(workdir, "config.yaml"), os.path.join(workdir, "categories.json")
+    raw = _read_run_file(workdir, config_path, yaml.safe_load, "YAML")
+    categories = _read_run_file(workdir, categories_path, json.load, "JSON")
+    if not isinstance(raw, dict):
+        raise UserError(f"'{config_path}' must hold a mapping of config sections; restore it or retrain.")
+    if not (isinstance(categories, list) and all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str) for c in categories)):
+        raise UserError(f"'{categories_path}' must be a list of {{\"id\": int, \"name\": str}}; restore it or retrain.")
+    try:
+        return config_from_dict(raw, overrides), categories
+    except UserError as e:
+        raise type(e)(f"{config_path}: {e}") from None
+
+
+
+def _read_run_file(workdir, path, parse, kind):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f)
+    except FileNotFoundError:
+        raise MissingError(
+            f"'{workdir}' is not a training workdir ({path} is missing); run `centermask train --workdir` first."
+        ) from None
+    except (ValueError, yaml.YAMLError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise UserError(
+            f"'{path}' is not valid {kind} ({' '.join(str(e).split())[:120]}); it is written by "
+            "`centermask train`: restore it or retrain."
+        ) from None

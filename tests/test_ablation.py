@@ -84,7 +84,7 @@ def test_ablate_train_runs_one_model_per_mode_and_reuses_them(shapes, tmp_path):
 
 
 def test_grid_shows_images_where_masks_can_collide(tmp_path):
-    from centermask_tf.ablation import grid_images
+    from centermask_tf.tools.ablation import grid_images
     from centermask_tf.config import SplitConfig
 
     coco = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (3, 1, 2, 4)],
@@ -96,7 +96,7 @@ def test_grid_shows_images_where_masks_can_collide(tmp_path):
 
 
 def test_table_says_how_both_compares():
-    from centermask_tf.ablation import ablation_table
+    from centermask_tf.tools.ablation import ablation_table
 
     def row(ap):
         return {"segm": dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), ap), "bbox": {"AP": 0.5}}

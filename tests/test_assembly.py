@@ -195,7 +195,7 @@ def test_paste_masks_matches_reference(case):
 def test_paste_instances_equals_paste_masks_on_the_image(rng):
     """Evaluation pastes each mask on its box's pixels only (numpy, per detection); the result
     is `paste_masks` on the whole image, thresholded, also for boxes partly outside it."""
-    from centermask_tf.evaluation import paste_instances
+    from centermask_tf.postprocess import paste_instances
 
     height, width, n = 37, 53, 9
     box_masks = rng.uniform(0, 1, (n, M, M)).astype(np.float32)
@@ -216,7 +216,7 @@ def test_encode_instances_equals_pycocotools_on_full_masks(rng):
     reaching the last pixel."""
     import pycocotools.mask as mask_utils
 
-    from centermask_tf.evaluation import InstanceMask, encode_instances
+    from centermask_tf.postprocess import InstanceMask, encode_instances
 
     height, width = 37, 29
     masks = []

@@ -13,8 +13,8 @@ import pytest
 
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
-from centermask_tf.model.centermask import build_model
-from centermask_tf.training import save_run_files
+from centermask_tf.arch import build_network
+from centermask_tf.workdir import save_run_files
 from tests.helpers import train_args
 
 CONFIG = "configs/shapes_tiny.yaml"
@@ -66,7 +66,7 @@ def workdir(shapes, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cli_workdir")
     save_run_files(config, str(workdir), [{"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"},
                                           {"id": 3, "name": "triangle"}])
-    network = build_model(config.model)
+    network = build_network(config.model)
     (workdir / "checkpoints").mkdir()
     network.save_weights(str(workdir / "checkpoints" / "last.weights.h5"))
     return workdir, overrides
@@ -89,7 +89,7 @@ def test_artifacts_and_weights_that_do_not_fit_are_one_line(workdir, tmp_path, c
 
     other = load_config(CONFIG, [*overrides, "model.head_conv=16"])
     weights = tmp_path / "other.weights.h5"
-    build_model(other.model).save_weights(str(weights))
+    build_network(other.model).save_weights(str(weights))
     assert main(["evaluate", "--config", CONFIG, "--workdir", str(directory), "--weights", str(weights), *sets]) == 2
     assert f"cannot load weights '{weights}' into the network of this config" in one_line_error(capsys, "evaluate")
 

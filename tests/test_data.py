@@ -1,3 +1,4 @@
+import functools
 import json
 import logging
 import os
@@ -16,10 +17,15 @@ from centermask_tf.data import tfds_builder
 from centermask_tf.data.coco import DataError, FaultReport, read_coco
 from centermask_tf.data.pipeline import augment, decode_example, decode_rle, eval_dataset, train_dataset
 from centermask_tf.data.shapes import make_shapes
-from centermask_tf.data.targets import target_spec
+from centermask_tf.arch.centernet.targets import encode_targets, target_spec
 from tests.messy_coco import CATEGORY_IDS, GOOD_IMAGES, PLANTED_FAULTS, write_messy_coco
 
 SIZE, CLASSES, P, SLOTS = 128, 3, 16, 16
+
+
+def encoder(num_classes):
+    """CenterMask's target encoder for these tests' canvas, classes, slots and mask size."""
+    return functools.partial(encode_targets, input_size=SIZE, num_classes=num_classes, max_instances=SLOTS, mask_size=P)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +130,7 @@ def test_decode_rle_equals_pycocotools(rng):
 
 def test_batch_has_documented_keys_shapes_and_dtypes(shapes_builder):
     builder, config = shapes_builder
-    dataset = train_dataset(builder, config, input_size=SIZE, num_classes=CLASSES, mask_size=P, batch_size=4)
+    dataset = train_dataset(builder, config, input_size=SIZE, batch_size=4, encode=encoder(CLASSES))
     images_spec, targets_spec = dataset.element_spec
     assert images_spec.shape == (4, SIZE, SIZE, 3) and images_spec.dtype == tf.float32
     expected = target_spec(SIZE, CLASSES, SLOTS, P)
@@ -176,7 +182,7 @@ def test_deterministic_option_reproduces_batches(shapes_builder):
     builder, config = shapes_builder
     config = DataConfig(**{**config.__dict__, "deterministic": True})
     runs = [
-        next(iter(train_dataset(builder, config, input_size=SIZE, num_classes=CLASSES, mask_size=P, batch_size=4)))
+        next(iter(train_dataset(builder, config, input_size=SIZE, batch_size=4, encode=encoder(CLASSES))))
         for _ in range(2)
     ]
     np.testing.assert_array_equal(runs[0][0].numpy(), runs[1][0].numpy())
@@ -227,7 +233,7 @@ def test_every_fault_is_skipped_counted_and_an_epoch_runs(messy, tmp_path, caplo
     text = caplog.text
     assert "truncated.jpg" in text and "does_not_exist.jpg" in text and "annotation id" in text
     assert "skipped 17 bad samples" in text
-    dataset = train_dataset(builder, config, input_size=SIZE, num_classes=3, mask_size=P, batch_size=2)
+    dataset = train_dataset(builder, config, input_size=SIZE, batch_size=2, encode=encoder(3))
     batches = list(dataset.take(GOOD_IMAGES // 2))
     assert len(batches) == GOOD_IMAGES // 2
     # Reloading reports the stored counts again.
@@ -378,7 +384,7 @@ def test_non_contiguous_ids_and_mixed_images_go_through_the_pipeline(messy, tmp_
         assert crowd.sum() <= 1
     assert labels == {0, 1, 2}
     assert all(s[-1] == 3 for s in shapes)
-    images, targets = next(iter(train_dataset(builder, config, input_size=SIZE, num_classes=3, mask_size=P, batch_size=3)))
+    images, targets = next(iter(train_dataset(builder, config, input_size=SIZE, batch_size=3, encode=encoder(3))))
     assert images.shape == (3, SIZE, SIZE, 3)
 
 

@@ -15,7 +15,7 @@ from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.detector import PresetError
 from centermask_tf.errors import UserError
-from centermask_tf.training import save_run_files
+from centermask_tf.workdir import save_run_files
 
 CONFIG = "configs/shapes_tiny.yaml"
 CONFIGS = {"centernet": CONFIG, "fcos": "configs/shapes_fcos_tiny.yaml"}
@@ -253,7 +253,7 @@ def mirror_outputs(outputs):
 def test_flip_average_of_an_equivariant_network_equals_its_plain_outputs():
     """A left-right symmetric input to a flip-equivariant network: the mirror run gives the
     mirrored outputs, and averaging them (flipped back) gives the plain outputs again."""
-    from centermask_tf.decode import flip_averaged
+    from centermask_tf.arch.centernet.decoder import flip_averaged
 
     rng = np.random.default_rng(0)
     outputs = {k: tf.constant(rng.normal(0, 2, (2, 8, 10, c)), tf.float32)
@@ -285,9 +285,9 @@ def test_flip_test_detections_are_exactly_mirror_symmetric(shapes, workdir):
 def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
     """`model.assembly=native`: each mask is the native (output-map) mask, upsampled to the
     image; pasting the decoder's windows equals pasting the whole output map."""
-    from centermask_tf.decode import CenterMaskDecoder, inference_network
+    from centermask_tf.arch.centernet.decoder import CenterMaskDecoder, inference_network
     from centermask_tf.model.assembly import paste_masks
-    from centermask_tf.predict import letterbox_image
+    from centermask_tf.images import letterbox_image
 
     directory, _, _ = workdir
     detector = CenterMask.from_workdir(str(directory), overrides=["model.assembly=native"])

@@ -19,9 +19,10 @@ from centermask_tf.data.shapes import make_shapes
 from centermask_tf.detector import CenterMask
 from centermask_tf.export.tflite import non_builtin_ops, run_tflite
 from centermask_tf.images import load_image
-from centermask_tf.predict import letterbox_image
+from centermask_tf.images import letterbox_image
 from centermask_tf.data.tfds_builder import prepare_dataset
-from centermask_tf.training import config_train_dataset, save_run_files
+from centermask_tf.training.setup import config_train_dataset
+from centermask_tf.workdir import save_run_files
 
 TINY = ["model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
         "model.shape_size=8", "model.mask_size=8", "model.max_detections=20"]

@@ -6,8 +6,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from centermask_tf.config import load_config
-from centermask_tf.data.fcos_targets import (
+from centermask_tf.arch import architecture, build_network
+from centermask_tf.arch.fcos.decoder import (
+    FcosDecoder,
+    class_wise_nms,
+    fcos_flip_averaged,
+)
+from centermask_tf.arch.fcos.losses import (
+    compute_fcos_losses,
+    giou_loss,
+    sigmoid_focal_loss,
+)
+from centermask_tf.arch.fcos.network import LevelScale
+from centermask_tf.arch.fcos.targets import (
     CENTRE_RADIUS,
     FCOS_RANGES,
     FCOS_STRIDES,
@@ -17,11 +28,10 @@ from centermask_tf.data.fcos_targets import (
     fcos_targets,
     num_locations,
 )
-from centermask_tf.fcos_decode import FcosDecoder, class_wise_nms, fcos_flip_averaged
-from centermask_tf.losses import compute_fcos_losses, giou_loss, sigmoid_focal_loss
+from centermask_tf.config import load_config
+from centermask_tf.detector import CenterMask
 from centermask_tf.model.assembly import assemble_box_masks
-from centermask_tf.model.centermask import build_model, network_factors
-from centermask_tf.model.fcos import LevelScale
+from centermask_tf.model.heads import network_factors
 from tests.helpers import run_layer_test
 
 CONFIG = "configs/shapes_fcos_tiny.yaml"
@@ -303,7 +313,7 @@ def test_losses_of_exact_boxes_and_centerness_are_their_minima():
 
 def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_path):
     config = load_config(CONFIG, ["model.input_size=64", "model.head_conv=8", "model.width_multiplier=0.125"])
-    network = build_model(config)
+    network = build_network(config)
     outputs = network(np.zeros((2, 64, 64, 3), np.float32))
     total = num_locations(64)
     assert {k: tuple(v.shape) for k, v in outputs.items()} == {
@@ -311,7 +321,7 @@ def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_pa
         "shape": (2, total, 256), "saliency": (2, 16, 16, 1),
     }
     assert network_factors(network) == "both"
-    assert network_factors(build_model(load_config(CONFIG, ["model.mask_factors=shape"]))) == "shape"
+    assert network_factors(build_network(load_config(CONFIG, ["model.mask_factors=shape"]))) == "shape"
     layer = LevelScale(stride=16)
     run_layer_test(layer, [np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 2, 4, 4)], tmp_path)
     np.testing.assert_allclose(layer(tf.constant([[-1.0, 0.5]])), [[0.0, 8.0]])
@@ -323,13 +333,16 @@ def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_pa
     ("model.neck=skip", "model.neck"),
 ])
 def test_fcos_settings_it_does_not_support_are_refused(override, message):
+    config = load_config(CONFIG, [override])
     with pytest.raises(ValueError, match=message):
-        load_config(CONFIG, [override])
+        architecture(config.model)
+    with pytest.raises(ValueError, match=message):
+        CenterMask(config)
 
 
 def test_pipeline_yields_fcos_targets(shapes):
     from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.training import config_train_dataset
+    from centermask_tf.training.setup import config_train_dataset
 
     _, overrides = shapes
     config = load_config(CONFIG, overrides + ["model.mask_samples=16"])

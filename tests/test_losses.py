@@ -1,7 +1,8 @@
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.losses import compute_losses, focal_loss, saliency_target
+from centermask_tf.arch.centernet.losses import compute_losses, focal_loss
+from centermask_tf.arch.shared_losses import saliency_target
 from centermask_tf.model.assembly import assemble_box_masks, paste_masks
 from tests.test_targets_decode import CLASSES, OUT, P, encode, perfect_outputs, random_objects
 
@@ -131,8 +132,8 @@ def test_saliency_supervision_is_bce_against_the_union_of_masks(rng):
     pasted = paste_masks(tf.cast(targets["masks"], tf.float32), corners, OUT, OUT).numpy()[0, :5] >= 0.5
     union = pasted.any(0)
     assert 0 < union.mean() < 1
-    np.testing.assert_array_equal(saliency_target(targets, OUT, OUT, 1).numpy()[0, ..., 0], union)
-    per_class = saliency_target(targets, OUT, OUT, CLASSES).numpy()[0]
+    np.testing.assert_array_equal(saliency_target(targets, OUT, OUT, 1, corners).numpy()[0, ..., 0], union)
+    per_class = saliency_target(targets, OUT, OUT, CLASSES, corners).numpy()[0]
     for c in range(CLASSES):
         np.testing.assert_array_equal(per_class[..., c], pasted[classes[:5] == c].any(0))
 

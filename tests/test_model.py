@@ -7,7 +7,8 @@ import pytest
 
 from centermask_tf.config import ModelConfig
 from centermask_tf.model.backbones import BackboneWeightsError, ImageNormalization, build_backbone
-from centermask_tf.model.centermask import build_model, network_factors
+from centermask_tf.arch import build_network
+from centermask_tf.model.heads import network_factors
 from centermask_tf.model.heads import HEATMAP_BIAS, Head
 from tests.helpers import run_layer_test, run_model_saving_test
 
@@ -98,7 +99,7 @@ def test_native_backbone_loads_local_weights_file(tmp_path):
 
 @pytest.mark.parametrize("saliency, channels", [("agnostic", 1), ("specific", 3)])
 def test_model_outputs_and_heads(saliency, channels):
-    model = build_model(tiny_config(saliency=saliency))
+    model = build_network(tiny_config(saliency=saliency))
     outputs = model(np.zeros((2, 64, 64, 3), np.float32))
     assert {k: tuple(v.shape) for k, v in outputs.items()} == {
         "heatmap": (2, 16, 16, 3),
@@ -119,18 +120,18 @@ def test_model_outputs_and_heads(saliency, channels):
 def test_mask_factors_pick_the_mask_heads(factors, heads):
     """A Local Shape-only network has no Saliency head (no layer, no weights) and a
     saliency-only one no Shape head."""
-    model = build_model(tiny_config(mask_factors=factors))
+    model = build_network(tiny_config(mask_factors=factors))
     assert set(model(np.zeros((1, 64, 64, 3), np.float32))) == heads
     assert {layer.name for layer in model.layers} & {"shape", "saliency"} == heads & {"shape", "saliency"}
     assert network_factors(model) == factors
-    full = build_model(tiny_config()).count_params()
+    full = build_network(tiny_config()).count_params()
     assert model.count_params() == full - sum(
-        build_model(tiny_config()).get_layer(name).count_params() for name in {"shape", "saliency"} - heads
+        build_network(tiny_config()).get_layer(name).count_params() for name in {"shape", "saliency"} - heads
     )
 
 
 def test_model_config_and_keras_round_trip(tmp_path):
-    model = build_model(tiny_config(backbone="dla34"))
+    model = build_network(tiny_config(backbone="dla34"))
     x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
     run_model_saving_test(model, [x], tmp_path, atol=1e-5)
 
@@ -223,14 +224,14 @@ def test_hourglass_intermediate_heads_train_and_are_left_out_of_inference():
     """Both stacks carry the heads in training (their losses summed); decoding, and so every
     export, runs the last stack only."""
     from centermask_tf.config import Config
-    from centermask_tf.decode import inference_network
+    from centermask_tf.arch.centernet.decoder import inference_network
     from centermask_tf.detector import CenterMask
     from centermask_tf.export.serving import export_tflite_saved_model
     from centermask_tf.export.tflite import saved_model_to_tflite
-    from centermask_tf.losses import compute_losses
+    from centermask_tf.arch.centernet.losses import compute_losses
     from tests.test_losses import batch, encode, random_objects
 
-    model = build_model(tiny_config(backbone="hourglass104", input_size=128))
+    model = build_network(tiny_config(backbone="hourglass104", input_size=128))
     outputs = model(np.zeros((1, 128, 128, 3), np.float32), training=True)
     (intermediate,) = outputs["intermediate"]
     assert set(intermediate) == {"heatmap", "offset", "size", "shape", "saliency"}
@@ -263,7 +264,7 @@ def test_hourglass_intermediate_heads_train_and_are_left_out_of_inference():
 def test_hourglass104_builds_at_512_with_stride_4_outputs():
     from centermask_tf.config import load_config
 
-    model = build_model(load_config("configs/coco_hourglass104.yaml").model)
+    model = build_network(load_config("configs/coco_hourglass104.yaml").model)
     outputs = model(np.zeros((1, 512, 512, 3), np.float32))
     assert outputs["heatmap"].shape == (1, 128, 128, 80) and outputs["shape"].shape == (1, 128, 128, 1024)
     assert [o["saliency"].shape for o in outputs["intermediate"]] == [(1, 128, 128, 80)]
@@ -279,10 +280,10 @@ def test_mixed_float16_network_matches_float32_with_float32_outputs(model_type):
     import keras
 
     images = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
-    reference = build_model(tiny_config(type=model_type))
+    reference = build_network(tiny_config(type=model_type))
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        mixed = build_model(tiny_config(type=model_type))
+        mixed = build_network(tiny_config(type=model_type))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     mixed.set_weights(reference.get_weights())

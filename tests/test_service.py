@@ -10,7 +10,7 @@ from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.data.service import local_service
 from centermask_tf.data.tfds_builder import prepare_dataset
-from centermask_tf.training import config_train_dataset
+from centermask_tf.training.setup import config_train_dataset
 from tests.helpers import train_args
 
 

@@ -18,8 +18,9 @@ from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.evaluation import METRIC_NAMES, coco_metrics
-from centermask_tf.model.centermask import build_model
-from centermask_tf.training import WarmupSchedule, build_optimizer, save_run_files
+from centermask_tf.arch import build_network
+from centermask_tf.training.optimizer import WarmupSchedule, build_optimizer
+from centermask_tf.workdir import save_run_files
 
 CONFIG = "configs/shapes_tiny.yaml"
 
@@ -109,7 +110,7 @@ def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path)
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1] and "val_segm_AP" in rows[0]
     chief = tmp_path / "run" / "checkpoints" / "last.weights.h5"
-    other = tmp_path / "run" / "worker_1" / "last.weights.h5"
+    other = tmp_path / "run" / "worker_1" / "checkpoints" / "last.weights.h5"
     with h5py.File(chief, "r") as a, h5py.File(other, "r") as b:
         names = []
         a.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -156,7 +157,7 @@ def untrained_workdir(shapes, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workdir")
     builder = prepare_dataset(config.data)
     save_run_files(config, str(workdir), builder.info.metadata["categories"])
-    network = build_model(config.model)
+    network = build_network(config.model)
     # Random heads predict near-zero sizes; 6 output pixels gives boxes (and masks) real extent.
     network.get_layer("size").out.bias.assign([6.0, 6.0])
     (workdir / "checkpoints").mkdir()
@@ -243,7 +244,7 @@ def test_predict_overlays_differ_from_input_inside_masks(shapes, untrained_workd
 
 def test_num_classes_mismatch_is_explained(shapes, tmp_path):
     _, overrides = shapes
-    from centermask_tf.training import train
+    from centermask_tf.training.train import train
 
     with pytest.raises(ValueError, match=r"model\.num_classes=5.*3 categories"):
         train(load_config(CONFIG, overrides + ["model.num_classes=5"]), str(tmp_path / "w"))

@@ -15,7 +15,7 @@ import pytest
 from centermask_tf import files
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
-from centermask_tf.training import train
+from centermask_tf.training.train import train
 from centermask_tf.workdir import Workdir, WorkdirError
 from tests.helpers import train_args
 
@@ -241,7 +241,8 @@ def test_with_ema_evaluation_and_last_use_the_averaged_weights(shapes, tmp_path,
     import keras
 
     from centermask_tf import evaluation
-    from centermask_tf.model.centermask import build_model
+    from centermask_tf.arch import build_network
+    from centermask_tf.training import callbacks
 
     seen = {}  # epoch -> weights the evaluation ran with, the EMA and the trained values
 
@@ -255,7 +256,7 @@ def test_with_ema_evaluation_and_last_use_the_averaged_weights(shapes, tmp_path,
             seen.setdefault("ema", []).append([v.numpy() for v in self.model.optimizer._model_variables_moving_average])
             seen.setdefault("trained", []).append([v.numpy() for v in self.model.trainable_variables])
 
-    monkeypatch.setattr(evaluation, "evaluate_detector", record_evaluation)
+    monkeypatch.setattr(callbacks, "evaluate_detector", record_evaluation)
     config = config_for(shapes, "train.ema_decay=0.5", "eval.every_epochs=1", "train.learning_rate=0.01")
     train(config, str(tmp_path / "run"), extra_callbacks=[Probe()])
     assert len(seen["evaluated"]) == len(seen["ema"]) == 2
@@ -264,7 +265,7 @@ def test_with_ema_evaluation_and_last_use_the_averaged_weights(shapes, tmp_path,
             np.testing.assert_array_equal(a, b)
         assert max(np.abs(a - b).max() for a, b in zip(ema, trained)) > 1e-4  # EMA made a difference
     config.model.weights = None
-    last = build_model(config.model)
+    last = build_network(config.model)
     last.load_weights(str(tmp_path / "run" / "checkpoints" / "last.weights.h5"))
     for a, b in zip(last.trainable_variables, seen["ema"][-1]):
         np.testing.assert_array_equal(a.numpy(), b)

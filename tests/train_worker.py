@@ -3,7 +3,7 @@
     python -m tests.train_worker CONFIG_OVERRIDES_JSON WORKDIR STRATEGY [LOGICAL_CPUS]
 
 Splits the CPU into LOGICAL_CPUS logical devices before TensorFlow runs any op (that must
-happen first in a process), then trains with `centermask_tf.training.train`.
+happen first in a process), then trains with `centermask_tf.training.train.train`.
 """
 
 import json
@@ -26,7 +26,7 @@ def main():
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from centermask_tf.config import load_config
-    from centermask_tf.training import train
+    from centermask_tf.training.train import train
 
     config = load_config("configs/shapes_tiny.yaml", overrides)
     history = train(config, workdir, strategy)

@@ -3,7 +3,7 @@
 read -> decode (JPEG/PNG/..., grayscale and RGBA -> RGB; RLE masks with `tf.repeat`) ->
 augment (random scale, crop/placement, horizontal flip, colour jitter; boxes and masks move with
 the image; objects cropped away are dropped) -> resample onto the square input canvas ->
-`encode_targets` -> batch -> prefetch. Every step is a TF op (no `py_function`) and runs with
+the architecture's target encoder -> batch -> prefetch. Every step is a TF op (no `py_function`) and runs with
 `AUTOTUNE` parallelism. Random draws are stateless, seeded by (seed, element index), so
 `data.deterministic: true` reproduces the same batches run after run.
 
@@ -15,8 +15,8 @@ pixel; the image sits at the canvas's top-left corner).
 
 import tensorflow as tf
 
+from centermask_tf.data.instances import target_instances
 from centermask_tf.data.service import wait_reachable
-from centermask_tf.data.targets import encode_targets, target_instances
 
 
 def decode_rle(counts, runs, height, width):
@@ -209,22 +209,17 @@ def _options(deterministic):
     return options
 
 
-def train_dataset(
-    builder, data_config, *, input_size, num_classes, mask_size, batch_size, stride=4, seed=0, map_masks=False,
-    encode=None,
-):
+def train_dataset(builder, data_config, *, input_size, batch_size, encode, seed=0):
     """Infinite, shuffled, augmented training batches `(images, targets)`.
 
     Args:
         builder: a prepared `CocoFolder` builder (`tfds_builder.prepare_dataset`).
         data_config: the `DataConfig` section.
-        input_size, num_classes, mask_size, stride: what the targets are encoded for.
+        input_size: side of the square input canvas.
         batch_size: global batch size (a `tf.distribute` strategy splits it).
+        encode: `(boxes, classes, masks, is_crowd) -> targets` of one image in canvas pixels:
+            the architecture's target encoder (`Architecture.target_encoder`).
         seed: base seed for shuffling and augmentation.
-        map_masks: also encode output-resolution instance masks (`model.assembly: native`).
-        encode: `(boxes, classes, masks, is_crowd) -> targets` in place of `encode_targets`
-            (CenterMask-FCOS's `encode_fcos_targets`); the arguments above then only size
-            the canvas.
     """
     deterministic = data_config.deterministic
     dataset = builder.as_dataset(split="train", shuffle_files=not deterministic)
@@ -233,23 +228,9 @@ def train_dataset(
     def prepare(index, example):
         sample = decode_example(example, data_config.max_instances)
         sample = augment(sample, input_size, data_config, tf.stack([seed, index]))
-        targets = encode_slots(sample)
+        targets = encode(sample["boxes"], sample["classes"], sample["masks"], sample["is_crowd"])
         targets["dropped"] += sample["surplus"]
         return sample["image"], targets
-
-    def encode_slots(sample):
-        objects = sample["boxes"], sample["classes"], sample["masks"], sample["is_crowd"]
-        if encode is not None:
-            return encode(*objects)
-        return encode_targets(
-            *objects,
-            input_size=input_size,
-            num_classes=num_classes,
-            max_instances=data_config.max_instances,
-            mask_size=mask_size,
-            stride=stride,
-            map_masks=map_masks,
-        )
 
     dataset = dataset.enumerate().map(
         lambda i, ex: prepare(tf.cast(i, tf.int32), ex),

@@ -45,7 +45,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from centermask_tf.config import ConfigError
-from centermask_tf.data.coco import Categories, DataError, FaultReport, image_record, load_annotations, open_coco
+from centermask_tf.data.coco import (
+    Categories,
+    DataError,
+    FaultReport,
+    image_record,
+    load_annotations,
+    open_coco,
+)
 from centermask_tf.files import DiskFullError, disk_full, locked
 from centermask_tf.images import decode_image, exif_orientation, orient
 from centermask_tf.processes import process_pool

@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from centermask_tf.errors import MissingError, UserError
+from centermask_tf.export.serving import CATEGORIES_FILE
+from centermask_tf.export.tflite import as_uint8, tflite_categories
 
 logger = logging.getLogger("centermask_tf.export")
 
@@ -65,11 +67,6 @@ def _from_exported(outputs, input_size, category_ids):
     }
 
 
-def as_uint8(images):
-    """Float images in 0..255 -> the uint8 an exported model takes (rounded, clipped)."""
-    return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-
-
 def _first_line(error):
     return " ".join(str(error).split())[:200]
 
@@ -78,8 +75,6 @@ def saved_model_detector(path, input_size, categories):
     """A detector running the `image_tensor` signature of an exported SavedModel version folder
     (`saved_models/NAME/1`). A letterboxed `N x N` canvas passes the export's own letterbox
     unchanged, so its normalised boxes are in canvas units."""
-    from centermask_tf.export.serving import CATEGORIES_FILE
-
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise MissingError(
             f"--saved-model '{path}' holds no saved_model.pb; pass the version folder, "
@@ -106,8 +101,6 @@ def tflite_detector(path, input_size, categories):
     """A detector running a `.tflite` export (any quantisation) with LiteRT, one image at a time
     (the file's input is `[1, N, N, 3]` uint8)."""
     from ai_edge_litert.interpreter import Interpreter
-
-    from centermask_tf.export.tflite import tflite_categories
 
     if not os.path.isfile(path):
         raise MissingError(f"--tflite '{path}' does not exist.")

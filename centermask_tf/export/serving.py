@@ -28,9 +28,14 @@ import keras
 import tensorflow as tf
 
 from centermask_tf.data.pipeline import letterbox_images
-from centermask_tf.decode import inference_network
 from centermask_tf.errors import UserError
-from centermask_tf.files import DiskFullError, disk_full, ensure_space, remove_stale_temporaries, write_json
+from centermask_tf.files import (
+    DiskFullError,
+    disk_full,
+    ensure_space,
+    remove_stale_temporaries,
+    write_json,
+)
 
 CATEGORIES_FILE = os.path.join("assets.extra", "categories.json")
 
@@ -176,7 +181,7 @@ def export_tflite_saved_model(detector, output):
 def network_scope(detector):
     """The name scope of the network's own ops in the exported graph (the rest is decoding and
     mask assembly): the part int8 export quantises."""
-    return inference_network(detector.network).name
+    return detector.inference_network.name
 
 
 def _write_archive(detector, endpoints, path):

@@ -14,15 +14,14 @@ from ai_edge_litert.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
+from centermask_tf.data.pipeline import eval_dataset
+
 CATEGORIES_METADATA = "centermask_categories"
 
 
 def representative_dataset(builder, input_size, count, split="train"):
     """Calibration inputs for int8: `count` images of `split`, letterboxed as the validation
     pipeline places them, as the uint8 `[1, N, N, 3]` tensors the TFLite model takes."""
-    from centermask_tf.data.pipeline import eval_dataset
-    from centermask_tf.export.runtime import as_uint8
-
     images = eval_dataset(builder, input_size=input_size, batch_size=1, split=split).take(count)
 
     def generate():
@@ -151,3 +150,8 @@ def run_tflite(content, inputs):
     """
     runner = Interpreter(model_content=content).get_signature_runner()
     return {k: np.asarray(v) for k, v in runner(**inputs).items()}
+
+
+def as_uint8(images):
+    """Float images in 0..255 -> the uint8 an exported model takes (rounded, clipped)."""
+    return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)

@@ -74,6 +74,13 @@ def shape_cells(shape_logits):
     return cells
 
 
+def mirror_shape_grids(vectors):
+    """Shape vectors `[..., S*S]` with each S x S grid mirrored left-right."""
+    cells = shape_cells(vectors)
+    grids = tf.reshape(vectors, tf.concat([tf.shape(vectors)[:-1], [cells, cells]], axis=0))
+    return tf.reshape(tf.reverse(grids, axis=[-1]), tf.shape(vectors))
+
+
 def _shape_grid(shape_logits):
     """[B, K, S*S] logits -> [B, K, S, S] float32."""
     cells = shape_cells(shape_logits)

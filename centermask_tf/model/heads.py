@@ -123,6 +123,14 @@ def mask_heads(mask_factors):
     return {"both": ("shape", "saliency"), "shape": ("shape",), "saliency": ("saliency",)}[mask_factors]
 
 
+def network_factors(network):
+    """The `mask_factors` a network was built for, read from the mask heads it has."""
+    names = {layer.name for layer in network.layers}
+    if {"shape", "saliency"} <= names:
+        return "both"
+    return "shape" if "shape" in names else "saliency"
+
+
 def build_heads(num_classes, shape_size, head_conv, class_specific_saliency, separable=False,
                 mask_factors="both", prefix=""):
     """The heads keyed by `HEAD_NAMES`: all five, or without the mask head `mask_factors` leaves

@@ -1,7 +1,7 @@
 """CenterMask-FCOS outputs -> detections, in-graph: top-K per level, box decoding, class-wise
 NMS, then masks assembled as the CenterNet variant's (`assembly.assemble_box_masks`).
 
-The outputs have the same keys, shapes and meaning as `decode.decode_detections`' (`boxes`,
+The outputs have the same keys, shapes and meaning as the CenterNet variant's `decode_detections` (`boxes`,
 `scores`, `classes`, `masks`, `num_detections`, `centres`), so evaluation, `detect` and the
 exports take either variant unchanged.
 
@@ -15,11 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.data.fcos_targets import fcos_locations, level_sides
-from centermask_tf.decode import mean_probability_logits, mirror_shape_grids
-from centermask_tf.model.assembly import assemble_box_masks
-from centermask_tf.model.fcos import SALIENCY_STRIDE
-from centermask_tf.ops import corners_to_centre
+from centermask_tf.arch.fcos.network import SALIENCY_STRIDE
+from centermask_tf.arch.fcos.targets import fcos_locations, level_sides
+from centermask_tf.model.assembly import assemble_box_masks, mirror_shape_grids
+from centermask_tf.ops import corners_to_centre, mean_probability_logits
 
 
 def class_wise_nms(boxes, scores, classes, max_output, iou_threshold, score_threshold, extent):
@@ -112,7 +111,7 @@ def decode_fcos(outputs, *, input_size, max_detections=100, score_threshold=0.05
 
     A location's score for a class is sqrt(sigmoid(classification) * sigmoid(centerness))
     (FCOS ranks by the product; the square root keeps it on the classification's scale, as
-    later FCOS releases report it). Arguments and returns as `decode.decode_detections`
+    later FCOS releases report it). Arguments and returns as `centernet.decoder.decode_detections`
     (box-relative M x M masks); `input_size` is the canvas side N.
     """
     classification = tf.sigmoid(tf.cast(outputs["classification"], tf.float32))  # [B, L, C]
@@ -171,7 +170,7 @@ class FcosDecoder(keras.layers.Layer):
 
     Example:
 
-    >>> from centermask_tf.data.fcos_targets import num_locations
+    >>> from centermask_tf.arch.fcos.targets import num_locations
     >>> decoder = FcosDecoder(input_size=64, max_detections=5, mask_size=8)
     >>> L = num_locations(64)
     >>> outputs = {"classification": tf.zeros([1, L, 3]), "centerness": tf.zeros([1, L, 1]),

@@ -9,10 +9,19 @@ import weakref
 import keras
 import tensorflow as tf
 
-from centermask_tf.model.assembly import assemble_box_masks, assemble_masks, shape_cells
-from centermask_tf.model.centermask import OUTPUT_STRIDE
-from centermask_tf.ops import centre_to_corners, flat_index, gather_at, unflatten_index
-
+from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
+from centermask_tf.model.assembly import (
+    assemble_box_masks,
+    assemble_masks,
+    mirror_shape_grids,
+)
+from centermask_tf.ops import (
+    centre_to_corners,
+    flat_index,
+    gather_at,
+    mean_probability_logits,
+    unflatten_index,
+)
 
 _INFERENCE_NETWORKS = weakref.WeakKeyDictionary()
 
@@ -35,20 +44,6 @@ def inference_network(network):
 
 def _mirror(maps):
     return tf.reverse(maps, axis=[2])
-
-
-def mirror_shape_grids(vectors):
-    """Shape vectors `[..., S*S]` with each S x S grid mirrored left-right."""
-    cells = shape_cells(vectors)
-    grids = tf.reshape(vectors, tf.concat([tf.shape(vectors)[:-1], [cells, cells]], axis=0))
-    return tf.reshape(tf.reverse(grids, axis=[-1]), tf.shape(vectors))
-
-
-def mean_probability_logits(logits, other):
-    """Logits of the mean of two sigmoid probabilities (the flip test's score averaging)."""
-    mean = 0.5 * (tf.sigmoid(logits) + tf.sigmoid(other))
-    mean = tf.clip_by_value(mean, 1e-7, 1.0 - 1e-7)
-    return tf.math.log(mean) - tf.math.log1p(-mean)
 
 
 def flip_averaged(outputs, mirrored):

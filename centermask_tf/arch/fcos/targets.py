@@ -1,5 +1,5 @@
 """FCOS training targets (Tian et al., ICCV 2019), in TensorFlow ops for `tf.data`: the first
-piece of CenterMask-FCOS (issue 14), which plugs Local Shape + Global Saliency into FCOS.
+part of CenterMask-FCOS, which plugs Local Shape + Global Saliency into FCOS.
 
 Every feature-map location of every FPN level (P3-P7, strides 8-128) is a candidate. A location
 is positive for a ground-truth box when
@@ -22,7 +22,7 @@ loss) and the positive locations the mask loss assembles masks at.
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.data.targets import box_relative_masks, target_instances
+from centermask_tf.data.instances import box_relative_masks, target_instances
 
 FCOS_STRIDES = (8, 16, 32, 64, 128)
 FCOS_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, float("inf")))

@@ -10,12 +10,11 @@ OUTPUT_STRIDE = 4
 INTERMEDIATE = "intermediate"
 
 
-def build_model(config) -> keras.Model:
-    """A functional `keras.Model` from images to the five raw head outputs (for `model.type:
-    fcos`, `fcos.build_fcos_model`'s outputs).
+def build_network(config) -> keras.Model:
+    """A functional `keras.Model` from images to the five raw head outputs.
 
     Args:
-        config: a `ModelConfig` (or a full `Config`, whose `.model` is used).
+        config: a `ModelConfig`.
 
     Returns:
         A model from float RGB images `[B, N, N, 3]` in [0, 255] (N = `input_size`) to a dict of
@@ -25,11 +24,6 @@ def build_model(config) -> keras.Model:
         saliency leaves out the other mask head. Stacked backbones (hourglass104) add
         `intermediate`: the same dict for each earlier stack.
     """
-    config = getattr(config, "model", config)
-    if config.type == "fcos":
-        from centermask_tf.model.fcos import build_fcos_model
-
-        return build_fcos_model(config)
     backbone = build_backbone(
         config.backbone, config.input_size, config.width_multiplier, config.weights, config.neck
     )
@@ -55,10 +49,3 @@ def build_model(config) -> keras.Model:
     outputs = heads(features[-1])
     outputs[INTERMEDIATE] = [heads(stack, f"stack{i}_") for i, stack in enumerate(features[:-1])]
     return keras.Model(images, outputs, name=f"centermask_{config.backbone}")
-
-def network_factors(network):
-    """The `mask_factors` a network was built for, read from the mask heads it has."""
-    names = {layer.name for layer in network.layers}
-    if {"shape", "saliency"} <= names:
-        return "both"
-    return "shape" if "shape" in names else "saliency"

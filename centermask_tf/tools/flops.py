@@ -1,7 +1,9 @@
 """Static cost of a model: parameters and FLOPs counted on its concrete function's graph."""
 
 import tensorflow as tf
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.framework.convert_to_constants import (
+    convert_variables_to_constants_v2,
+)
 
 
 def count_flops(fn, input_spec):

@@ -23,7 +23,7 @@ import math
 
 import keras
 
-from centermask_tf.data.fcos_targets import FCOS_STRIDES
+from centermask_tf.arch.fcos.targets import FCOS_STRIDES
 from centermask_tf.model.backbones import build_pyramid_backbone
 from centermask_tf.model.heads import Head, mask_heads
 

@@ -19,8 +19,15 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 from centermask_tf.config import config_from_dict
+from centermask_tf.data.tfds_builder import prepare_dataset
+from centermask_tf.detector import CenterMask, trained_factors
 from centermask_tf.errors import UserError
+from centermask_tf.evaluation import evaluate_detector
 from centermask_tf.files import atomic_write, write_json, write_text
+from centermask_tf.images import load_image
+from centermask_tf.predict import detect_image, draw_overlay
+from centermask_tf.training.train import train
+from centermask_tf.workdir import Workdir
 
 # Column order of the table and the grid: each factor alone, then the product.
 MODES = ("shape", "saliency", "both")
@@ -39,10 +46,6 @@ def with_factors(config, mode):
 def trained_detectors(config, folder):
     """Trains one model per mode into `folder/<mode>` (finished runs are reused, unfinished
     ones resumed) and returns `{mode: (detector, evaluation folder)}`."""
-    from centermask_tf.detector import CenterMask
-    from centermask_tf.training import train
-    from centermask_tf.workdir import Workdir
-
     detectors = {}
     for mode in MODES:
         run, mode_config = os.path.join(folder, mode), with_factors(config, mode)
@@ -56,8 +59,6 @@ def trained_detectors(config, folder):
 def inference_detectors(workdir, overrides, folder):
     """`{mode: (detector, evaluation folder)}`: the workdir's network, trained with both
     factors, assembling its masks in each mode (one network, three decoders)."""
-    from centermask_tf.detector import CenterMask, trained_factors
-
     trained = trained_factors(workdir)
     if trained != "both":
         raise UserError(
@@ -85,9 +86,6 @@ def ablate(workdir, config=None, train_models=False, overrides=(), images=4):
     Returns:
         `{mode: {"bbox": {...}, "segm": {...}}}`.
     """
-    from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.evaluation import evaluate_detector
-
     folder = os.path.join(workdir, "ablate")
     if train_models:
         if config is None:
@@ -150,9 +148,6 @@ def grid_images(split, count):
 def ablation_grid(detectors, paths):
     """One row per image (`paths`), one column per mode: masks, boxes and class names of the
     detections scoring at least 0.3."""
-    from centermask_tf.images import load_image
-    from centermask_tf.predict import detect_image, draw_overlay
-
     header = 18
     font = ImageFont.load_default()
     rows = [load_image(path) for path in paths]

@@ -24,6 +24,7 @@ masks on the box grid anyway; only the native loss needs the maps.
 
 import tensorflow as tf
 
+from centermask_tf.data.instances import box_relative_masks, target_instances
 from centermask_tf.ops import corners_to_centre, flat_index
 
 
@@ -79,45 +80,6 @@ def _draw_gaussians(centres, radii, classes, out, num_classes):
     per_class = tf.math.unsorted_segment_max(gauss, classes, num_classes)  # [C, O, O]
     # Classes without objects come back as the lowest float: clamp to 0.
     return tf.transpose(tf.maximum(per_class, 0.0), [1, 2, 0])
-
-
-def target_instances(boxes, is_crowd, max_instances):
-    """The objects that get target slots: not crowd regions (never positives), with a box of
-    positive size, the first `max_instances` of them. Returns (their indices, how many
-    qualified: the difference is the `dropped` count)."""
-    keep = tf.logical_not(is_crowd) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    keep_idx = tf.where(keep)[:, 0]
-    return keep_idx[:max_instances], tf.size(keep_idx)
-
-
-def box_relative_masks(masks, boxes, mask_size):
-    """Samples each `[H, W]` mask on a P x P grid of pixel centres spread over its box.
-
-    Sample m sits at ymin + (m + 0.5) / P * h, the same grid `assemble_box_masks` uses;
-    `crop_and_resize` places its samples on corners, so the box is shifted accordingly.
-    """
-    height = tf.cast(tf.shape(masks)[1], tf.float32)
-    width = tf.cast(tf.shape(masks)[2], tf.float32)
-    ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
-    half_y = 0.5 * (ymax - ymin) / mask_size
-    half_x = 0.5 * (xmax - xmin) / mask_size
-    crop_boxes = tf.stack(
-        [
-            (ymin + half_y - 0.5) / tf.maximum(height - 1.0, 1.0),
-            (xmin + half_x - 0.5) / tf.maximum(width - 1.0, 1.0),
-            (ymax - half_y - 0.5) / tf.maximum(height - 1.0, 1.0),
-            (xmax - half_x - 0.5) / tf.maximum(width - 1.0, 1.0),
-        ],
-        axis=-1,
-    )
-    crops = tf.image.crop_and_resize(
-        masks[..., None],
-        crop_boxes,
-        tf.range(tf.shape(masks)[0]),
-        [mask_size, mask_size],
-        extrapolation_value=0.0,
-    )
-    return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
 
 
 def encode_targets(

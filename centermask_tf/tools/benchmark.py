@@ -20,7 +20,28 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from centermask_tf.arch import build_network
+from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
+from centermask_tf.data.coco import DataError
+from centermask_tf.data.service import local_service
+from centermask_tf.data.shapes import make_preset, make_shapes
+from centermask_tf.data.tfds_builder import prepare_dataset
+from centermask_tf.detector import CenterMask
+from centermask_tf.evaluation import coco_metrics, evaluate_detector
+from centermask_tf.export.serving import (
+    detection_outputs,
+    export_saved_model,
+    export_tflite_saved_model,
+    image_detector,
+    letterbox_with_extents,
+    network_scope,
+)
+from centermask_tf.export.tflite import representative_dataset, saved_model_to_tflite
+from centermask_tf.model.assembly import assemble_box_masks
+from centermask_tf.processes import process_pool
 from centermask_tf.timing import Stopwatch, latency_row, peak_rss_mb, timings
+from centermask_tf.tools.flops import model_flops
+from centermask_tf.training.setup import config_train_dataset
 
 RESULTS = os.path.join("benchmarks", "results.json")
 
@@ -85,8 +106,6 @@ def _fmt(value):
 
 def bench_shapes(config, workdir=None, images=64, split_size=640):
     """Points `config.data` at a generated shapes set of COCO-like 640-px images (made once)."""
-    from centermask_tf.data.shapes import make_shapes
-
     workdir = workdir or os.path.join(tempfile.gettempdir(), "centermask_bench")
     root = os.path.join(workdir, f"shapes{split_size}_{images}")
     if not os.path.exists(os.path.join(root, "annotations", "instances_train.json")):
@@ -106,10 +125,6 @@ def data_throughput(config, *, runs=3, batches=20, warmup=3, workdir=None, image
     process on localhost (`data.service`), sharing this machine's cores with the reader.
     Returns a row with the median and every run's images/s.
     """
-    from centermask_tf.data.service import local_service
-    from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.training import config_train_dataset
-
     bench_shapes(config, workdir, images)
     rates = []
     with local_service(workers) as address:
@@ -155,8 +170,6 @@ def _measured(fn, *args):
 def _in_child(fn, *args):
     """`fn(*args)` (a row dict) in a fresh spawned process, so the row's `peak_rss_mb` is that
     step's alone."""
-    from centermask_tf.processes import process_pool
-
     with process_pool(1) as pool:
         return pool.submit(_measured, fn, *args).result()
 
@@ -171,15 +184,12 @@ def _val_only(config, root, tfds_dir):
 
 def _build(config, workers, beam_options):
     """Builds the val split; a build refused for losing examples is a row with `kept` False."""
-    from centermask_tf.data.coco import DataError
-    from centermask_tf.data.tfds_builder import prepare_dataset
-
     config.data.build_workers, config.data.beam_options = workers, beam_options
     start = time.perf_counter()
     try:
         images = prepare_dataset(config.data, splits=("val",)).info.splits["val"].num_examples
     except DataError as e:
-        logging.getLogger("centermask_tf.benchmark").warning("%s", e)
+        logging.getLogger("centermask_tf.tools.benchmark").warning("%s", e)
         return {"images": 0, "seconds": time.perf_counter() - start, "images_per_s": 0.0, "kept": False}
     seconds = time.perf_counter() - start
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "kept": True}
@@ -215,16 +225,11 @@ def _evaluate(config, output_dir):
     decoder run for real, timed apart; the detections they make are then replaced by
     `_synthetic_detections` (K per image), so pasting, encoding and COCO evaluation see K
     COCO-sized masks per image."""
-    from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.decode import inference_network
-    from centermask_tf.detector import CenterMask
-    from centermask_tf.evaluation import evaluate_detector
-
     builder = prepare_dataset(config.data, splits=("val",))
     detector = CenterMask(config, categories=builder.info.metadata["categories"])
-    network = inference_network(detector.network)  # as `CenterMask.decode`: Shape head at the peaks only
+    network = detector.inference_network  # as `CenterMask.decode`: Shape head at the peaks only
     forward = tf.function(lambda canvases: network(canvases, training=False))
-    decode = tf.function(lambda outputs: detector.decoder(outputs, shape_head=detector.network.get_layer("shape")))
+    decode = tf.function(lambda outputs: detector.decoder(outputs, shape_head=detector.shape_head))
     # The image sizes in reading order (no image decoding), so `detect` knows where its boxes may go.
     sizes = [(int(e["height"]), int(e["width"])) for e in builder.as_dataset(split="val", shuffle_files=False)]
     watch, rng = Stopwatch(), np.random.default_rng(0)
@@ -243,8 +248,6 @@ def _evaluate(config, output_dir):
 
 def _coco_eval_only(annotations, detections_path, image_ids, backend):
     """COCO evaluate/accumulate of written detections with `backend`, timed."""
-    from centermask_tf.evaluation import coco_metrics
-
     with open(detections_path) as f:
         detections = json.load(f)
     watch = Stopwatch()
@@ -261,8 +264,6 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
     Returns:
         (build rows, evaluation rows).
     """
-    from centermask_tf.data.shapes import make_preset
-
     root = make_preset(cache, "coco-val", val=images)
     kept = os.path.join(root, "tfds")  # the evaluation's dataset, kept between runs
     build_rows = []
@@ -310,10 +311,6 @@ def _image_ids(annotations):
 def train_throughput(config, *, runs=3, steps=5, workdir=None):
     """Training-step images/s (forward, losses, backward, Adam update) on one cached batch, so
     the input pipeline is not in the measurement."""
-    from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.detector import CenterMask
-    from centermask_tf.training import config_train_dataset
-
     bench_shapes(config, workdir)
     config.model.weights = None  # same cost; no download
     batch = config_train_dataset(config, prepare_dataset(config.data)).take(1).cache().repeat()
@@ -367,11 +364,8 @@ def matmul_ceiling(sizes=(1024, 2048, 3072), runs=5):
 def efficiency(config, ceiling, *, runs=10):
     """FLOPs of the network (backbone + the five dense heads) per image and the GFLOP/s it
     achieves at batch 1 as a fraction of the matmul `ceiling`."""
-    from centermask_tf.model.centermask import build_model
-    from centermask_tf.profiling import model_flops
-
     config.model.weights = None
-    network = build_model(config.model)
+    network = build_network(config.model)
     flops = model_flops(network)
     size = config.model.input_size
     images = tf.random.uniform([1, size, size, 3], 0, 255)
@@ -408,15 +402,6 @@ INFERENCE_FORMS = ("keras", "xla", "saved_model", "tflite_fp32", "tflite_fp16", 
 def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, workdir=None):
     """End-to-end latency (uint8 image in -> boxes, classes, scores, masks out) at batch 1 and
     throughput at batch `batch`, for each form of the model. Rows per form."""
-    from centermask_tf.export.serving import (
-        export_saved_model,
-        export_tflite_saved_model,
-        image_detector,
-        network_scope,
-    )
-    from centermask_tf.detector import CenterMask
-    from centermask_tf.export.tflite import representative_dataset, saved_model_to_tflite
-
     config.model.weights = None
     detector = CenterMask(config)
     size = config.model.input_size
@@ -440,8 +425,6 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
     if "keras" in forms:
         measure("keras", tf.function(detect_images))
     if "xla" in forms:  # XLA has no CropAndResize kernel: the letterbox stays outside
-        from centermask_tf.export.serving import detection_outputs, letterbox_with_extents
-
         compiled = tf.function(
             lambda canvases, extents: detection_outputs(detector, canvases, extents),
             jit_compile=True,
@@ -460,8 +443,6 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
                 quantize = {"tflite_fp32": "none", "tflite_fp16": "fp16", "tflite_int8": "int8"}[form]
                 calibration = None
                 if quantize == "int8":
-                    from centermask_tf.data.tfds_builder import prepare_dataset
-
                     builder = prepare_dataset(bench_shapes(config, workdir).data)
                     calibration = representative_dataset(builder, size, 8)
                 path = os.path.join(tmp, f"{form}.tflite")
@@ -478,9 +459,6 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
 def assembly(config, ks=(1, 10, 50, 100, 200), sizes=(64, 128, 256), *, runs=20):
     """Box-mode mask assembly time vs K (at the config's output size) and vs output size
     (at K = 100), with the config's S, M and saliency channels."""
-    from centermask_tf.model.assembly import assemble_box_masks
-    from centermask_tf.model.centermask import OUTPUT_STRIDE
-
     model = config.model
     channels = model.num_classes if model.saliency == "specific" else 1
     rng = np.random.default_rng(0)

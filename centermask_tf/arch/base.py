@@ -1,0 +1,49 @@
+"""What every architecture provides: the roles the detector, the training pipeline and the
+exports call, so that none of them asks which architecture it holds.
+
+A new architecture is a package `arch/<name>/` whose `__init__.py` defines `ARCH`, one
+`Architecture`, and one line in `arch/__init__.py`'s `ARCHS` (plus the name in `model.type`'s
+choices).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+def _unchanged(network):
+    return network
+
+
+def _no_check(model_config):
+    del model_config
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture's parts.
+
+    Attributes:
+        name: its `model.type`.
+        loss_terms: the loss terms it logs, in order; each is weighted by `train.<term>_weight`
+            (`saliency` is computed only when that weight is above 0).
+        build_network: `ModelConfig` -> functional `keras.Model` from images to raw head outputs.
+        target_encoder: `Config` -> `(boxes, classes, masks, is_crowd) -> targets` for one image,
+            the function the training pipeline maps.
+        target_spec: `Config` -> `{key: tf.TensorSpec}` of one image's targets.
+        compute_losses: `(outputs, targets, weights)` -> `{term: loss, ..., "total": sum}`.
+        decoder: a Keras layer class with `from_model_config(model_config)`; called on the
+            inference network's outputs, it returns detections with the keys every decoder has.
+        inference_network: network -> the network decoding runs (same weights), e.g. one whose
+            Shape head runs at the peaks only.
+        validate: raises `ConfigError` for a `ModelConfig` this architecture cannot build.
+    """
+
+    name: str
+    loss_terms: tuple[str, ...]
+    build_network: Callable
+    target_encoder: Callable
+    target_spec: Callable
+    compute_losses: Callable
+    decoder: type
+    inference_network: Callable = _unchanged
+    validate: Callable = _no_check

@@ -1,0 +1,31 @@
+"""CenterMask as in the paper: CenterNet's centre heatmap, offset and size heads at stride 4,
+plus the Local Shape and Global Saliency heads."""
+
+import functools
+
+from centermask_tf.arch.base import Architecture
+from centermask_tf.arch.centernet.decoder import CenterMaskDecoder, inference_network
+from centermask_tf.arch.centernet.losses import LOSS_TERMS, compute_losses
+from centermask_tf.arch.centernet.network import OUTPUT_STRIDE, build_network
+from centermask_tf.arch.centernet.targets import encode_targets, target_spec
+
+
+def _target_arguments(config):
+    model = config.model
+    return {
+        "input_size": model.input_size, "num_classes": model.num_classes,
+        "max_instances": config.data.max_instances, "mask_size": model.mask_size,
+        "stride": OUTPUT_STRIDE, "map_masks": model.assembly == "native",
+    }
+
+
+ARCH = Architecture(
+    name="centernet",
+    loss_terms=LOSS_TERMS,
+    build_network=build_network,
+    target_encoder=lambda config: functools.partial(encode_targets, **_target_arguments(config)),
+    target_spec=lambda config: target_spec(**_target_arguments(config)),
+    compute_losses=compute_losses,
+    decoder=CenterMaskDecoder,
+    inference_network=inference_network,
+)
