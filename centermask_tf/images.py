@@ -70,6 +70,7 @@ def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_ME
         ImageError: the file is empty, larger than `max_megabytes`, declares more than
             `max_pixels` pixels (checked from its header, before decoding), or does not decode.
     """
+    path = os.fspath(path)  # tf.io takes no pathlib.Path
     try:
         size = os.path.getsize(path)
     except OSError as e:
