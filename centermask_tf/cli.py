@@ -141,102 +141,14 @@ class UsageError(UserError):
     """A command that cannot run as asked; the message says what to do."""
 
 
-BENCHMARK_CONFIGS = ("configs/coco_resnet18.yaml", "configs/coco_resnet50.yaml",
-                     "configs/coco_dla34.yaml", "configs/edge_mobilenetv3.yaml")
-QUICK_CONFIGS = ("configs/edge_mobilenetv3.yaml", "configs/coco_resnet18.yaml")
-TFLITE_CONFIGS = ("edge_mobilenetv3.yaml", "coco_dla34.yaml")
-
-
 def cmd_benchmark(args):
     """Runs one benchmark (or all) per config; prints tables, appends to --results."""
-    from centermask_tf.config import load_config
     from centermask_tf.tools import benchmark
 
     if args.plots and importlib.util.find_spec("matplotlib") is None:  # fail before, not after, the run
         raise UsageError("--plots needs matplotlib: .venv/bin/pip install -e '.[plots]'")
-    if args.what == "scale":
-        return _benchmark_scale(args)
-    paths = args.config or (QUICK_CONFIGS if args.quick else BENCHMARK_CONFIGS)
-    kinds = ["inference", "efficiency", "assembly", "data", "train"] if args.what == "all" else [args.what]
-    runs = args.runs if args.runs is not None else (5 if args.quick else 20)
-    ceiling, steps = None, {}
-    if "efficiency" in kinds or "data" in kinds:  # data: sizes the pipeline for a GPU from it
-        ceiling = benchmark.matmul_ceiling()
-        print(f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s")
-    for path in paths:
-        name = os.path.basename(path)
-        for kind in kinds:
-            config = load_config(path, args.overrides)
-            print(f"\n== {kind}: {name} ==", flush=True)
-            if kind == "inference":
-                forms = ["keras", "saved_model"] if args.quick else ["keras", "xla", "saved_model"]
-                if name in TFLITE_CONFIGS:
-                    forms += ["tflite_int8"] if args.quick else ["tflite_fp32", "tflite_fp16", "tflite_int8"]
-                rows = benchmark.inference(
-                    config, forms, runs=runs, batch=2 if args.quick else 8, batch_runs=1 if args.quick else 3
-                )
-                columns = ["form", "median_ms", "p90_ms", "batch", "images_per_s"]
-            elif kind == "efficiency":
-                rows = [benchmark.efficiency(config, ceiling, runs=max(3, runs // 2))]
-                columns = ["gflops", "forward_ms", "gflop_per_s", "ceiling_gflop_per_s", "fraction_of_ceiling"]
-            elif kind == "assembly":
-                rows = benchmark.assembly(config, runs=runs)
-                columns = ["k", "output", "ms", "us_per_instance"]
-            else:  # data, train: batch 8 (a CPU step at the configs' 128 takes minutes)
-                config.train.batch_size = 2 if args.quick else 8
-                if name not in steps:  # one step measurement per config serves both
-                    steps[name] = benchmark.train_throughput(
-                        config, runs=1 if args.quick else 2, steps=2 if args.quick else 3
-                    )
-                step = steps[name]
-                if kind == "train":
-                    rows = [step]
-                    columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
-                else:
-                    # In-process, then through 1 and 2 local tf.data service workers (data.service).
-                    rows = []
-                    for workers in (0, 1, 2):
-                        pipeline = benchmark.data_throughput(
-                            config, runs=1 if args.quick else 3, batches=5 if args.quick else 20, workers=workers
-                        )
-                        rows.append({**pipeline, "train_images_per_s": step["images_per_s"],
-                                     "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"],
-                                     **benchmark.gpu_estimate(pipeline, step, ceiling)})
-                    columns = ["service_workers", "input_size", "batch_size", "images_per_s", "train_images_per_s",
-                               "pipeline_over_step", "images_per_s_per_core", "cores_per_gpu_est"]
-            benchmark.print_table(rows, columns)
-            if kind == "data":
-                print(f"cores_per_gpu_est: a GPU at {benchmark.ASSUMED_GPU_GFLOPS / 1e3:.0f} TFLOP/s (assumed, not "
-                      f"measured) trains {rows[0]['gpu_images_per_s_est']:.0f} images/s if it reaches the fraction "
-                      f"of its peak this CPU reaches of its {ceiling:.0f} GFLOP/s; see BENCHMARKS.md")
-            benchmark.append_result(kind, name, rows, args.results)
-    print(f"\nappended to {args.results}")
-    if args.plots:
-        plots = benchmark.plot_results(args.results, os.path.dirname(args.results) or ".")
-        print("plots: " + ", ".join(plots))
-
-
-# The scale benchmark's network: its forward is timed but is not what the benchmark is about.
-SCALE_CONFIG = "configs/shapes_tiny.yaml"
-
-
-def _benchmark_scale(args):
-    """`benchmark scale`: TFDS build and evaluation on a COCO-val-sized set (50 images with --quick)."""
-    from centermask_tf.config import load_config
-    from centermask_tf.tools import benchmark
-
-    path = (args.config or [SCALE_CONFIG])[0]
-    # K = 100 detections per image, as COCO evaluation allows.
-    config = load_config(path, ["model.max_detections=100", *args.overrides])
-    images, cache = (50 if args.quick else 5000), args.cache or benchmark.SCALE_CACHE
-    print(f"== scale: {images} COCO-sized images (cached under {cache}) ==", flush=True)
-    builds, stages = benchmark.scale(config, images=images, cache=cache)
-    benchmark.print_table(builds, ["build", "images", "kept", "seconds", "images_per_s", "speedup", "peak_rss_mb"])
-    print()
-    benchmark.print_table(stages, ["stage", "images", "seconds", "ms_per_image", "peak_rss_mb"])
-    benchmark.append_result("scale-build", os.path.basename(path), builds, args.results)
-    benchmark.append_result("scale-evaluate", os.path.basename(path), stages, args.results)
-    print(f"\nappended to {args.results}")
+    benchmark.run(args.what, args.config, args.overrides, quick=args.quick, runs=args.runs,
+                  results=args.results, plots=args.plots, cache=args.cache)
 
 
 def cmd_train(args):
@@ -284,8 +196,9 @@ def artifact_eval_dir(eval_dir, artifact):
 def cmd_evaluate(args):
     from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.evaluation import evaluate_detector
+    from centermask_tf.workdir import load_workdir
 
-    config = _load(args)
+    config = _load(args) if args.config else load_workdir(args.workdir, args.overrides)[0]
     builder = prepare_dataset(config.data)
     detect = _detect_for(args, config, builder.info.metadata["categories"])
     output = os.path.join(args.workdir, "eval")
@@ -321,112 +234,10 @@ def cmd_predict(args):
 
 
 def cmd_demo(args):
-    """The main job end to end on the built-in shapes set: data, train, evaluate, predict."""
-    import time
+    """The main job end to end on the built-in shapes set (`tools/demo.py`)."""
+    from centermask_tf.tools.demo import demo
 
-    from centermask_tf.config import load_config
-    from centermask_tf.data.shapes import make_shapes
-    from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.evaluation import evaluate_detector
-    from centermask_tf.files import write_json
-    from centermask_tf.images import image_files
-    from centermask_tf.predict import predict_files
-    from centermask_tf.tools.ablation import ablate
-    from centermask_tf.training.train import train
-    from centermask_tf.workdir import EXPORTS_RECORD, Workdir
-
-    start = time.time()
-    shapes = os.path.join(args.data, "annotations", "instances_val.json")  # written last
-    if not os.path.exists(shapes):
-        print(f"[1/6] writing the synthetic shapes set to {args.data}")
-        make_shapes(args.data, train=600, val=100, seed=0)
-    else:
-        print(f"[1/6] using the shapes set in {args.data}")
-    overrides = [
-        f"data.train.annotations={args.data}/annotations/instances_train.json",
-        f"data.train.images={args.data}/train",
-        f"data.val.annotations={args.data}/annotations/instances_val.json",
-        f"data.val.images={args.data}/val",
-        *args.overrides,
-    ]
-    config = load_config(args.config, overrides)
-    reuse = not args.overwrite and Workdir(args.workdir).finished(config)
-    if reuse:
-        print(f"[2/6] {args.workdir} holds a finished run of {config.train.epochs} epochs: using it "
-              "(--overwrite retrains, moving it into previous/)")
-    else:
-        print(f"[2/6] training {args.config} into {args.workdir}")
-        train(config, args.workdir, overwrite=args.overwrite)
-    print("[3/6] COCO evaluation on the held-out split")
-    builder = prepare_dataset(config.data)
-    categories = builder.info.metadata["categories"]
-    detector = _detector(config, categories, args.workdir, None)
-    eval_dir = os.path.join(args.workdir, "eval")
-    metrics = evaluate_detector(detector.detect_canvases, builder, config, eval_dir)
-    overlays = os.path.join(args.workdir, "predictions")
-    print(f"[4/6] overlays of 8 validation images in {overlays}")
-    files = image_files(config.data.val.images)[:8]
-    predict_files(
-        detector.detect_canvases, files, config.model.input_size, categories, 0.3,
-        config.model.mask_threshold, overlays,
-    )
-    print("[5/6] mask AP with the Local Shape only, the Global Saliency only, and both")
-    ablation = ablate(args.workdir)
-    print("[6/6] exporting SavedModel and TFLite")
-    saved_model = os.path.join("saved_models", "shapes_tiny")
-    tflite = os.path.join("saved_models", "shapes_tiny.tflite")
-    # Versions are immutable for TF Serving: this run's model is the version it recorded when
-    # it exported, else the next one (another run may have exported since).
-    record = os.path.join(args.workdir, EXPORTS_RECORD)
-    version_path = demo_saved_model(record, saved_model, reuse)
-    exports = [("tflite", tflite)]
-    if os.path.isdir(version_path):
-        print(f"SavedModel of this run: {version_path}")
-    else:
-        exports.insert(0, ("saved_model", saved_model))
-    for form, output in exports:
-        cmd_export(argparse.Namespace(
-            workdir=args.workdir, weights=None, format=form, output=output,
-            version=int(os.path.basename(version_path)), quantize=None, overrides=[]
-        ))
-    write_json(record, {"saved_model": version_path, "tflite": tflite})
-    minutes = (time.time() - start) / 60
-    print("\n=== centermask demo summary ===")
-    for iou_type in ("bbox", "segm"):
-        values = metrics[iou_type]
-        print(f"{iou_type:5s} AP {values['AP']:.3f}  AP50 {values['AP50']:.3f}  AP75 {values['AP75']:.3f}  "
-              f"APs {values['APs']:.3f}  APm {values['APm']:.3f}")
-    print(f"segm AP by mask factors: Local Shape only {ablation['shape']['segm']['AP']:.3f}, Global Saliency only "
-          f"{ablation['saliency']['segm']['AP']:.3f}, both {ablation['both']['segm']['AP']:.3f} "
-          f"({args.workdir}/ablate/ablation.md, ablation.png)")
-    print(f"wall time      {minutes:.1f} min")
-    print(f"dataset        {args.data}")
-    print(f"weights        {args.workdir}/checkpoints/best.weights.h5 (and last.weights.h5)")
-    print(f"network        {args.workdir}/model.keras")
-    print(f"metrics        {eval_dir}/metrics.json, per epoch: {eval_dir}/epoch_*.json")
-    print(f"detections     {eval_dir}/detections.json (COCO results format)")
-    print(f"overlays       {overlays}/*.overlay.png, {overlays}/predictions.json")
-    print(f"logs           {args.workdir}/history.csv, TensorBoard: {args.workdir}/logs")
-    print(f"SavedModel     {version_path} (TF Serving layout)")
-    print(f"TFLite         {tflite} ({os.path.getsize(tflite) / 1e6:.2f} MB, builtin ops only)")
-
-
-def demo_saved_model(record, saved_model, reuse):
-    """The SavedModel version folder of the demo's model: the one its workdir's `record` names
-    when the run is reused and that folder still exists, else the next free version (to export).
-    Never the newest version as such: another run may have exported it."""
-    import json
-
-    from centermask_tf.export.serving import next_version
-
-    try:
-        with open(record, encoding="utf-8") as f:
-            recorded = json.load(f).get("saved_model")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if reuse and isinstance(recorded, str) and os.path.isdir(recorded):
-        return recorded
-    return os.path.join(saved_model, str(next_version(saved_model)))
+    demo(args.config, args.workdir, args.data, args.overrides, args.overwrite)
 
 
 def cmd_ablate(args):
@@ -469,20 +280,9 @@ def cmd_data_service(args):
 
 
 def cmd_export(args):
-    import tempfile
-
-    from centermask_tf.export.serving import (
-        export_saved_model,
-        export_tflite_saved_model,
-        network_scope,
-    )
-    from centermask_tf.export.tflite import (
-        non_builtin_ops,
-        representative_dataset,
-        saved_model_to_tflite,
-        with_categories,
-    )
-    from centermask_tf.files import remove_stale_temporaries, write_bytes
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.export.serving import export_saved_model
+    from centermask_tf.export.tflite import export_tflite, representative_dataset
     from centermask_tf.workdir import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
@@ -490,10 +290,8 @@ def cmd_export(args):
         print("note: exports carry fixed-size box masks (model.mask_size per box); model.assembly=native "
               "applies to evaluate, predict and CenterMask.detect")
         config.model.assembly = "box"
-    if args.format == "tflite":
-        if os.path.isdir(args.output):
-            raise UsageError(f"--output '{args.output}' is a folder; a TFLite export is a file (FILE.tflite).")
-        remove_stale_temporaries(os.path.dirname(os.path.abspath(args.output)))  # killed exports' files
+    if args.format == "tflite" and os.path.isdir(args.output):
+        raise UsageError(f"--output '{args.output}' is a folder; a TFLite export is a file (FILE.tflite).")
     detector = _detector(config, categories, args.workdir, args.weights)
     if args.format == "saved_model":
         path = export_saved_model(detector, args.output, args.version)
@@ -502,20 +300,11 @@ def cmd_export(args):
     quantize = args.quantize or config.export.quantize
     calibration = None
     if quantize == "int8":
-        from centermask_tf.data.tfds_builder import prepare_dataset
-
         count = config.export.representative_images
         print(f"calibrating int8 on {count} training images of {config.data.train.images}")
         calibration = representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
-    with tempfile.TemporaryDirectory() as tmp:
-        source = export_tflite_saved_model(detector, tmp)
-        content = saved_model_to_tflite(source, quantize, calibration, network_scope(detector))
-    extra = non_builtin_ops(content)
-    if extra:
-        raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")
-    content = with_categories(content, categories)
-    write_bytes(args.output, content, "tflite")
-    print(f"TFLite ({quantize}, builtin ops only) written to {args.output}: {len(content) / 1e6:.2f} MB")
+    size = export_tflite(detector, args.output, quantize, calibration)
+    print(f"TFLite ({quantize}, builtin ops only) written to {args.output}: {size / 1e6:.2f} MB")
 
 
 def build_parser():
@@ -554,7 +343,8 @@ def build_parser():
     train.set_defaults(handler=cmd_train)
 
     evaluate = command("evaluate", help="COCO bbox/segm AP on the validation split")
-    _add_config_args(evaluate)
+    evaluate.add_argument("--config", type=_path, help="YAML config (default: the workdir's own config.yaml)")
+    _add_set_arg(evaluate, "eval.flip_test=true")
     evaluate.add_argument("--workdir", required=True, type=_path, help="the training workdir")
     _add_model_source_args(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)

@@ -199,7 +199,7 @@ def test_two_saved_models_are_evaluated_into_separate_results(workdir, tmp_path,
 
 
 def test_demo_names_the_saved_model_version_it_exported(tmp_path):
-    from centermask_tf.cli import demo_saved_model
+    from centermask_tf.tools.demo import demo_saved_model
 
     root, record = tmp_path / "saved_models" / "shapes", tmp_path / "exports.json"
     assert demo_saved_model(str(record), str(root), reuse=True) == str(root / "1")  # nothing yet

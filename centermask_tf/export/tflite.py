@@ -5,6 +5,7 @@ entry `centermask_categories`, which runtimes ignore and `tflite_categories` rea
 """
 
 import json
+import os
 import re
 import tempfile
 
@@ -15,6 +16,8 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from centermask_tf.data.pipeline import eval_dataset
+from centermask_tf.export.serving import export_tflite_saved_model, network_scope
+from centermask_tf.files import remove_stale_temporaries, write_bytes
 
 CATEGORIES_METADATA = "centermask_categories"
 
@@ -155,3 +158,23 @@ def run_tflite(content, inputs):
 def as_uint8(images):
     """Float images in 0..255 -> the uint8 an exported model takes (rounded, clipped)."""
     return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+
+
+def export_tflite(detector, output, quantize="none", calibration=None):
+    """Writes `detector` to the file `output` (atomically) as a TFLite model of builtin ops only
+    that carries the detector's categories; returns its size in bytes.
+
+    Args:
+        quantize: "none", "fp16" or "int8" (`saved_model_to_tflite`).
+        calibration: for int8, a `representative_dataset`.
+    """
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(output)))  # what killed exports left
+    with tempfile.TemporaryDirectory() as tmp:
+        source = export_tflite_saved_model(detector, tmp)
+        content = saved_model_to_tflite(source, quantize, calibration, network_scope(detector))
+    extra = non_builtin_ops(content)
+    if extra:
+        raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")
+    content = with_categories(content, detector.categories)
+    write_bytes(output, content, "tflite")
+    return len(content)

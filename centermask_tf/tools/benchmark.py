@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from centermask_tf.arch import build_network
 from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
+from centermask_tf.config import load_config
 from centermask_tf.data.coco import DataError
 from centermask_tf.data.service import local_service
 from centermask_tf.data.shapes import make_preset, make_shapes
@@ -31,12 +32,10 @@ from centermask_tf.evaluation import coco_metrics, evaluate_detector
 from centermask_tf.export.serving import (
     detection_outputs,
     export_saved_model,
-    export_tflite_saved_model,
     image_detector,
     letterbox_with_extents,
-    network_scope,
 )
-from centermask_tf.export.tflite import representative_dataset, saved_model_to_tflite
+from centermask_tf.export.tflite import export_tflite, representative_dataset
 from centermask_tf.model.assembly import assemble_box_masks
 from centermask_tf.processes import process_pool
 from centermask_tf.timing import Stopwatch, latency_row, peak_rss_mb, timings
@@ -436,23 +435,19 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
             path = export_saved_model(detector, os.path.join(tmp, "sm"))
             signature = tf.saved_model.load(path).signatures["image_tensor"]
             measure("saved_model", lambda images: signature(image_tensor=images))
-        tflite_forms = [f for f in forms if f.startswith("tflite_")]
-        if tflite_forms:
-            source = export_tflite_saved_model(detector, os.path.join(tmp, "tfl"))
-            for form in tflite_forms:
-                quantize = {"tflite_fp32": "none", "tflite_fp16": "fp16", "tflite_int8": "int8"}[form]
-                calibration = None
-                if quantize == "int8":
-                    builder = prepare_dataset(bench_shapes(config, workdir).data)
-                    calibration = representative_dataset(builder, size, 8)
-                path = os.path.join(tmp, f"{form}.tflite")
-                with open(path, "wb") as f:
-                    f.write(saved_model_to_tflite(source, quantize, calibration, network_scope(detector)))
-                # A fixed batch-1 input: throughput is one image per call.
-                row = {"form": form, **_litert_latency(path, runs), "batch": 1}
-                row["images_per_s"] = 1e3 / row["median_ms"]
-                row["size_mb"] = os.path.getsize(path) / 1e6
-                report(row)
+        for form in [f for f in forms if f.startswith("tflite_")]:
+            quantize = {"tflite_fp32": "none", "tflite_fp16": "fp16", "tflite_int8": "int8"}[form]
+            calibration = None
+            if quantize == "int8":
+                builder = prepare_dataset(bench_shapes(config, workdir).data)
+                calibration = representative_dataset(builder, size, 8)
+            path = os.path.join(tmp, f"{form}.tflite")
+            export_tflite(detector, path, quantize, calibration)
+            # A fixed batch-1 input: throughput is one image per call.
+            row = {"form": form, **_litert_latency(path, runs), "batch": 1}
+            row["images_per_s"] = 1e3 / row["median_ms"]
+            row["size_mb"] = os.path.getsize(path) / 1e6
+            report(row)
     return rows
 
 
@@ -534,3 +529,94 @@ def _save_plot(fig, ax, xlabel, ylabel, title, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+BENCHMARK_CONFIGS = ("configs/coco_resnet18.yaml", "configs/coco_resnet50.yaml",
+                     "configs/coco_dla34.yaml", "configs/edge_mobilenetv3.yaml")
+QUICK_CONFIGS = ("configs/edge_mobilenetv3.yaml", "configs/coco_resnet18.yaml")
+TFLITE_CONFIGS = ("edge_mobilenetv3.yaml", "coco_dla34.yaml")
+
+
+def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RESULTS, plots=False, cache=None):
+    """`centermask benchmark WHAT`: one benchmark (or `all` but scale) per config; prints tables
+    and appends them to `results`."""
+    if what == "scale":
+        return _run_scale(configs, overrides, quick, results, cache)
+    paths = configs or (QUICK_CONFIGS if quick else BENCHMARK_CONFIGS)
+    kinds = ["inference", "efficiency", "assembly", "data", "train"] if what == "all" else [what]
+    runs = runs if runs is not None else (5 if quick else 20)
+    ceiling, steps = None, {}
+    if "efficiency" in kinds or "data" in kinds:  # data: sizes the pipeline for a GPU from it
+        ceiling = matmul_ceiling()
+        print(f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s")
+    for path in paths:
+        name = os.path.basename(path)
+        for kind in kinds:
+            config = load_config(path, overrides)
+            print(f"\n== {kind}: {name} ==", flush=True)
+            if kind == "inference":
+                forms = ["keras", "saved_model"] if quick else ["keras", "xla", "saved_model"]
+                if name in TFLITE_CONFIGS:
+                    forms += ["tflite_int8"] if quick else ["tflite_fp32", "tflite_fp16", "tflite_int8"]
+                rows = inference(
+                    config, forms, runs=runs, batch=2 if quick else 8, batch_runs=1 if quick else 3
+                )
+                columns = ["form", "median_ms", "p90_ms", "batch", "images_per_s"]
+            elif kind == "efficiency":
+                rows = [efficiency(config, ceiling, runs=max(3, runs // 2))]
+                columns = ["gflops", "forward_ms", "gflop_per_s", "ceiling_gflop_per_s", "fraction_of_ceiling"]
+            elif kind == "assembly":
+                rows = assembly(config, runs=runs)
+                columns = ["k", "output", "ms", "us_per_instance"]
+            else:  # data, train: batch 8 (a CPU step at the configs' 128 takes minutes)
+                config.train.batch_size = 2 if quick else 8
+                if name not in steps:  # one step measurement per config serves both
+                    steps[name] = train_throughput(
+                        config, runs=1 if quick else 2, steps=2 if quick else 3
+                    )
+                step = steps[name]
+                if kind == "train":
+                    rows = [step]
+                    columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
+                else:
+                    # In-process, then through 1 and 2 local tf.data service workers (data.service).
+                    rows = []
+                    for workers in (0, 1, 2):
+                        pipeline = data_throughput(
+                            config, runs=1 if quick else 3, batches=5 if quick else 20, workers=workers
+                        )
+                        rows.append({**pipeline, "train_images_per_s": step["images_per_s"],
+                                     "pipeline_over_step": pipeline["images_per_s"] / step["images_per_s"],
+                                     **gpu_estimate(pipeline, step, ceiling)})
+                    columns = ["service_workers", "input_size", "batch_size", "images_per_s", "train_images_per_s",
+                               "pipeline_over_step", "images_per_s_per_core", "cores_per_gpu_est"]
+            print_table(rows, columns)
+            if kind == "data":
+                print(f"cores_per_gpu_est: a GPU at {ASSUMED_GPU_GFLOPS / 1e3:.0f} TFLOP/s (assumed, not "
+                      f"measured) trains {rows[0]['gpu_images_per_s_est']:.0f} images/s if it reaches the fraction "
+                      f"of its peak this CPU reaches of its {ceiling:.0f} GFLOP/s; see BENCHMARKS.md")
+            append_result(kind, name, rows, results)
+    print(f"\nappended to {results}")
+    if plots:
+        plots = plot_results(results, os.path.dirname(results) or ".")
+        print("plots: " + ", ".join(plots))
+
+
+# The scale benchmark's network: its forward is timed but is not what the benchmark is about.
+SCALE_CONFIG = "configs/shapes_tiny.yaml"
+
+
+def _run_scale(configs, overrides, quick, results, cache):
+    """`benchmark scale`: TFDS build and evaluation on a COCO-val-sized set (50 images with --quick)."""
+    path = (configs or [SCALE_CONFIG])[0]
+    # K = 100 detections per image, as COCO evaluation allows.
+    config = load_config(path, ["model.max_detections=100", *overrides])
+    images, cache = (50 if quick else 5000), cache or SCALE_CACHE
+    print(f"== scale: {images} COCO-sized images (cached under {cache}) ==", flush=True)
+    builds, stages = scale(config, images=images, cache=cache)
+    print_table(builds, ["build", "images", "kept", "seconds", "images_per_s", "speedup", "peak_rss_mb"])
+    print()
+    print_table(stages, ["stage", "images", "seconds", "ms_per_image", "peak_rss_mb"])
+    append_result("scale-build", os.path.basename(path), builds, results)
+    append_result("scale-evaluate", os.path.basename(path), stages, results)
+    print(f"\nappended to {results}")
