@@ -31,7 +31,7 @@ from centermask_tf.errors import UserError
 from centermask_tf.files import sha256_of, write_json
 from centermask_tf.images import letterbox_image, load_image
 from centermask_tf.model.heads import mask_heads, network_factors
-from centermask_tf.postprocess import mask_boxes, paste_instances
+from centermask_tf.postprocess import to_original_image
 from centermask_tf.workdir import load_workdir, save_run_files, save_weights, weights_path
 
 PRESET_WEIGHTS = "model.weights.h5"
@@ -196,13 +196,11 @@ class CenterMask(keras.Model):
             for i, (image, (_, scale)) in enumerate(zip(chunk, placed)):
                 height, width = image.shape[:2]
                 n = min(int(np.sum(batch["scores"][i] >= threshold)), int(batch["num_detections"][i]), limit)
-                boxes = np.clip(batch["boxes"][i, :n] / scale, 0.0, [height, width, height, width]).astype(np.float32)
-                masks = paste_instances(batch["masks"][i, :n], mask_boxes(batch, i, n, scale, boxes),
-                                        height, width, self.config.model.mask_threshold)
-                classes = batch["classes"][i, :n]
+                found = to_original_image(batch, i, scale, (height, width), self.config.model.mask_threshold, n)
+                masks, classes = found["masks"], found["classes"]
                 results.append({
-                    "boxes": boxes[:, [1, 0, 3, 2]],
-                    "scores": batch["scores"][i, :n].astype(np.float32),
+                    "boxes": found["boxes"][:, [1, 0, 3, 2]].astype(np.float32),
+                    "scores": found["scores"].astype(np.float32),
                     "class_ids": np.asarray(self.category_ids, np.int64)[classes],
                     "class_names": [self.categories[c]["name"] for c in classes],
                     "masks": np.stack([m.full(height, width) for m in masks]).astype(bool) if masks

@@ -99,8 +99,9 @@ def encode_instances(masks, height, width):
 
 
 
-def to_original_image(detections, index, scale, original_size, mask_threshold):
-    """One image's detections mapped back to its original pixels.
+def to_original_image(detections, index, scale, original_size, mask_threshold, n=None):
+    """One image's first `n` detections (default: `num_detections`) mapped back to its original
+    pixels.
 
     Args:
         detections: a batch from a detector (numpy or tensors).
@@ -113,7 +114,7 @@ def to_original_image(detections, index, scale, original_size, mask_threshold):
         dict with `boxes` [n, 4] (ymin, xmin, ymax, xmax), `scores` [n], `classes` [n]
         (contiguous indices), `masks` (n `InstanceMask`s) and `size` (height, width).
     """
-    n = int(detections["num_detections"][index])
+    n = int(detections["num_detections"][index]) if n is None else n
     height, width = (int(v) for v in original_size)
     boxes = np.asarray(detections["boxes"][index, :n]) / float(scale)
     boxes = np.clip(boxes, 0.0, [height, width, height, width])

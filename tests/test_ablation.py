@@ -84,8 +84,8 @@ def test_ablate_train_runs_one_model_per_mode_and_reuses_them(shapes, tmp_path):
 
 
 def test_grid_shows_images_where_masks_can_collide(tmp_path):
-    from centermask_tf.tools.ablation import grid_images
     from centermask_tf.config import SplitConfig
+    from centermask_tf.tools.ablation import grid_images
 
     coco = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (3, 1, 2, 4)],
             "annotations": [{"image_id": i} for i in (1, 2, 2, 4, 4, 4)]}

@@ -11,9 +11,9 @@ import zlib
 
 import pytest
 
+from centermask_tf.arch import build_network
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
-from centermask_tf.arch import build_network
 from centermask_tf.workdir import save_run_files
 from tests.helpers import train_args
 

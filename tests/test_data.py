@@ -12,12 +12,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from pycocotools.coco import COCO
 
+from centermask_tf.arch.centernet.targets import encode_targets, target_spec
 from centermask_tf.config import ConfigError, DataConfig, SplitConfig
 from centermask_tf.data import tfds_builder
 from centermask_tf.data.coco import DataError, FaultReport, read_coco
 from centermask_tf.data.pipeline import augment, decode_example, decode_rle, eval_dataset, train_dataset
 from centermask_tf.data.shapes import make_shapes
-from centermask_tf.arch.centernet.targets import encode_targets, target_spec
 from tests.messy_coco import CATEGORY_IDS, GOOD_IMAGES, PLANTED_FAULTS, write_messy_coco
 
 SIZE, CLASSES, P, SLOTS = 128, 3, 16, 16

@@ -286,8 +286,8 @@ def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
     """`model.assembly=native`: each mask is the native (output-map) mask, upsampled to the
     image; pasting the decoder's windows equals pasting the whole output map."""
     from centermask_tf.arch.centernet.decoder import CenterMaskDecoder, inference_network
-    from centermask_tf.model.assembly import paste_masks
     from centermask_tf.images import letterbox_image
+    from centermask_tf.model.assembly import paste_masks
 
     directory, _, _ = workdir
     detector = CenterMask.from_workdir(str(directory), overrides=["model.assembly=native"])

@@ -7,20 +7,19 @@ import subprocess
 import sys
 import threading
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from centermask_tf.cli import main
 from centermask_tf.config import config_from_dict, load_config
 from centermask_tf.data.shapes import make_shapes
+from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.detector import CenterMask
 from centermask_tf.export.tflite import non_builtin_ops, run_tflite
-from centermask_tf.images import load_image
-from centermask_tf.images import letterbox_image
-from centermask_tf.data.tfds_builder import prepare_dataset
+from centermask_tf.images import letterbox_image, load_image
 from centermask_tf.training.setup import config_train_dataset
 from centermask_tf.workdir import save_run_files
 

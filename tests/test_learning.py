@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from centermask_tf.config import Config, ModelConfig
-from centermask_tf.arch.centernet.targets import encode_targets
 from centermask_tf.arch.centernet.decoder import decode_detections
-from centermask_tf.model.assembly import paste_masks
+from centermask_tf.arch.centernet.targets import encode_targets
+from centermask_tf.config import Config, ModelConfig
 from centermask_tf.detector import CenterMask
+from centermask_tf.model.assembly import paste_masks
 
 SIZE = 128
 

@@ -5,11 +5,10 @@ import time
 import numpy as np
 import pytest
 
+from centermask_tf.arch import build_network
 from centermask_tf.config import ModelConfig
 from centermask_tf.model.backbones import BackboneWeightsError, ImageNormalization, build_backbone
-from centermask_tf.arch import build_network
-from centermask_tf.model.heads import network_factors
-from centermask_tf.model.heads import HEATMAP_BIAS, Head
+from centermask_tf.model.heads import HEATMAP_BIAS, Head, network_factors
 from tests.helpers import run_layer_test, run_model_saving_test
 
 TINY = {
@@ -223,12 +222,12 @@ def test_hourglass104_has_centernets_parameter_count():
 def test_hourglass_intermediate_heads_train_and_are_left_out_of_inference():
     """Both stacks carry the heads in training (their losses summed); decoding, and so every
     export, runs the last stack only."""
-    from centermask_tf.config import Config
     from centermask_tf.arch.centernet.decoder import inference_network
+    from centermask_tf.arch.centernet.losses import compute_losses
+    from centermask_tf.config import Config
     from centermask_tf.detector import CenterMask
     from centermask_tf.export.serving import export_tflite_saved_model
     from centermask_tf.export.tflite import saved_model_to_tflite
-    from centermask_tf.arch.centernet.losses import compute_losses
     from tests.test_losses import batch, encode, random_objects
 
     model = build_network(tiny_config(backbone="hourglass104", input_size=128))

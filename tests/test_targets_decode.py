@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from centermask_tf.arch.centernet.targets import encode_targets, gaussian_radius, target_spec
 from centermask_tf.arch.centernet.decoder import decode_detections
+from centermask_tf.arch.centernet.targets import encode_targets, gaussian_radius, target_spec
 from centermask_tf.model.assembly import paste_masks
 
 SIZE, STRIDE, CLASSES, SLOTS, P = 128, 4, 3, 16, 32

@@ -14,11 +14,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from centermask_tf.arch import build_network
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.evaluation import METRIC_NAMES, coco_metrics
-from centermask_tf.arch import build_network
 from centermask_tf.training.optimizer import WarmupSchedule, build_optimizer
 from centermask_tf.workdir import save_run_files
 

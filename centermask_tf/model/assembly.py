@@ -109,6 +109,16 @@ def inside_boxes(boxes, height, width):
     return inside_y[..., :, None] * inside_x[..., None, :]
 
 
+def mask_inputs(heads, shape_vectors, saliency_logits, classes):
+    """What the `assemble_*` functions take for masks made of the mask heads `heads` ("shape",
+    "saliency" or both): the Local Shape vectors (`shape_vectors()`, called only when used), the
+    saliency logits, and the classes that pick a class-specific saliency channel; None where
+    unused."""
+    vectors = shape_vectors() if "shape" in heads else None
+    saliency = saliency_logits if "saliency" in heads else None
+    return vectors, saliency, classes if saliency is not None and saliency.shape[-1] > 1 else None
+
+
 def _check_factors(shape_logits, saliency_logits):
     if shape_logits is None and saliency_logits is None:
         raise ValueError("A mask needs at least one factor: Shape logits, saliency logits or both.")

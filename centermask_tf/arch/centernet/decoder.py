@@ -13,8 +13,10 @@ from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
 from centermask_tf.model.assembly import (
     assemble_box_masks,
     assemble_masks,
+    mask_inputs,
     mirror_shape_grids,
 )
+from centermask_tf.model.heads import mask_heads
 from centermask_tf.ops import (
     centre_to_corners,
     flat_index,
@@ -242,12 +244,11 @@ def decode_detections(
     cx = cols + offset[..., 1]
     centres = tf.stack([cy, cx, size[..., 0], size[..., 1]], axis=-1)  # [B, K, 4]
 
-    shape_vectors = saliency = mask_classes = None
-    if mask_factors in ("both", "shape"):
-        shape_vectors = shape_at(pixels) if shape_at else gather_at(outputs["shape"], pixels)  # [B, K, S*S]
-    if mask_factors in ("both", "saliency"):
-        saliency = outputs["saliency"]
-        mask_classes = classes if saliency.shape[-1] > 1 else None
+    shape_vectors, saliency, mask_classes = mask_inputs(
+        mask_heads(mask_factors),
+        lambda: shape_at(pixels) if shape_at else gather_at(outputs["shape"], pixels),  # [B, K, S*S]
+        outputs.get("saliency"), classes,
+    )
     keep = tf.cast(scores >= score_threshold, tf.float32)  # sorted, so a prefix
     extra = {}
     if mask_mode == "box":

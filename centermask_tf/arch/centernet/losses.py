@@ -17,6 +17,7 @@ from centermask_tf.model.assembly import (
     assemble_box_masks,
     assemble_masks,
     inside_boxes,
+    mask_inputs,
 )
 from centermask_tf.ops import centre_to_corners, gather_at, unflatten_index
 
@@ -57,11 +58,11 @@ def mask_loss(outputs, targets, normalizer):
     (`model.assembly: native`) it is assembled at output-map resolution and compared pixel by
     pixel inside each box; otherwise on the P x P grid of the box-relative `masks`.
     """
-    saliency = tf.cast(outputs["saliency"], tf.float32) if "saliency" in outputs else None
-    shape_vectors = gather_at(outputs["shape"], targets["indices"]) if "shape" in outputs else None
+    shape_vectors, saliency, classes = mask_inputs(
+        outputs, lambda: gather_at(outputs["shape"], targets["indices"]), outputs.get("saliency"), targets["classes"]
+    )
     _, height, width, _ = (outputs.get("saliency", outputs.get("shape"))).shape
     boxes = ground_truth_boxes(targets, width)
-    classes = targets["classes"] if saliency is not None and saliency.shape[-1] > 1 else None
     if "map_masks" in targets:
         prob = assemble_masks(shape_vectors, boxes, saliency, classes, map_size=(height, width))  # [B, M, H, W]
         inside = inside_boxes(boxes, height, width)

@@ -17,7 +17,12 @@ import tensorflow as tf
 
 from centermask_tf.arch.fcos.network import SALIENCY_STRIDE
 from centermask_tf.arch.fcos.targets import fcos_locations, level_sides
-from centermask_tf.model.assembly import assemble_box_masks, mirror_shape_grids
+from centermask_tf.model.assembly import (
+    assemble_box_masks,
+    mask_inputs,
+    mirror_shape_grids,
+)
+from centermask_tf.model.heads import mask_heads
 from centermask_tf.ops import corners_to_centre, mean_probability_logits
 
 
@@ -135,12 +140,11 @@ def decode_fcos(outputs, *, input_size, max_detections=100, score_threshold=0.05
     locations = tf.gather(locations, selected, batch_dims=1)
     centres = corners_to_centre(boxes) / SALIENCY_STRIDE  # the saliency map's pixels
 
-    shape_vectors = saliency = mask_classes = None
-    if mask_factors in ("both", "shape"):
-        shape_vectors = tf.gather(outputs["shape"], locations, batch_dims=1)  # [B, K, S*S]
-    if mask_factors in ("both", "saliency"):
-        saliency = outputs["saliency"]
-        mask_classes = classes if saliency.shape[-1] > 1 else None
+    shape_vectors, saliency, mask_classes = mask_inputs(
+        mask_heads(mask_factors),
+        lambda: tf.gather(outputs["shape"], locations, batch_dims=1),  # [B, K, S*S]
+        outputs.get("saliency"), classes,
+    )
     masks = assemble_box_masks(shape_vectors, centres, saliency, mask_size, mask_classes)
     return {
         "boxes": boxes * keep[..., None],

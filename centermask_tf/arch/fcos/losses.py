@@ -13,7 +13,7 @@ from centermask_tf.arch.shared_losses import (
     saliency_loss,
     weighted_total,
 )
-from centermask_tf.model.assembly import assemble_box_masks
+from centermask_tf.model.assembly import assemble_box_masks, mask_inputs
 from centermask_tf.ops import corners_to_centre
 
 LOSS_TERMS = ("classification", "centerness", "box", "mask", "saliency")
@@ -54,13 +54,10 @@ def _fcos_mask_loss(outputs, targets, boxes):
     slots = targets["sample_slots"]
     sample_boxes = tf.gather(boxes, slots, batch_dims=1)
     truth = tf.cast(tf.gather(targets["masks"], slots, batch_dims=1), tf.float32)  # [B, Q, P, P]
-    shape_vectors = None
-    if "shape" in outputs:
-        shape_vectors = tf.gather(outputs["shape"], targets["sample_locations"], batch_dims=1)
-    saliency = outputs.get("saliency")
-    classes = None
-    if saliency is not None and saliency.shape[-1] > 1:
-        classes = tf.gather(targets["classes"], slots, batch_dims=1)
+    shape_vectors, saliency, classes = mask_inputs(
+        outputs, lambda: tf.gather(outputs["shape"], targets["sample_locations"], batch_dims=1),
+        outputs.get("saliency"), tf.gather(targets["classes"], slots, batch_dims=1),
+    )
     prob = assemble_box_masks(shape_vectors, sample_boxes, saliency, truth.shape[-1], classes)
     per_sample = tf.reduce_mean(bce(prob, truth), axis=[2, 3])
     valid = targets["sample_valid"]
