@@ -1,3 +1,4 @@
+import dataclasses
 import socket
 import tempfile
 import time
@@ -292,3 +293,14 @@ def test_mixed_float16_network_matches_float32_with_float32_outputs(model_type):
         assert value.dtype == "float32", name
         scale = float(np.abs(expected[name]).max()) + 1.0
         np.testing.assert_allclose(value, expected[name], atol=0.02 * scale, err_msg=name)
+
+
+def test_the_config_offers_exactly_the_backbones_and_architectures_of_the_tables():
+    from centermask_tf import config
+    from centermask_tf.arch import ARCHS
+    from centermask_tf.model import backbones
+
+    fields = {f.name: f for f in dataclasses.fields(config.ModelConfig)}
+    assert fields["backbone"].metadata["choices"] == tuple(backbones.BACKBONES)
+    assert fields["type"].metadata["choices"] == tuple(ARCHS)
+    assert backbones.PYRAMID_BACKBONES == ("resnet18", "resnet50", "resnet101")

@@ -17,30 +17,12 @@ ResNet-50/101.
 """
 
 import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import keras
 
 from centermask_tf.errors import UserError
-
-# Per-channel statistics of the ImageNet-trained weights each family expects.
-_NORMALIZATION = {
-    "resnet18": "torch",
-    "dla34": "torch",
-    "hourglass104": "torch",
-    "resnet50": "caffe",
-    "resnet101": "caffe",
-    "mobilenetv3_large": "tf",
-    "mobilenetv3_large_minimalistic": "tf",
-    "mobilenetv3_small": "tf",
-}
-_KERAS_APPLICATIONS = {
-    "resnet50": "ResNet50",
-    "resnet101": "ResNet101",
-    "mobilenetv3_large": "MobileNetV3Large",
-    "mobilenetv3_large_minimalistic": "MobileNetV3Large",
-    "mobilenetv3_small": "MobileNetV3Small",
-}
-
 
 class BackboneWeightsError(UserError, ValueError):
     """Backbone weights that cannot be loaded; the message says how to provide them."""
@@ -148,11 +130,6 @@ def _resnet18_stages(x, width_multiplier):
         x = _basic_block(x, filters, 1, name=f"stage{stage + 1}_block2")
         stages.append(x)
     return stages
-
-
-def _resnet18(x, width_multiplier, skips=False):
-    *laterals, top = _resnet18_stages(x, width_multiplier)
-    return _deconv_neck(top, width_multiplier, laterals if skips else None)
 
 
 # === DLA-34 (native) with IDA-up ===
@@ -265,12 +242,11 @@ def _hourglass104(x, width_multiplier):
 
 
 def _application(name, input_size, weights, width_multiplier):
-    fn = getattr(keras.applications, _KERAS_APPLICATIONS[name])
-    kwargs = dict(include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
-    if name.startswith("mobilenetv3"):
-        kwargs.update(
-            alpha=width_multiplier, include_preprocessing=False, minimalistic=name.endswith("minimalistic")
-        )
+    spec = BACKBONES[name]
+    fn = getattr(keras.applications, spec.application)
+    kwargs = dict(include_top=False, weights=weights, input_shape=(input_size, input_size, 3), **spec.options)
+    if spec.neck == "mobilenet":  # MobileNetV3's own width multiplier
+        kwargs.update(alpha=width_multiplier)
     try:
         return fn(**kwargs)
     except Exception as e:  # keras.utils.get_file raises a bare Exception when offline
@@ -278,7 +254,7 @@ def _application(name, input_size, weights, width_multiplier):
             raise
         raise BackboneWeightsError(
             f"Could not load ImageNet weights for {name} ({e}). Without network access, "
-            f"download the keras.applications '{_KERAS_APPLICATIONS[name]}' no-top weights file "
+            f"download the keras.applications '{BACKBONES[name].application}' no-top weights file "
             "on a connected machine, then either copy it into ~/.keras/models/ or set "
             "model.weights: /path/to/that_file.h5 (or --set model.weights=/path/to/file.h5). "
             "model.weights: null trains from scratch, as the paper does."
@@ -318,12 +294,54 @@ def _mobilenet_neck(features, width_multiplier):
 # === Entry points ===
 
 
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone: what `build_backbone` and `build_pyramid_backbone` need to know of it.
+
+    Attributes:
+        normalization: the per-channel ImageNet statistics its weights expect ("torch",
+            "caffe" or "tf", see `ImageNormalization`).
+        application: the `keras.applications` model it wraps (None: built here).
+        options: extra arguments of that application.
+        stages: built here: `(x, width_multiplier)` -> its stage outputs at strides 4-32.
+        build: built here, with a neck of its own: `(x, width_multiplier)` -> stride-4 features.
+        neck: "deconv" (CenterNet's three transposed convs, optionally with stage skips) or
+            "mobilenet" (the light FPN-style neck).
+        pyramid: FCOS's FPN may build on its C3-C5.
+    """
+
+    normalization: str
+    application: Optional[str] = None
+    options: dict = field(default_factory=dict)
+    stages: Optional[Callable] = None
+    build: Optional[Callable] = None
+    neck: str = "deconv"
+    pyramid: bool = False
+
+
+_MOBILENET = {"include_preprocessing": False}
+BACKBONES = {
+    "resnet18": Backbone("torch", stages=_resnet18_stages, pyramid=True),
+    "resnet50": Backbone("caffe", "ResNet50", pyramid=True),
+    "resnet101": Backbone("caffe", "ResNet101", pyramid=True),
+    "dla34": Backbone("torch", build=_dla34),
+    "hourglass104": Backbone("torch", build=_hourglass104),
+    "mobilenetv3_large": Backbone("tf", "MobileNetV3Large", _MOBILENET, neck="mobilenet"),
+    "mobilenetv3_large_minimalistic": Backbone(
+        "tf", "MobileNetV3Large", {**_MOBILENET, "minimalistic": True}, neck="mobilenet"
+    ),
+    "mobilenetv3_small": Backbone("tf", "MobileNetV3Small", _MOBILENET, neck="mobilenet"),
+}
+# The backbones FCOS's feature pyramid takes its C3-C5 from.
+PYRAMID_BACKBONES = tuple(name for name, spec in BACKBONES.items() if spec.pyramid)
+
+
 def _check_weights(name, weights):
-    if name not in _NORMALIZATION:
-        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(_NORMALIZATION)}.")
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(BACKBONES)}.")
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
         raise BackboneWeightsError(f"model.weights: file '{weights}' does not exist.")
-    if weights == "imagenet" and name not in _KERAS_APPLICATIONS:
+    if weights == "imagenet" and BACKBONES[name].application is None:
         raise BackboneWeightsError(
             f"model.weights=imagenet: keras.applications has no ImageNet weights for {name}. "
             "Set model.weights: null to train from scratch (as the paper does), or to the path "
@@ -332,9 +350,19 @@ def _check_weights(name, weights):
 
 
 def _load_own_weights(backbone, name, weights):
-    if weights not in (None, "imagenet") and name not in _KERAS_APPLICATIONS:
+    if weights not in (None, "imagenet") and BACKBONES[name].application is None:
         backbone.load_weights(weights)
     return backbone
+
+
+def _stage_outputs(name, x, input_size, weights, width_multiplier, strides):
+    """The backbone's stage outputs at `strides` (of 4, 8, 16, 32)."""
+    spec = BACKBONES[name]
+    if spec.stages is not None:
+        stages = dict(zip((4, 8, 16, 32), spec.stages(x, width_multiplier)))
+        return [stages[s] for s in strides]
+    app = _application(name, input_size, weights, width_multiplier)
+    return keras.Model(app.inputs, _feature_taps(app, input_size, strides), name=f"{name}_features")(x)
 
 
 def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="deconv"):
@@ -342,7 +370,7 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
     hourglass104 a list of them, one per stack; the last is the one inference uses).
 
     Args:
-        name: one of `centermask_tf.config.BACKBONES`.
+        name: one of `BACKBONES`.
         input_size: N, a multiple of 32.
         width_multiplier: channel scale (see the module docstring).
         weights: None, "imagenet" (keras.applications backbones) or a weights file path.
@@ -351,38 +379,30 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
     """
     if neck not in ("deconv", "skip"):
         raise ValueError(f"Unknown neck {neck!r}; choose 'deconv' or 'skip'.")
-    if neck == "skip" and not name.startswith("resnet"):
-        raise ValueError(f"neck='skip' applies to the ResNet backbones; {name} fuses its stages already.")
     _check_weights(name, weights)
+    spec = BACKBONES[name]
+    if neck == "skip" and (spec.build is not None or spec.neck != "deconv"):
+        raise ValueError(f"neck='skip' applies to the ResNet backbones; {name} fuses its stages already.")
 
     images = keras.Input((input_size, input_size, 3), name="images")
-    x = ImageNormalization(_NORMALIZATION[name], name="normalize")(images)
-    if name == "resnet18":
-        features = _resnet18(x, width_multiplier, skips=neck == "skip")
-    elif name == "dla34":
-        features = _dla34(x, width_multiplier)
-    elif name == "hourglass104":
-        features = _hourglass104(x, width_multiplier)
-    else:
-        app = _application(name, input_size, weights, width_multiplier)
-        if name.startswith("mobilenetv3") or neck == "skip":
-            taps = _feature_taps(app, input_size, (4, 8, 16, 32))
-            *laterals, top = keras.Model(app.inputs, taps, name=f"{name}_features")(x)
-            if name.startswith("mobilenetv3"):
-                features = _mobilenet_neck([*laterals, top], width_multiplier)
-            else:
-                features = _deconv_neck(top, width_multiplier, laterals)
-        else:
-            features = _deconv_neck(app(x), width_multiplier)
+    x = ImageNormalization(spec.normalization, name="normalize")(images)
+    if spec.build is not None:
+        features = spec.build(x, width_multiplier)
+    elif spec.neck == "mobilenet":
+        features = _mobilenet_neck(_stage_outputs(name, x, input_size, weights, width_multiplier, (4, 8, 16, 32)),
+                                   width_multiplier)
+    elif neck == "skip":
+        *laterals, top = _stage_outputs(name, x, input_size, weights, width_multiplier, (4, 8, 16, 32))
+        features = _deconv_neck(top, width_multiplier, laterals)
+    elif spec.stages is not None:
+        features = _deconv_neck(spec.stages(x, width_multiplier)[-1], width_multiplier)
+    else:  # the application as one nested layer, as checkpoints of it were saved
+        features = _deconv_neck(_application(name, input_size, weights, width_multiplier)(x), width_multiplier)
     return _load_own_weights(keras.Model(images, features, name=f"{name}_backbone"), name, weights)
 
 
-# The backbones FCOS's feature pyramid takes its C3-C5 from.
-PYRAMID_BACKBONES = ("resnet18", "resnet50", "resnet101")
-
-
 def build_pyramid_backbone(name, input_size, width_multiplier=1.0, weights=None):
-    """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to the ResNet's last stage
+    """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to the backbone's stage
     outputs at strides 8, 16 and 32 (C3, C4, C5), which an FPN builds on (CenterMask-FCOS).
 
     Args: as `build_backbone`; `name` one of `PYRAMID_BACKBONES`.
@@ -391,10 +411,6 @@ def build_pyramid_backbone(name, input_size, width_multiplier=1.0, weights=None)
         raise ValueError(f"The FCOS feature pyramid builds on {', '.join(PYRAMID_BACKBONES)}; got {name!r}.")
     _check_weights(name, weights)
     images = keras.Input((input_size, input_size, 3), name="images")
-    x = ImageNormalization(_NORMALIZATION[name], name="normalize")(images)
-    if name == "resnet18":
-        stages = _resnet18_stages(x, width_multiplier)[1:]
-    else:
-        app = _application(name, input_size, weights, width_multiplier)
-        stages = keras.Model(app.inputs, _feature_taps(app, input_size, (8, 16, 32)), name=f"{name}_features")(x)
+    x = ImageNormalization(BACKBONES[name].normalization, name="normalize")(images)
+    stages = _stage_outputs(name, x, input_size, weights, width_multiplier, (8, 16, 32))
     return _load_own_weights(keras.Model(images, list(stages), name=f"{name}_pyramid_backbone"), name, weights)
