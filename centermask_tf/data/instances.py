@@ -41,3 +41,37 @@ def box_relative_masks(masks, boxes, mask_size):
         extrapolation_value=0.0,
     )
     return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
+
+
+def padded(values, slots):
+    """`values` padded with zeros along the first axis to `slots` entries."""
+    extra = slots - tf.shape(values)[0]
+    return tf.pad(values, [[0, extra]] + [[0, 0]] * (len(values.shape) - 1))
+
+
+def object_slots(boxes, classes, masks, is_crowd, max_instances, mask_size):
+    """The objects that get target slots (`target_instances`), padded to `max_instances`.
+
+    Args:
+        boxes: `[N, 4]` (ymin, xmin, ymax, xmax) in input pixels; classes `[N]`; masks
+            `[N, H, W]`; is_crowd `[N]`.
+        mask_size: P, the side of the box-relative masks.
+
+    Returns:
+        (slots, kept): `slots` with `boxes [M, 4]` float32, `classes [M]` int32, `valid [M]`
+        float32 (1 for an object, 0 for padding), `masks [M, P, P]` uint8 and `dropped` (objects
+        beyond M); `kept` the indices of the objects in the inputs.
+    """
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    classes = tf.cast(tf.reshape(classes, [-1]), tf.int32)
+    kept, total = target_instances(boxes, tf.cast(tf.reshape(is_crowd, [-1]), tf.bool), max_instances)
+    n = tf.size(kept)
+    kept_boxes = tf.gather(boxes, kept)
+    slots = {
+        "boxes": padded(kept_boxes, max_instances),
+        "classes": padded(tf.gather(classes, kept), max_instances),
+        "valid": padded(tf.ones([n], tf.float32), max_instances),
+        "masks": padded(box_relative_masks(tf.gather(masks, kept), kept_boxes, mask_size), max_instances),
+        "dropped": total - n,
+    }
+    return slots, kept

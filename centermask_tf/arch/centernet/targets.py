@@ -24,7 +24,7 @@ masks on the box grid anyway; only the native loss needs the maps.
 
 import tensorflow as tf
 
-from centermask_tf.data.instances import box_relative_masks, target_instances
+from centermask_tf.data.instances import object_slots, padded
 from centermask_tf.ops import corners_to_centre, flat_index
 
 
@@ -111,19 +111,11 @@ def encode_targets(
         min_overlap: `gaussian_radius` IoU parameter.
         map_masks: also encode `map_masks` (for `model.assembly: native`).
     """
-    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
-    classes = tf.cast(tf.reshape(classes, [-1]), tf.int32)
-    is_crowd = tf.cast(tf.reshape(is_crowd, [-1]), tf.bool)
     out = input_size // stride
-
-    heights = (boxes[:, 2] - boxes[:, 0]) / stride
-    widths = (boxes[:, 3] - boxes[:, 1]) / stride
-    keep_idx, total = target_instances(boxes, is_crowd, max_instances)
+    slots, keep_idx = object_slots(boxes, classes, masks, is_crowd, max_instances, mask_size)
     n = tf.size(keep_idx)
-
-    boxes = tf.gather(boxes, keep_idx)
-    classes = tf.gather(classes, keep_idx)
-    sizes = tf.stack([tf.gather(heights, keep_idx), tf.gather(widths, keep_idx)], axis=-1)
+    boxes, classes = slots["boxes"][:n], slots["classes"][:n]
+    sizes = tf.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=-1) / stride
     centres = corners_to_centre(boxes)[:, :2] / stride  # [n, 2] (cy, cx) in output pixels
     centres_int = tf.clip_by_value(tf.floor(centres), 0.0, out - 1.0)
     offsets = centres - centres_int
@@ -135,22 +127,16 @@ def encode_targets(
 
     centres_int = tf.cast(centres_int, tf.int32)
     indices = flat_index(centres_int[:, 0], centres_int[:, 1], out)
-    instance_masks = box_relative_masks(tf.gather(masks, keep_idx), boxes, mask_size)
-
-    pad = max_instances - n
     targets = {
         "heatmap": heatmap,
-        "indices": tf.pad(indices, [[0, pad]]),
-        "offset": tf.pad(offsets, [[0, pad], [0, 0]]),
-        "size": tf.pad(sizes, [[0, pad], [0, 0]]),
-        "classes": tf.pad(classes, [[0, pad]]),
-        "valid": tf.pad(tf.ones([n], tf.float32), [[0, pad]]),
-        "masks": tf.pad(instance_masks, [[0, pad], [0, 0], [0, 0]]),
-        "dropped": total - n,
+        "indices": padded(indices, max_instances),
+        "offset": padded(offsets, max_instances),
+        "size": padded(sizes, max_instances),
+        **{key: slots[key] for key in ("classes", "valid", "masks", "dropped")},
     }
     if map_masks:
         kept = tf.cast(tf.gather(masks, keep_idx)[..., None], tf.float32)  # [n, N, N, 1]
         at_output = tf.image.resize(kept, [out, out], method="area")[..., 0] >= 0.5
-        targets["map_masks"] = tf.pad(tf.cast(at_output, tf.uint8), [[0, pad], [0, 0], [0, 0]])
+        targets["map_masks"] = padded(tf.cast(at_output, tf.uint8), max_instances)
     spec = target_spec(input_size, num_classes, max_instances, mask_size, stride, map_masks)
     return {key: tf.ensure_shape(value, spec[key].shape) for key, value in targets.items()}

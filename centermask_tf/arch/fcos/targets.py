@@ -22,7 +22,7 @@ loss) and the positive locations the mask loss assembles masks at.
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.data.instances import box_relative_masks, target_instances
+from centermask_tf.data.instances import object_slots
 
 FCOS_STRIDES = (8, 16, 32, 64, 128)
 FCOS_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, float("inf")))
@@ -147,19 +147,7 @@ def encode_fcos_targets(boxes, classes, masks, is_crowd, *, input_size, max_inst
         mask_samples: Q, positive locations kept for the mask loss: those with the highest
             centerness target (the best-centred first), at most all positives.
     """
-    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
-    classes = tf.cast(tf.reshape(classes, [-1]), tf.int32)
-    keep_idx, total = target_instances(boxes, tf.cast(tf.reshape(is_crowd, [-1]), tf.bool), max_instances)
-    n = tf.size(keep_idx)
-    pad = max_instances - n
-    slots = {
-        "boxes": tf.pad(tf.gather(boxes, keep_idx), [[0, pad], [0, 0]]),
-        "classes": tf.pad(tf.gather(classes, keep_idx), [[0, pad]]),
-        "valid": tf.pad(tf.ones([n], tf.float32), [[0, pad]]),
-        "masks": tf.pad(box_relative_masks(tf.gather(masks, keep_idx), tf.gather(boxes, keep_idx), mask_size),
-                        [[0, pad], [0, 0], [0, 0]]),
-        "dropped": total - n,
-    }
+    slots, _ = object_slots(boxes, classes, masks, is_crowd, max_instances, mask_size)
     located = fcos_targets(slots["boxes"], slots["classes"], slots["valid"], input_size)
     positive = located["labels"] >= 0
     # Positives rank by centerness (+1, so a positive of centerness 0 still ranks above background).
