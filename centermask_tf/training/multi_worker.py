@@ -9,6 +9,7 @@ decision, epoch, weights and optimiser state through collectives at the start: w
 share a filesystem, and a run the chief refuses stops every worker.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from centermask_tf.errors import UserError
 from centermask_tf.training.setup import (
     build_detector,
     config_train_dataset,
@@ -49,17 +51,18 @@ def train_multi_worker(config, workdir, strategy, overwrite=False):
     else:
         run = Workdir(os.path.join(workdir, f"worker_{strategy.cluster_resolver.task_id}"))
         shutil.rmtree(run.path, ignore_errors=True)  # scratch: the chief's state decides
-    with run.lock():
-        refusal, state = None, None
+    with contextlib.ExitStack() as held:
+        refusal = state = None
         try:
+            held.enter_context(run.lock())
             state = run.start(config, overwrite and chief)
-        except WorkdirError as e:
+        except UserError as e:  # every worker must reach the collective below, refused or not
             refusal = e
-        (refused,) = from_first_replica(strategy, [tf.constant(int(refusal is not None))])
+        refused = strategy.reduce("SUM", strategy.run(lambda: tf.constant(int(refusal is not None))), axis=None)
         if refusal is not None:
             raise refusal
         if int(refused):
-            raise WorkdirError(f"the chief worker refused to train into '{workdir}'; its log says why.")
+            raise WorkdirError(f"another worker refused to train into '{workdir}'; its log says why.")
         run.recover(state)
         builder, categories, steps_per_epoch = prepare(config, run.path, strategy)
         detector = build_detector(config, categories, steps_per_epoch, strategy, run, state)
