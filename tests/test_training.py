@@ -77,19 +77,17 @@ def test_mirrored_over_two_logical_cpus_trains_with_falling_loss(shapes, tmp_pat
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
-@pytest.mark.slow
-def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path):
-    """Also what `fit` has, on the chief: per-epoch evaluation, TensorBoard, history.csv, EMA."""
-    _, overrides = shapes
-    overrides = overrides + ["eval.every_epochs=1", "train.ema_decay=0.9"]
-    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+def run_workers(overrides, workdir, count=2):
+    """Trains with `--strategy multi_worker` in `count` processes; their (return code, stdout,
+    stderr)."""
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     processes = []
-    for index in range(2):
+    for index in range(count):
         env = dict(os.environ, TF_CONFIG=json.dumps(
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         ))
         processes.append(subprocess.Popen(
-            worker_command(overrides, tmp_path / "run", "multi_worker"), env=env,
+            worker_command(overrides, workdir, "multi_worker"), env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     outputs = []
@@ -99,9 +97,27 @@ def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path)
     finally:
         for process in processes:
             process.kill()
-    for process, (_, err) in zip(processes, outputs):
-        assert process.returncode == 0, err[-3000:]
-    histories = [history_of(out) for out, _ in outputs]
+    return [(process.returncode, out, err) for process, (out, err) in zip(processes, outputs)]
+
+
+def assert_same_weights(first, second):
+    with h5py.File(first, "r") as a, h5py.File(second, "r") as b:
+        names = []
+        a.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert len(names) > 20
+        for name in names:
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+
+
+@pytest.mark.slow
+def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path):
+    """Also what `fit` has, on the chief: per-epoch evaluation, TensorBoard, history.csv, EMA."""
+    _, overrides = shapes
+    overrides = overrides + ["eval.every_epochs=1", "train.ema_decay=0.9"]
+    results = run_workers(overrides, tmp_path / "run")
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    histories = [history_of(out) for _, out, _ in results]
     assert len(histories[0]) == 2 and all(np.isfinite(h["loss"]) for h in histories[0])
     run = tmp_path / "run"
     assert sorted(os.listdir(run / "eval")) == ["epoch_001.json", "epoch_002.json"]
@@ -109,14 +125,29 @@ def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path)
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1] and "val_segm_AP" in rows[0]
-    chief = tmp_path / "run" / "checkpoints" / "last.weights.h5"
-    other = tmp_path / "run" / "worker_1" / "checkpoints" / "last.weights.h5"
-    with h5py.File(chief, "r") as a, h5py.File(other, "r") as b:
-        names = []
-        a.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-        assert len(names) > 20
-        for name in names:
-            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+    assert_same_weights(run / "checkpoints" / "last.weights.h5", run / "worker_1" / "checkpoints" / "last.weights.h5")
+
+
+@pytest.mark.slow
+def test_a_multi_worker_run_resumes_from_the_chiefs_commit_and_refuses_a_finished_one(shapes, tmp_path):
+    """The guarantees of `fit`'s workdir: a run continued with more epochs starts after the
+    committed one, from the chief's weights (the other worker's scratch folder is wiped), and a
+    finished run is refused by every worker instead of leaving one waiting forever."""
+    _, overrides = shapes
+    run = tmp_path / "run"
+    for epochs in (1, 2):  # the second run trains epoch 2 only
+        results = run_workers([*overrides, f"train.epochs={epochs}"], run)
+        for code, _, err in results:
+            assert code == 0, err[-3000:]
+        assert len(history_of(results[0][1])) == 1
+    with open(run / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    assert json.loads((run / "state.json").read_text())["epochs_done"] == 2
+    assert_same_weights(run / "checkpoints" / "last.weights.h5", run / "worker_1" / "checkpoints" / "last.weights.h5")
+    refused = run_workers([*overrides, "train.epochs=2"], run)
+    assert [code for code, _, _ in refused] == [1, 1]
+    assert "Nothing to do for train.epochs=2" in refused[0][2]
+    assert "another worker refused" in refused[1][2]
 
 
 @pytest.mark.slow
