@@ -241,7 +241,7 @@ def cmd_demo(args):
 
 
 def cmd_ablate(args):
-    """The Local Shape / Global Saliency experiment (see centermask_tf/ablation.py)."""
+    """The Local Shape / Global Saliency experiment (see centermask_tf/tools/ablation.py)."""
     from centermask_tf.tools.ablation import ablate
 
     if args.config and not args.train:

@@ -9,8 +9,8 @@ Conventions, used everywhere in the package:
 - A pixel `i` covers the continuous interval [i, i + 1); its centre is i + 0.5.
 - `boxes` are (cy, cx, h, w) in output-map pixels (centre and size).
 - Interpolation is done on logits and the sigmoid applied after, i.e.
-  mask = sigmoid(resize(shape)) * sigmoid(saliency). FACTS.md marks the sigmoid placement as
-  unconfirmed; this is the paper's formula (sigma applied to LocalShape and to the saliency crop).
+  mask = sigmoid(resize(shape)) * sigmoid(saliency). The sigmoid placement is unconfirmed
+  (docs/paper.md); this is the paper's formula (sigma applied to LocalShape and to the saliency crop).
 - Either factor may be left out (`None`): the mask is then the other factor alone, as in the
   paper's Local Shape / Global Saliency ablation (`model.mask_factors`).
 """

@@ -51,8 +51,8 @@ class ImageNormalization(keras.layers.Layer):
         images = keras.ops.cast(images, self.compute_dtype)
         if self.mode == "tf":
             return images / 127.5 - 1.0
-        # The constants in the compute dtype: float16 under a mixed policy (a float32 constant
-        # made every network fail to build with train.mixed_precision set).
+        # The constants in the compute dtype: under a mixed policy the images are float16, which
+        # a float32 constant does not combine with.
         if self.mode == "caffe":
             return keras.ops.flip(images, axis=-1) - keras.ops.array(self._CAFFE_MEAN_BGR, self.compute_dtype)
         mean, std = keras.ops.array(self._MEAN, self.compute_dtype), keras.ops.array(self._STD, self.compute_dtype)

@@ -2,7 +2,7 @@
 plus the Global Saliency map at stride 4.
 
 FCOS (Tian et al., ICCV 2019) predicts at every location of every pyramid level; CenterMask
-adds its two mask factors (the paper's "CenterMask-FCOS", 38.5 mask AP, FACTS.md):
+adds its two mask factors (the paper's "CenterMask-FCOS", 38.5 mask AP; docs/paper.md):
 - the Local Shape: S*S channels per location, a 1x1 conv on the box tower (the tower's 3x3
   convs play the part of the CenterNet Shape head's hidden 3x3 conv);
 - the Global Saliency: a `Head` on P3 (stride 8) upsampled x2 to stride 4, the resolution the
@@ -16,7 +16,7 @@ FCOS's later default). Distances are ReLU(scale_level * x) * stride (FCOS's
 `norm_reg_targets`), with a learnt scale per level.
 
 Outputs are flattened over the levels, level by level and row-major within a level: the order
-`data.fcos_targets.fcos_locations` lists locations in.
+`targets.fcos_locations` lists locations in.
 """
 
 import math

@@ -140,7 +140,7 @@ def encode_fcos_targets(boxes, classes, masks, is_crowd, *, input_size, max_inst
     """One image's CenterMask-FCOS training targets (`fcos_target_spec`).
 
     Args:
-        boxes, classes, masks, is_crowd: as `targets.encode_targets` takes them.
+        boxes, classes, masks, is_crowd: as the CenterNet variant's `encode_targets` takes them.
         input_size: N, the square canvas side.
         max_instances: M object slots; objects beyond are counted in `dropped`.
         mask_size: P, side of the box-relative mask targets.
