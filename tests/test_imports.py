@@ -115,7 +115,7 @@ def test_imports_point_one_way():
 def test_architectures_do_not_import_each_other_and_shared_parts_import_none():
     edges = graph()
     names = sorted(path.name for path in (PACKAGE / "arch").iterdir() if (path / "__init__.py").exists())
-    assert names == ["centernet", "fcos"]
+    assert {"centernet", "fcos"} <= set(names)
     for name in names:
         inside = {m for m in MODULES if m.startswith(f"centermask_tf.arch.{name}")}
         others = [f"centermask_tf.arch.{other}" for other in names if other != name]
