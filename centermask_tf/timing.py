@@ -81,6 +81,11 @@ def litert_latency(path, runs=20, threads=None):
     return latency_row(timings(lambda: runner(**{name: image}), runs))
 
 
+def block(outputs):
+    """Forces execution to finish (numpy of every output)."""
+    return {k: np.asarray(v) for k, v in outputs.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time a .tflite model with LiteRT; prints JSON.")
     parser.add_argument("model")
