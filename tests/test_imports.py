@@ -148,3 +148,9 @@ def test_only_arch_reads_the_model_type():
                     for c in (node.left, *node.comparators)):
                 readers.append(f"{name}:{node.lineno}")
     assert not readers, readers
+
+
+def test_every_package_folder_is_a_regular_package():
+    """`find_packages` (setup.py) installs only folders with an `__init__.py`."""
+    folders = {path.parent for path in PACKAGE.rglob("*.py") if "__pycache__" not in path.parts}
+    assert not [str(f) for f in folders if not (f / "__init__.py").is_file()]
