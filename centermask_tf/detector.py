@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.arch import architecture
+from centermask_tf.arch import architecture, build_network
 from centermask_tf.arch.shared_losses import computed_terms, loss_weights
 from centermask_tf.config import Config, config_from_dict
 from centermask_tf.errors import UserError
@@ -266,8 +266,7 @@ class CenterMask(keras.Model):
         masks are assembled."""
         config.model.weights = None  # the checkpoint holds every weight, the backbone's too
         trained = trained_factors or config.model.mask_factors
-        model = dataclasses.replace(config.model, mask_factors=trained)
-        network = architecture(model).build_network(model)
+        network = build_network(dataclasses.replace(config.model, mask_factors=trained))
         try:
             network.load_weights(weights)
         except (OSError, ValueError) as e:
