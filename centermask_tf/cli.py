@@ -50,6 +50,11 @@ def _number(kind, low=None, high=None, what=None):
     return parse
 
 
+def _score(text):
+    """An argparse type: a score in [0, 1], or "auto"."""
+    return "auto" if text == "auto" else _number(float, 0, 1)(text)
+
+
 def _path(text):
     """An argparse type for a path: not empty (an empty path would mean the current folder)."""
     if not text.strip():
@@ -120,7 +125,8 @@ def cmd_make_shapes(args):
     from centermask_tf.data.shapes import PRESETS, Layout, make_shapes
 
     preset = dict(PRESETS[args.preset]) if args.preset else {}
-    if preset and (args.occlusion is not None or args.object_size or args.image_size is not None or args.train is not None):
+    if preset and (args.occlusion is not None or args.object_size or args.image_size is not None
+                   or args.train is not None or args.classes):
         raise UsageError(f"--preset {args.preset} fixes the layout; only --val, --seed and --output may change.")
     layout = preset.get("layout") or Layout(**({"sizes": tuple(args.object_size)} if args.object_size else {}))
     counts = make_shapes(
@@ -131,6 +137,7 @@ def cmd_make_shapes(args):
         preset.get("image_size", 128 if args.image_size is None else args.image_size),
         args.occlusion,
         layout,
+        args.classes,
     )
     for split, (images, annotations, occluded) in counts.items():
         print(f"{split}: {images} images, {annotations} annotations ({occluded} partly occluded)")
@@ -195,7 +202,7 @@ def artifact_eval_dir(eval_dir, artifact):
 
 def cmd_evaluate(args):
     from centermask_tf.data.tfds_builder import prepare_dataset
-    from centermask_tf.evaluation import evaluate_detector
+    from centermask_tf.evaluation import IOU_TYPES, METRIC_NAMES, evaluate_detector, per_category_table
     from centermask_tf.workdir import load_workdir
 
     config = _load(args) if args.config else load_workdir(args.workdir, args.overrides)[0]
@@ -205,12 +212,18 @@ def cmd_evaluate(args):
     if args.saved_model or args.tflite:  # keep the Keras model's metrics.json
         output = artifact_eval_dir(output, args.saved_model or args.tflite)
     metrics = evaluate_detector(detect, builder, config, output, config.eval.max_images)
-    for iou_type, values in metrics.items():
-        print(f"{iou_type:5s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-    print(f"wrote {output}/metrics.json and {output}/detections.json")
+    print(per_category_table(metrics))
+    for iou_type in IOU_TYPES:
+        print(f"{iou_type:5s} " + "  ".join(f"{k} {metrics[iou_type][k]:.3f}" for k in METRIC_NAMES))
+    if metrics["best_f1_score_threshold"] is not None:
+        print(f"best F1 at score {metrics['best_f1_score_threshold']:.2f} (predict --score auto uses it)")
+    plots = os.path.join(output, "plots")
+    print(f"wrote {output}/metrics.json and {output}/detections.json"
+          + (f", plots in {plots}/" if os.path.isdir(plots) else ""))
 
 
 def cmd_predict(args):
+    from centermask_tf.evaluation import best_f1_threshold
     from centermask_tf.images import (
         DEFAULT_MAX_MEGABYTES,
         DEFAULT_MAX_PIXELS,
@@ -220,10 +233,11 @@ def cmd_predict(args):
     from centermask_tf.workdir import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
+    score = best_f1_threshold(args.workdir) if args.score == "auto" else args.score
     detect = _detect_for(args, config, categories)
     files = image_files(args.input)
     predictions = predict_files(
-        detect, files, config.model.input_size, categories, args.score,
+        detect, files, config.model.input_size, categories, score,
         config.model.mask_threshold, args.output,
         DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
         DEFAULT_MAX_MEGABYTES if args.max_megabytes is None else args.max_megabytes,
@@ -353,7 +367,8 @@ def build_parser():
     predict.add_argument("--workdir", required=True, type=_path, help="the training workdir")
     predict.add_argument("--input", required=True, type=_path, help="an image file or a folder of images")
     predict.add_argument("--output", required=True, type=_path, help="folder for overlays and predictions.json")
-    predict.add_argument("--score", type=_number(float, 0, 1), default=0.3, help="minimum detection score")
+    predict.add_argument("--score", type=_score, default=0.3,
+                         help="minimum detection score, or 'auto': the best-F1 threshold `evaluate` found")
     predict.add_argument("--max-pixels", type=_number(int, 1),
                          help="skip images that declare more pixels (default: PIL's limit, 89.5 M)")
     predict.add_argument("--max-megabytes", type=_number(float, what="> 0", low=1e-9), help="skip larger files (default 200)")
@@ -411,6 +426,9 @@ def build_parser():
                         help="fraction of objects placed over an earlier one (0-1; default: uniform positions)")
     shapes.add_argument("--object-size", type=float, nargs=2, metavar=("MIN", "MAX"),
                         help="object size range as fractions of the image side (default 0.12 0.55)")
+    shapes.add_argument("--classes", type=lambda text: text.split(","), metavar="A,B",
+                        help="shapes to draw, of circle, rectangle, triangle, star, hexagon "
+                             "(default circle,rectangle,triangle); each keeps its category id")
     shapes.set_defaults(handler=cmd_make_shapes)
 
     bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")

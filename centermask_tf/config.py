@@ -248,6 +248,14 @@ class TrainConfig:
             +0.5 AP from this supervision. 0 (default) trains the saliency through the mask
             loss only.
         seed: random seed for weights and data order.
+        init_from: start from trained weights: a training workdir (its best checkpoint), a
+            preset folder, a `.keras` file or a `.weights.h5` file. Every layer whose name and
+            weight shapes match is loaded; the others (e.g. the class-specific heads of a model
+            with other classes) keep their fresh initialisation. Ignored when a run resumes
+            from its own checkpoints. null (default): train from `model.weights`.
+        freeze_backbone_epochs: the backbone's own layers (not the neck) are not trained in the
+            first N epochs, their BatchNorm in inference mode; then every layer trains. 0
+            (default): nothing is frozen.
     """
 
     batch_size: int = _bounded(16, low=1)
@@ -271,8 +279,15 @@ class TrainConfig:
     centerness_weight: float = _bounded(1.0, low=0)
     box_weight: float = _bounded(1.0, low=0)
     seed: int = _bounded(0, low=0)
+    init_from: Optional[str] = None
+    freeze_backbone_epochs: int = _bounded(0, low=0)
 
     def validate(self):
+        if self.freeze_backbone_epochs > self.epochs:
+            raise ConfigError(
+                f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} is more than "
+                f"train.epochs={self.epochs}; freeze at most as many epochs as the run trains."
+            )
         if self.mixed_precision not in (None, "mixed_float16", "mixed_bfloat16"):
             raise ConfigError(
                 "train.mixed_precision must be null, 'mixed_float16' or 'mixed_bfloat16', "

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -32,6 +33,7 @@ from centermask_tf.files import sha256_of, write_json
 from centermask_tf.images import letterbox_image, load_image
 from centermask_tf.model.heads import mask_heads, network_factors
 from centermask_tf.postprocess import to_original_image
+from centermask_tf.transfer import check_source_path, layer_weights, transfer_weights, weights_file_layers
 from centermask_tf.workdir import load_workdir, save_run_files, save_weights, weights_path
 
 PRESET_WEIGHTS = "model.weights.h5"
@@ -257,6 +259,21 @@ class CenterMask(keras.Model):
         write_json(os.path.join(path, PRESET_DIGESTS),
                    {"sha256": {name: sha256_of(os.path.join(path, name)) for name in PRESET_FILES}})
 
+    def load_matching_weights(self, source):
+        """Loads, from the model at `source` (a training workdir's best checkpoint, a preset
+        folder, a `.keras` file or a `.weights.h5` file), every layer whose name and weight
+        shapes match this network's; the others keep their weights. Fine-tuning onto other
+        classes starts here: the class-specific heads stay freshly initialised.
+
+        Returns:
+            A `transfer.TransferReport`; `report.summary()` is one line.
+
+        Raises:
+            UserError: `source` is missing, unreadable, or not one layer matches.
+        """
+        layers, name = source_layers(source, self.config.model)
+        return transfer_weights(self.network, layers, name, self.config.model.num_classes)
+
     @classmethod
     def with_weights(cls, config, categories, weights, trained_factors=None):
         """`CenterMask(config, categories)` with its network's weights read from `weights`.
@@ -275,6 +292,37 @@ class CenterMask(keras.Model):
                 f"({' '.join(str(e).split())[:200]}); pass weights trained with this config."
             ) from None
         return cls(config, categories, network)
+
+
+def source_layers(path, model_config):
+    """`({layer path: [arrays]}, description)` of the model at `path` (see
+    `CenterMask.load_matching_weights`). A `.weights.h5` in a workdir or preset is read with
+    that run's config; any other names its layers only by position, so it is read with
+    `model_config`'s layout, and a layer of another shape there counts as not in it."""
+    path = check_source_path(path)
+    try:
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, PRESET_WEIGHTS)):
+                return layer_weights(CenterMask.from_preset(path).network), path
+            return layer_weights(CenterMask.from_workdir(path).network), path
+        if path.endswith(".keras"):
+            model = keras.saving.load_model(path, compile=False)
+            return layer_weights(getattr(model, "network", model)), path
+        folder = os.path.dirname(os.path.abspath(path))
+        for run in (folder, os.path.dirname(folder)):  # a preset's weights, or a workdir checkpoint
+            if all(os.path.isfile(os.path.join(run, name)) for name in ("config.yaml", "categories.json")):
+                config, categories = load_workdir(run)
+                network = CenterMask.with_weights(config, categories, path, trained_factors(run)).network
+                return layer_weights(network), path
+        reader = build_network(dataclasses.replace(model_config, weights=None))
+        return weights_file_layers(reader, path), f"{path} (read by position with this config's layout)"
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise UserError(
+            f"train.init_from: cannot read '{path}' ({' '.join(str(e).split())[:160]}); is the file "
+            "complete? Copy it again or pass another model."
+        ) from None
 
 
 def _check_digests(path):

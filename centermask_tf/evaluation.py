@@ -3,12 +3,16 @@
     centermask evaluate --config configs/shapes_tiny.yaml --workdir work/demo
 
 writes `workdir/eval/detections.json` (the dataset's own category ids, RLE masks at original
-image size: what the COCO evaluation server accepts) and `workdir/eval/metrics.json`
-(`{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}}`).
+image size: what the COCO evaluation server accepts) and `workdir/eval/metrics.json`:
+`{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category"}, "segm": {...},
+"best_f1_score_threshold"}`, where `per_category` lists `{"id", "name", "AP", "AP50", "AP75",
+"AR100", "instances"}` for each category of the file (AP null for one without ground truth).
+With matplotlib (the `plots` extra) it also draws `workdir/eval/plots/` (`diagnostics.py`).
 """
 
 import contextlib
 import io
+import json
 import logging
 import os
 
@@ -16,9 +20,11 @@ import numpy as np
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from centermask_tf import diagnostics
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations
 from centermask_tf.data.pipeline import eval_dataset
+from centermask_tf.errors import MissingError
 from centermask_tf.files import write_json
 from centermask_tf.postprocess import coco_results, to_original_image
 from centermask_tf.timing import Stopwatch
@@ -26,6 +32,7 @@ from centermask_tf.timing import Stopwatch
 logger = logging.getLogger("centermask_tf.evaluation")
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
 
 
 def _coco_library(backend):
@@ -43,18 +50,56 @@ def _coco_library(backend):
     return FasterCOCO, COCOeval_faster
 
 
-def coco_metrics(annotations, detections, image_ids, backend="pycocotools", annotation_ids=None, timer=None):
-    """COCO bbox and segm stats on `image_ids`, with pycocotools' COCOeval or (`backend`
-    "faster_coco_eval") faster-coco-eval's, which gives the same numbers faster.
+def _per_category(evaluator, categories, instances):
+    """`per_category` rows from an accumulated COCOeval: its precision `[T, R, K, A, M]` and
+    recall `[T, K, A, M]` at area "all" and 100 detections, -1 where a category has no ground
+    truth (null here)."""
+    precision, recall = evaluator.eval["precision"], evaluator.eval["recall"]
+    thresholds = list(np.round(evaluator.params.iouThrs, 2))
+
+    def mean(values):
+        values = values[values > -1]
+        return float(values.mean()) if values.size else None
+
+    names = {c["id"]: c["name"] for c in categories}
+    rows = []
+    for k, category_id in enumerate(evaluator.params.catIds):
+        rows.append({
+            "id": int(category_id), "name": names[category_id],
+            "AP": mean(precision[:, :, k, 0, -1]),
+            "AP50": mean(precision[thresholds.index(0.5), :, k, 0, -1]),
+            "AP75": mean(precision[thresholds.index(0.75), :, k, 0, -1]),
+            "AR100": mean(recall[:, k, 0, -1]),
+            "instances": instances.get(category_id, 0),
+        })
+    return rows
+
+
+def _instances(data, image_ids):
+    """Ground-truth objects per category on `image_ids` (crowd regions are not objects)."""
+    wanted = set(image_ids)
+    counts = {}
+    for a in data["annotations"]:
+        if a["image_id"] in wanted and not a.get("iscrowd", 0):
+            counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+    return counts
+
+
+def coco_metrics(annotations, detections, image_ids, backend="pycocotools", annotation_ids=None, timer=None,
+                 plots_dir=None):
+    """COCO bbox and segm stats on `image_ids`, overall and per category, with pycocotools'
+    COCOeval or (`backend` "faster_coco_eval") faster-coco-eval's, which gives the same numbers
+    faster.
 
     The ground truth is the annotations in `annotation_ids` (None: every annotation of the
     file): the ones the dataset build kept. A malformed segmentation would crash COCOeval, and
     a skipped one is never trained on. `timer` (a `timing.Stopwatch`) adds the seconds of
-    "ground_truth" and "coco_eval".
+    "ground_truth" and "coco_eval". `plots_dir`: where to draw the diagnostic plots.
 
     Returns:
-        {"bbox": {name: value}, "segm": {name: value}} with `METRIC_NAMES`; 0.0 throughout
-        when there are no detections.
+        {"bbox": {name: value, "per_category": [...]}, "segm": {...},
+        "best_f1_score_threshold": float or None} with `METRIC_NAMES`; 0.0 throughout when
+        there are no detections.
     """
     coco_class, evaluator_class = _coco_library(backend)
     timer = timer or Stopwatch()
@@ -70,10 +115,15 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
             ground_truth = coco_class()
             ground_truth.dataset = data
             ground_truth.createIndex()
-    metrics = {}
-    for iou_type in ("bbox", "segm"):
+    metrics, evaluators = {}, {}
+    instances = _instances(data, image_ids)
+    for iou_type in IOU_TYPES:
         if not detections:
             metrics[iou_type] = {name: 0.0 for name in METRIC_NAMES}
+            metrics[iou_type]["per_category"] = [
+                {"id": c["id"], "name": c["name"], **{k: 0.0 if instances.get(c["id"]) else None for k in
+                                                      ("AP", "AP50", "AP75", "AR100")},
+                 "instances": instances.get(c["id"], 0)} for c in data["categories"]]
             continue
         with contextlib.redirect_stdout(io.StringIO()) as printed, timer("coco_eval"):
             results = ground_truth.loadRes(detections)
@@ -85,7 +135,37 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
         summary = [line for line in printed.getvalue().splitlines() if line.startswith(" Average")]
         logger.debug("%s:\n%s", iou_type, "\n".join(summary))
         metrics[iou_type] = {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+        metrics[iou_type]["per_category"] = _per_category(evaluator, data["categories"], instances)
+        evaluators[iou_type] = evaluator
+    metrics["best_f1_score_threshold"] = diagnostics.write(data, detections, image_ids, evaluators, plots_dir)
     return metrics
+
+
+def per_category_table(metrics):
+    """The per-category AP table of `metrics`, best AP first (null AP last)."""
+    lines = [f"{'category':<20}{'type':<6}{'AP':>7}{'AP50':>7}{'AP75':>7}{'AR100':>7}{'objects':>9}"]
+    for iou_type in IOU_TYPES:
+        rows = sorted(metrics[iou_type]["per_category"], key=lambda r: -1 if r["AP"] is None else r["AP"], reverse=True)
+        for row in rows:
+            values = "".join(" " * 6 + "-" if row[k] is None else f"{row[k]:>7.3f}" for k in ("AP", "AP50", "AP75", "AR100"))
+            lines.append(f"{row['name'][:19]:<20}{iou_type:<6}{values}{row['instances']:>9}")
+    return "\n".join(lines)
+
+
+def best_f1_threshold(workdir):
+    """The score threshold of the best segm F1 that `evaluate` stored in `workdir`."""
+    path = os.path.join(workdir, "eval", "metrics.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            threshold = json.load(f).get("best_f1_score_threshold")
+    except (FileNotFoundError, ValueError):
+        threshold = None
+    if threshold is None:
+        raise MissingError(
+            f"--score auto reads best_f1_score_threshold from '{path}', which has none; run "
+            f"`centermask evaluate --workdir {workdir}` first, or pass a number such as --score 0.3."
+        )
+    return float(threshold)
 
 
 def evaluate_detector(detect, builder, config, output_dir=None, max_images=None, timer=None):
@@ -138,7 +218,8 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
             annotation_ids.extend(info["annotation_ids"].tolist())
             progress.update(len(images))
     metrics = coco_metrics(
-        builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend, annotation_ids, timer
+        builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend, annotation_ids, timer,
+        plots_dir=os.path.join(output_dir, "plots") if output_dir else None,
     )
     if output_dir:
         write_json(os.path.join(output_dir, "detections.json"), detections, indent=None)

@@ -4,7 +4,7 @@
 
 writes `annotations/instances_{train,val}.json` and `train/`, `val/` image folders. Objects are
 circles, rectangles and triangles of random colour and size (12-55 % of the image side, or
-`--object-size MIN MAX`),
+`--object-size MIN MAX`); `--classes star,hexagon` draws other shapes instead (`SHAPES`),
 drawn in sequence so later ones occlude earlier ones; each annotation is the *visible* part, as
 in COCO. `--occlusion P` controls overlap: each object after the first is placed over an earlier
 one with probability P (its centre 25-60 % of its size away from the other's) and elsewhere
@@ -32,11 +32,11 @@ from centermask_tf.data.coco import uncompressed_counts
 from centermask_tf.errors import UserError
 from centermask_tf.files import write_json
 
-CATEGORIES = [
-    {"id": 1, "name": "circle", "supercategory": "shape"},
-    {"id": 2, "name": "rectangle", "supercategory": "shape"},
-    {"id": 3, "name": "triangle", "supercategory": "shape"},
-]
+# Every shape the generator draws, with its fixed category id; a set holds `CATEGORIES` unless
+# `--classes` picks others (a set of other classes, to fine-tune a model of these onto).
+SHAPES = {name: {"id": i + 1, "name": name, "supercategory": "shape"}
+          for i, name in enumerate(("circle", "rectangle", "triangle", "star", "hexagon"))}
+CATEGORIES = [SHAPES["circle"], SHAPES["rectangle"], SHAPES["triangle"]]
 # Object size range, as fractions of the shorter image side.
 OBJECT_SIZES = (0.12, 0.55)
 # Objects whose visible part is below this fraction of their full area are not annotated.
@@ -116,10 +116,11 @@ def _polygon(kind, rng, height, width, placed=(), occlusion=None, layout=Layout(
         points = np.array(
             [[cx - w / 2, cy - h / 2], [cx + w / 2, cy - h / 2], [cx + w / 2, cy + h / 2], [cx - w / 2, cy + h / 2]]
         )
-    else:
-        angle = rng.uniform(0, 2 * np.pi)
-        angles = angle + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
-        points = np.stack([cx + size / 2 * np.cos(angles), cy + size / 2 * np.sin(angles)], -1)
+    else:  # a regular polygon: a triangle, a hexagon, or a five-pointed star (inner radius 0.45)
+        corners = {"triangle": 3, "hexagon": 6, "star": 10}[kind]
+        angles = rng.uniform(0, 2 * np.pi) + np.arange(corners) * 2 * np.pi / corners
+        radii = size / 2 * (np.where(np.arange(corners) % 2, 0.45, 1.0) if kind == "star" else 1.0)
+        points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], -1)
     points = np.clip(points, 0, [width - 1, height - 1])
     return [float(v) for v in points.reshape(-1).round(2)], (cy, cx, size)
 
@@ -176,11 +177,11 @@ def _crowd(rng, height, width):
     return mask, category["id"]
 
 
-def _make_image(rng, image_id, height, width, annotation_id, occlusion=None, layout=Layout()):
+def _make_image(rng, image_id, height, width, annotation_id, occlusion=None, layout=Layout(), categories=CATEGORIES):
     image, background_colours = _background(rng, height, width)
     full_masks, polygons, labels, crowds, placed = [], [], [], [], []
     for _ in range(_object_count(rng, layout)):
-        category = CATEGORIES[int(rng.integers(0, len(CATEGORIES)))]
+        category = categories[int(rng.integers(0, len(categories)))]
         polygon, where = _polygon(category["name"], rng, height, width, placed, occlusion, layout)
         placed.append(where)
         rle = mask_utils.frPyObjects([polygon], height, width)
@@ -243,14 +244,14 @@ def _image_size(rng, image_size, layout):
     return (image_size, short) if rng.uniform() < 0.25 else (short, image_size)
 
 
-def _write_split(output, split, count, rng, image_size, first_image_id, occlusion, layout):
+def _write_split(output, split, count, rng, image_size, first_image_id, occlusion, layout, categories):
     folder = os.path.join(output, split)
     os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
     for index in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False, disable=None):
         height, width = _image_size(rng, image_size, layout)
         image_id = first_image_id + index
-        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1, occlusion, layout)
+        pixels, objects = _make_image(rng, image_id, height, width, len(annotations) + 1, occlusion, layout, categories)
         use_png = index % 4 == 3
         file_name = f"{image_id:06d}.{'png' if use_png else 'jpg'}"
         encoded = tf.io.encode_png(pixels) if use_png else tf.io.encode_jpeg(pixels, quality=95)
@@ -261,7 +262,7 @@ def _write_split(output, split, count, rng, image_size, first_image_id, occlusio
         "info": {"description": f"centermask_tf synthetic shapes ({split})"},
         "images": images,
         "annotations": annotations,
-        "categories": CATEGORIES,
+        "categories": categories,
     }
     # Written whole or not at all: the validation JSON, written last, marks a complete set.
     write_json(os.path.join(output, "annotations", f"instances_{split}.json"), coco, indent=None)
@@ -269,11 +270,12 @@ def _write_split(output, split, count, rng, image_size, first_image_id, occlusio
     return len(images), len(annotations), occluded
 
 
-def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=None, layout=Layout()):
+def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=None, layout=Layout(), classes=None):
     """Writes the synthetic shapes dataset in COCO format under `output`.
 
     `occlusion`: None (uniform positions) or the fraction P in [0, 1] of objects placed over
     an earlier one (see the module docstring). `layout`: what the images hold (`Layout`).
+    `classes`: names from `SHAPES` (default: circle, rectangle, triangle), each keeping its id.
     A split of 0 images is not written.
 
     Returns:
@@ -288,12 +290,16 @@ def make_shapes(output, train=600, val=100, seed=0, image_size=128, occlusion=No
         raise UserError(f"--occlusion must be a fraction between 0 and 1, got {occlusion}.")
     if not 0 < layout.sizes[0] <= layout.sizes[1] <= 1:
         raise UserError(f"--object-size must be MIN MAX with 0 < MIN <= MAX <= 1, got {list(layout.sizes)}.")
+    unknown = sorted(set(classes or ()) - set(SHAPES))
+    if unknown or (classes is not None and len(set(classes)) != len(classes)) or classes == []:
+        raise UserError(f"--classes must name distinct shapes of {', '.join(SHAPES)}; got {classes}.")
+    categories = [SHAPES[name] for name in classes] if classes else CATEGORIES
     os.makedirs(os.path.join(output, "annotations"), exist_ok=True)
     counts = {}
     # Validation ids start far from training ids: image ids are arbitrary in COCO.
     for split, count, first_id in (("train", train, 1), ("val", val, 100001)):
         if count:
-            counts[split] = _write_split(output, split, count, rng, image_size, first_id, occlusion, layout)
+            counts[split] = _write_split(output, split, count, rng, image_size, first_id, occlusion, layout, categories)
     return counts
 
 

@@ -414,3 +414,10 @@ def build_pyramid_backbone(name, input_size, width_multiplier=1.0, weights=None)
     x = ImageNormalization(BACKBONES[name].normalization, name="normalize")(images)
     stages = _stage_outputs(name, x, input_size, weights, width_multiplier, (8, 16, 32))
     return _load_own_weights(keras.Model(images, list(stages), name=f"{name}_pyramid_backbone"), name, weights)
+
+
+def backbone_layers(network):
+    """The layers of `network`'s backbone proper: what `train.freeze_backbone_epochs` freezes.
+    The neck we add on top (layers named `neck_*`) keeps training, as do the FPN and the heads."""
+    backbone = next(layer for layer in network.layers if isinstance(layer, keras.Model) and "backbone" in layer.name)
+    return [layer for layer in backbone.layers if not layer.name.startswith("neck_")]

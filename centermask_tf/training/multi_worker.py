@@ -24,7 +24,9 @@ from centermask_tf.training.setup import (
     config_train_dataset,
     epoch_callbacks,
     finish,
+    initial_layers,
     prepare,
+    set_backbone_trainable,
 )
 from centermask_tf.training.strategies import is_chief
 from centermask_tf.workdir import Workdir, WorkdirError
@@ -52,8 +54,9 @@ def train_multi_worker(config, workdir, strategy, overwrite=False):
         run = Workdir(os.path.join(workdir, f"worker_{strategy.cluster_resolver.task_id}"))
         shutil.rmtree(run.path, ignore_errors=True)  # scratch: the chief's state decides
     with contextlib.ExitStack() as held:
-        refusal = state = None
+        refusal = state = initial = None
         try:
+            initial = initial_layers(config, run, overwrite and chief)
             held.enter_context(run.lock())
             state = run.start(config, overwrite and chief)
         except UserError as e:  # every worker must reach the collective below, refused or not
@@ -65,13 +68,14 @@ def train_multi_worker(config, workdir, strategy, overwrite=False):
             raise WorkdirError(f"another worker refused to train into '{workdir}'; its log says why.")
         run.recover(state)
         builder, categories, steps_per_epoch = prepare(config, run.path, strategy)
-        detector = build_detector(config, categories, steps_per_epoch, strategy, run, state)
+        detector = build_detector(config, categories, steps_per_epoch, strategy, run, state, initial)
         _take_chief_state(strategy, detector, state)
         callbacks = epoch_callbacks(config, builder, detector, run, state, chief=chief)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         dataset = config_train_dataset(config, builder).with_options(options)
-        history = _epochs(strategy, detector, dataset, state, steps_per_epoch, callbacks, chief)
+        history = _epochs(strategy, detector, dataset, state, steps_per_epoch, callbacks, chief,
+                          config.train.freeze_backbone_epochs)
         finish(run, state, detector.network)
         return history
 
@@ -85,11 +89,8 @@ def _take_chief_state(strategy, detector, state):
     state.epochs_done = int(epochs_done)
 
 
-def _epochs(strategy, detector, dataset, state, steps_per_epoch, callbacks, chief):
-    """Epochs `state.epochs_done` .. `state.epochs - 1`; each ends with `callbacks`, whose last
-    one (`RunCheckpoint`) commits it. Logs carry the names `fit` logs: `loss` (the epoch's mean
-    total loss) and `<term>_loss` (the detector's trackers)."""
-    distributed = iter(strategy.experimental_distribute_dataset(dataset))
+def _train_step(strategy, detector):
+    """One distributed optimiser step over the variables trainable now."""
     variables = detector.network.trainable_variables
 
     def replica_step(images, targets):
@@ -103,6 +104,16 @@ def _epochs(strategy, detector, dataset, state, steps_per_epoch, callbacks, chie
         # Each replica's loss is already divided by the replica count (`compute_loss`).
         return strategy.reduce("SUM", strategy.run(replica_step, args=batch), axis=None)
 
+    return train_step
+
+
+def _epochs(strategy, detector, dataset, state, steps_per_epoch, callbacks, chief, frozen_epochs):
+    """Epochs `state.epochs_done` .. `state.epochs - 1`, the backbone frozen in those below
+    `frozen_epochs`; each ends with `callbacks`, whose last one (`RunCheckpoint`) commits it.
+    Logs carry the names `fit` logs: `loss` (the epoch's mean total loss) and `<term>_loss`
+    (the detector's trackers)."""
+    distributed = iter(strategy.experimental_distribute_dataset(dataset))
+    steps = {}  # one traced step per backbone state
     statistics = detector.network.non_trainable_variables
 
     @tf.function
@@ -121,12 +132,16 @@ def _epochs(strategy, detector, dataset, state, steps_per_epoch, callbacks, chie
         callback.on_train_begin()
     history = []
     for epoch in range(state.epochs_done, state.epochs):
+        trainable = epoch >= frozen_epochs
+        set_backbone_trainable(detector, trainable)
+        if trainable not in steps:
+            steps[trainable] = _train_step(strategy, detector)
         progress = keras.utils.Progbar(steps_per_epoch, verbose=1 if chief else 0)
         for tracker in detector.loss_trackers.values():
             tracker.reset_state()
         totals = []
         for step in range(steps_per_epoch):
-            totals.append(float(train_step(next(distributed))))
+            totals.append(float(steps[trainable](next(distributed))))
             logs = {"loss": float(np.mean(totals))}
             logs |= {tracker.name: float(tracker.result()) for tracker in detector.loss_trackers.values()}
             progress.update(step + 1, list(logs.items()))

@@ -7,15 +7,17 @@ import keras
 import tensorflow as tf
 
 from centermask_tf import files
-from centermask_tf.arch import architecture
+from centermask_tf.arch import architecture, build_network
 from centermask_tf.data.coco import DataError
 from centermask_tf.data.instances import target_instances
 from centermask_tf.data.pipeline import train_dataset
 from centermask_tf.data.tfds_builder import prepare_dataset
-from centermask_tf.detector import CenterMask
+from centermask_tf.detector import CenterMask, source_layers
 from centermask_tf.errors import UserError
+from centermask_tf.model.backbones import backbone_layers
 from centermask_tf.training.callbacks import CocoEvalCallback, RunCheckpoint
 from centermask_tf.training.optimizer import build_optimizer
+from centermask_tf.transfer import transfer_weights
 from centermask_tf.workdir import WorkdirError, save_run_files, weights_bytes
 
 logger = logging.getLogger("centermask_tf.training")
@@ -28,6 +30,22 @@ def config_train_dataset(config, builder):
         encode=architecture(config.model).target_encoder(config), seed=config.train.seed,
     )
 
+
+
+def initial_layers(config, run, overwrite=False):
+    """The layers of `train.init_from` and its description (`source_layers`) when a run
+    starts, None when it resumes (its own checkpoints win) or has no init_from. Read before the workdir is touched,
+    so a source that is missing, unreadable or matches nothing stops the run with nothing
+    written."""
+    if not config.train.init_from:
+        return None
+    state = None if overwrite else run.load_state()
+    if state and state.epochs_done:
+        logger.info("train.init_from ignored: the run resumes from its own epoch %d", state.epochs_done)
+        return None
+    layers, name = source_layers(config.train.init_from, config.model)
+    transfer_weights(build_network(config.model), layers, name, config.model.num_classes, apply=False)
+    return layers, name
 
 
 def prepare(config, workdir, strategy):
@@ -79,9 +97,10 @@ def has_objects(builder):
 
 
 
-def build_detector(config, categories, steps_per_epoch, strategy, run, state):
+def build_detector(config, categories, steps_per_epoch, strategy, run, state, initial=None):
     """The detector with its compiled optimiser, built in `strategy`'s scope, holding the
-    weights and optimiser state of the epoch `state` committed in `run` (if any)."""
+    weights and optimiser state of the epoch `state` committed in `run` (if any), else the
+    matching layers of `initial` (`initial_layers`)."""
     if config.train.saliency_weight > 0 and config.model.mask_factors == "shape":
         raise UserError(
             "train.saliency_weight > 0 supervises the Saliency head, which a model.mask_factors=shape "
@@ -104,7 +123,25 @@ def build_detector(config, categories, steps_per_epoch, strategy, run, state):
                 "pass --overwrite to move this run aside and start over."
             ) from None
         logger.info("resuming after epoch %d of %d", state.epochs_done, state.epochs)
+    elif initial is not None:
+        report = transfer_weights(detector.network, *initial, config.model.num_classes)
+        logger.info("%s", report.summary())
     return detector
+
+
+def backbone_phases(config, state):
+    """`(first epoch, end epoch, backbone trainable)` of the epochs left: the frozen ones
+    (`train.freeze_backbone_epochs`) first."""
+    frozen = min(config.train.freeze_backbone_epochs, state.epochs)
+    phases = [(state.epochs_done, frozen, False), (max(state.epochs_done, frozen), state.epochs, True)]
+    return [phase for phase in phases if phase[0] < phase[1]]
+
+
+def set_backbone_trainable(detector, trainable):
+    """Freezes (`False`) or unfreezes the backbone's own layers; a frozen BatchNorm runs in
+    inference mode (Keras 3)."""
+    for layer in backbone_layers(detector.network):
+        layer.trainable = trainable
 
 
 def epoch_callbacks(config, builder, detector, run, state, extra=(), chief=True):

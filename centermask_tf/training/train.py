@@ -15,11 +15,14 @@ import sys
 from centermask_tf.arch import architecture
 from centermask_tf.training.multi_worker import train_multi_worker
 from centermask_tf.training.setup import (
+    backbone_phases,
     build_detector,
     config_train_dataset,
     epoch_callbacks,
     finish,
+    initial_layers,
     prepare,
+    set_backbone_trainable,
 )
 from centermask_tf.training.strategies import make_strategy
 from centermask_tf.workdir import Workdir
@@ -40,27 +43,33 @@ def train(config, workdir, strategy_name="mirrored", extra_callbacks=(), overwri
     if strategy_name == "multi_worker":
         return train_multi_worker(config, workdir, strategy, overwrite)
     run = Workdir(workdir)
+    initial = initial_layers(config, run, overwrite)
     with run.lock():
         state = run.start(config, overwrite)
         run.recover(state)
-        return _fit(config, run, state, strategy, extra_callbacks)
+        return _fit(config, run, state, strategy, extra_callbacks, initial)
 
 
-def _fit(config, run, state, strategy, extra_callbacks):
-    """`model.fit` from the committed epoch of `state` to `config.train.epochs`."""
+def _fit(config, run, state, strategy, extra_callbacks, initial):
+    """`model.fit` from the committed epoch of `state` to `config.train.epochs`, the first
+    `train.freeze_backbone_epochs` with the backbone frozen."""
     builder, categories, steps_per_epoch = prepare(config, run.path, strategy)
-    detector = build_detector(config, categories, steps_per_epoch, strategy, run, state)
+    detector = build_detector(config, categories, steps_per_epoch, strategy, run, state, initial)
     callbacks = epoch_callbacks(config, builder, detector, run, state, extra_callbacks)
     history = []
-    if state.epochs_done < state.epochs:
+    for start, end, trainable in backbone_phases(config, state):
+        if config.train.freeze_backbone_epochs:
+            set_backbone_trainable(detector, trainable)
+            with strategy.scope():  # fit traces its step over the variables trainable now
+                detector.compile(optimizer=detector.optimizer)
         fitted = detector.fit(
-            config_train_dataset(config, builder), epochs=state.epochs, initial_epoch=state.epochs_done,
+            config_train_dataset(config, builder), epochs=end, initial_epoch=start,
             steps_per_epoch=steps_per_epoch, callbacks=callbacks,
             # A progress bar redrawn at every step makes a log file megabytes long: one line
             # per epoch when stdout is not a terminal.
             verbose=1 if sys.stdout.isatty() else 2,
             shuffle=False,  # the pipeline shuffles; Keras warns that it cannot
         )
-        history = [dict(zip(fitted.history, values)) for values in zip(*fitted.history.values())]
+        history += [dict(zip(fitted.history, values)) for values in zip(*fitted.history.values())]
     finish(run, state, detector.network)
     return history
