@@ -32,10 +32,15 @@ setup(
         "tensorflow-serving-api>=2.21,<2.22",
     ],
     extras_require={
-        # The test extra includes fast-eval: a test checks its metrics equal pycocotools',
-        # and Beam: a test checks its dataset build equals the single-process one.
-        "test": ["pytest>=8,<10", "faster-coco-eval>=1.8.0,<1.9", "apache-beam>=2.77,<3"],
+        # The test extra includes every optional feature the tests check: fast-eval (its metrics
+        # equal pycocotools'), Beam (its dataset build equals the single-process one), the
+        # evaluation plots and the keras-hub backbones.
+        "test": ["pytest>=8,<10", "faster-coco-eval>=1.8.0,<1.9", "apache-beam>=2.77,<3", "matplotlib>=3.8,<4",
+                 "keras-hub>=0.32,<0.33"],
+        # `evaluate`'s precision-recall, F1 and confusion-matrix plots in WORKDIR/eval/plots/.
         "plots": ["matplotlib>=3.8,<4"],
+        # model.backbone: keras_hub (a keras-hub backbone preset with a feature pyramid).
+        "keras-hub": ["keras-hub>=0.32,<0.33"],
         # eval.backend: faster_coco_eval (same COCO metrics, faster).
         "fast-eval": ["faster-coco-eval>=1.8.0,<1.9"],
         # data.build_workers > 1 / data.beam_options: the TFDS build through Apache Beam.

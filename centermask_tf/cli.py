@@ -234,6 +234,8 @@ def cmd_predict(args):
 
     config, categories = load_workdir(args.workdir, args.overrides)
     score = best_f1_threshold(args.workdir) if args.score == "auto" else args.score
+    if args.score == "auto":
+        print(f"--score auto: {score:.2f}, the best-F1 threshold of {args.workdir}/eval/metrics.json")
     detect = _detect_for(args, config, categories)
     files = image_files(args.input)
     predictions = predict_files(

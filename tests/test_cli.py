@@ -251,6 +251,33 @@ def test_cli_numbers_and_paths_are_range_checked(capsys):
         assert message in one_line_error(capsys, args[0])
 
 
+def test_evaluate_prints_per_category_results_and_predict_score_auto_uses_its_threshold(shapes, workdir, tmp_path,
+                                                                                      capsys):
+    import shutil
+
+    source, _ = workdir
+    directory = tmp_path / "run"
+    shutil.copytree(source, directory)
+    predict = ["predict", "--workdir", str(directory), "--input", str(shapes[0] / "val"),
+               "--output", str(tmp_path / "out"), "--score", "auto"]
+    assert main(predict) == 2
+    assert "run `centermask evaluate --workdir" in one_line_error(capsys, "predict")
+    # Without --config: the workdir's own (its data paths are the test set's).
+    assert main(["evaluate", "--workdir", str(directory)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["category", "type", "AP", "AP50", "AP75", "AR100", "objects"]
+    metrics = json.loads((directory / "eval" / "metrics.json").read_text())
+    rows = metrics["segm"]["per_category"]
+    assert [(r["id"], r["name"]) for r in rows] == [(1, "circle"), (2, "rectangle"), (3, "triangle")]
+    assert sum(r["instances"] for r in rows) > 0
+    threshold = metrics["best_f1_score_threshold"]
+    assert 0 <= threshold <= 1 and f"best F1 at score {threshold:.2f}" in printed
+    assert sorted(os.listdir(directory / "eval" / "plots")) == [
+        "confusion_matrix.png", "f1_score.png", "pr_bbox.png", "pr_segm.png"]
+    assert main(predict) == 0
+    assert f"--score auto: {threshold:.2f}" in capsys.readouterr().out
+
+
 def test_leftovers_of_killed_exports_and_predictions_are_removed_by_the_next_run(workdir, tmp_path, capsys):
     """A killed export leaves `.tmp-<pid>-<version>/`, a killed predict `.tmp-<pid>-*.png`; the
     next run into the same folder removes those of dead processes, and keeps a live one's."""

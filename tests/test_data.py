@@ -73,6 +73,24 @@ def test_shapes_are_deterministic_for_a_seed(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 
 
+def test_classes_pick_other_shapes_that_keep_their_ids(tmp_path, capsys):
+    from centermask_tf.cli import main
+
+    assert main(["make-shapes", "--output", str(tmp_path / "s"), "--train", "12", "--val", "2", "--classes",
+                 "star,hexagon"]) == 0
+    coco = COCO(str(tmp_path / "s" / "annotations" / "instances_train.json"))
+    assert [(c["id"], c["name"]) for c in coco.dataset["categories"]] == [(4, "star"), (5, "hexagon")]
+    assert {a["category_id"] for a in coco.dataset["annotations"]} == {4, 5}
+    # A star is not convex: its mask fills well under its box (a hexagon about 3/4 of it).
+    fill = {4: [], 5: []}
+    for a in coco.dataset["annotations"]:
+        if isinstance(a["segmentation"], list):  # unoccluded
+            fill[a["category_id"]].append(a["area"] / (a["bbox"][2] * a["bbox"][3]))
+    assert np.median(fill[4]) < 0.5 < 0.65 < np.median(fill[5]) < 0.85, fill
+    assert main(["make-shapes", "--output", str(tmp_path / "t"), "--classes", "star,pentagon"]) == 2
+    assert "--classes must name distinct shapes of circle, rectangle, triangle, star, hexagon" in capsys.readouterr().err
+
+
 def test_occlusion_controls_overlap_and_masks_are_the_visible_parts(tmp_path):
     """--occlusion 0 keeps objects apart where there is room; 0.9 stacks most of them, and the
     annotated masks never overlap (each pixel belongs to the object drawn on top)."""
