@@ -40,6 +40,7 @@ BACKBONES = (
     "mobilenetv3_large",
     "mobilenetv3_large_minimalistic",
     "mobilenetv3_small",
+    "keras_hub",
 )
 
 
@@ -73,10 +74,15 @@ class ModelConfig:
             "fcos" (CenterMask-FCOS: an FPN P3-P7 with FCOS's heads shared over the levels, the
             Shape on its box tower, the saliency from P3 upsampled to stride 4, and class-wise
             NMS; ResNet backbones, box assembly).
-        backbone: one of `BACKBONES`.
+        backbone: one of `BACKBONES`; "keras_hub" is the keras-hub backbone of
+            `backbone_preset` (one with a feature pyramid, e.g. ResNetBackbone,
+            CSPDarkNetBackbone; needs the `keras-hub` extra).
+        backbone_preset: backbone keras_hub: a keras-hub preset handle (e.g.
+            "resnet_18_imagenet", "kaggle://...", "hf://..."; needs network access once) or a
+            local preset folder. Its image converter's scale and offset normalise the input.
         weights: backbone initialisation: null (random), "imagenet" (keras.applications
-            backbones only; needs the Keras weight cache or network access) or a path to a
-            weights file for the backbone.
+            backbones only; needs the Keras weight cache or network access), "preset" (keras_hub:
+            the preset's weights) or a path to a weights file for the backbone.
         width_multiplier: scales every channel count of the backbone and neck (tiny test models
             use 0.125-0.25; keras.applications MobileNetV3 accepts its own alpha values).
         neck: ResNet backbones: "deconv" (CenterNet's three transposed convs from stride 32) or
@@ -115,6 +121,7 @@ class ModelConfig:
     # otherwise passes and ends in a segfault or an out-of-memory abort mid-run.
     type: str = _choice("centernet", ("centernet", "fcos"))
     backbone: str = _choice("resnet18", BACKBONES)
+    backbone_preset: Optional[str] = None
     weights: Optional[str] = None
     width_multiplier: float = _bounded(1.0, above=0)
     neck: str = _choice("deconv", ("deconv", "skip"))
@@ -147,10 +154,20 @@ class ModelConfig:
                 f"model.input_size={self.input_size} must be a multiple of 128 for hourglass104 "
                 "(five stride-2 levels below its stride-4 stem)."
             )
-        if self.neck == "skip" and not self.backbone.startswith("resnet"):
+        if self.neck == "skip" and not self.backbone.startswith(("resnet", "keras_hub")):
             raise ConfigError(
-                f"model.neck=skip applies to the ResNet backbones; {self.backbone} fuses its stages "
-                "in its own neck. Remove model.neck or set it to deconv."
+                f"model.neck=skip applies to the ResNet and keras_hub backbones; {self.backbone} fuses "
+                "its stages in its own neck. Remove model.neck or set it to deconv."
+            )
+        if (self.backbone == "keras_hub") != (self.backbone_preset is not None):
+            raise ConfigError(
+                "model.backbone_preset names the keras-hub preset of model.backbone=keras_hub: set both "
+                f"or neither (got backbone={self.backbone}, backbone_preset={self.backbone_preset!r})."
+            )
+        if (self.weights == "preset") != (self.backbone == "keras_hub" and self.weights is not None):
+            raise ConfigError(
+                f"model.weights={self.weights!r}: a keras_hub backbone takes null (random) or preset (the "
+                "preset's weights), and 'preset' applies to keras_hub only."
             )
 
 

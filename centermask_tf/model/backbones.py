@@ -16,6 +16,7 @@ keras.applications networks it is passed as `alpha` to MobileNetV3 and scales on
 ResNet-50/101.
 """
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -23,6 +24,8 @@ from typing import Callable, Optional
 import keras
 
 from centermask_tf.errors import UserError
+
+logger = logging.getLogger("centermask_tf.model")
 
 class BackboneWeightsError(UserError, ValueError):
     """Backbone weights that cannot be loaded; the message says how to provide them."""
@@ -34,23 +37,29 @@ class ImageNormalization(keras.layers.Layer):
 
     Args:
         mode: "torch" ((x/255 - mean) / std, RGB), "caffe" (BGR minus the mean, as
-            keras.applications ResNets expect) or "tf" (x / 127.5 - 1).
+            keras.applications ResNets expect), "tf" (x / 127.5 - 1) or "affine"
+            (x * scale + offset, a keras-hub image converter's).
+        scale, offset: mode "affine": a number or one per channel.
     """
 
     _MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     _STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-    def __init__(self, mode="torch", **kwargs):
+    def __init__(self, mode="torch", scale=1.0, offset=0.0, **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("torch", "caffe", "tf"):
-            raise ValueError(f"ImageNormalization mode must be torch, caffe or tf; got {mode!r}.")
+        if mode not in ("torch", "caffe", "tf", "affine"):
+            raise ValueError(f"ImageNormalization mode must be torch, caffe, tf or affine; got {mode!r}.")
         self.mode = mode
+        self.scale, self.offset = scale, offset
 
     def call(self, images):
         images = keras.ops.cast(images, self.compute_dtype)
         if self.mode == "tf":
             return images / 127.5 - 1.0
+        if self.mode == "affine":
+            return (images * keras.ops.array(self.scale, self.compute_dtype)
+                    + keras.ops.array(self.offset, self.compute_dtype))
         # The constants in the compute dtype: under a mixed policy the images are float16, which
         # a float32 constant does not combine with.
         if self.mode == "caffe":
@@ -60,7 +69,7 @@ class ImageNormalization(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config["mode"] = self.mode
+        config.update(mode=self.mode, scale=self.scale, offset=self.offset)
         return config
 
 
@@ -261,6 +270,48 @@ def _application(name, input_size, weights, width_multiplier):
         ) from e
 
 
+# keras-hub's pyramid level names by stride.
+HUB_LEVELS = {4: "P2", 8: "P3", 16: "P4", 32: "P5"}
+
+
+def _hub_backbone(preset, weights):
+    """The keras-hub backbone of `preset` (with the preset's weights when `weights` is
+    "preset") and the ImageNormalization its image converter asks for."""
+    try:
+        import keras_hub  # optional, and slow to import (it brings tensorflow-text)
+    except ImportError:
+        raise BackboneWeightsError(
+            "model.backbone=keras_hub needs keras-hub: .venv/bin/pip install -e '.[keras-hub]'."
+        ) from None
+    try:
+        hub = keras_hub.models.Backbone.from_preset(preset, load_weights=weights == "preset")
+    except Exception as e:  # hub downloads raise whatever their client raises
+        raise BackboneWeightsError(
+            f"model.backbone_preset={preset!r}: cannot load it ({' '.join(str(e).split())[:200]}). Pass a "
+            "keras-hub preset handle (needs network access) or a local preset folder."
+        ) from None
+    if not getattr(hub, "pyramid_outputs", None):
+        raise BackboneWeightsError(
+            f"model.backbone_preset={preset!r}: {type(hub).__name__} has no feature pyramid "
+            "(pyramid_outputs); CenterMask needs one, as ResNetBackbone and CSPDarkNetBackbone have."
+        )
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+        normalize = ImageNormalization("affine", converter.scale or 1.0, converter.offset or 0.0, name="normalize")
+    except (ValueError, FileNotFoundError):  # a preset without an image converter
+        logger.warning("preset %s has no image converter: normalising with ImageNet's statistics", preset)
+        normalize = ImageNormalization("torch", name="normalize")
+    return hub, normalize
+
+
+def _hub_stages(hub, strides):
+    """A model from `hub`'s input to its pyramid levels at `strides`."""
+    missing = [HUB_LEVELS[s] for s in strides if HUB_LEVELS[s] not in hub.pyramid_outputs]
+    if missing:
+        raise BackboneWeightsError(f"{type(hub).__name__} has no pyramid level {', '.join(missing)}.")
+    return keras.Model(hub.inputs, [hub.pyramid_outputs[HUB_LEVELS[s]] for s in strides], name="keras_hub_features")
+
+
 def _feature_taps(app, input_size, strides):
     """The last layer output of `app` at each of `strides` (by static spatial size)."""
     taps = {}
@@ -308,6 +359,8 @@ class Backbone:
         neck: "deconv" (CenterNet's three transposed convs, optionally with stage skips) or
             "mobilenet" (the light FPN-style neck).
         pyramid: FCOS's FPN may build on its C3-C5.
+        hub: a keras-hub preset's backbone (`model.backbone_preset`), normalised as its image
+            converter says.
     """
 
     normalization: str
@@ -317,6 +370,7 @@ class Backbone:
     build: Optional[Callable] = None
     neck: str = "deconv"
     pyramid: bool = False
+    hub: bool = False
 
 
 _MOBILENET = {"include_preprocessing": False}
@@ -331,6 +385,7 @@ BACKBONES = {
         "tf", "MobileNetV3Large", {**_MOBILENET, "minimalistic": True}, neck="mobilenet"
     ),
     "mobilenetv3_small": Backbone("tf", "MobileNetV3Small", _MOBILENET, neck="mobilenet"),
+    "keras_hub": Backbone("affine", pyramid=True, hub=True),
 }
 # The backbones FCOS's feature pyramid takes its C3-C5 from.
 PYRAMID_BACKBONES = tuple(name for name, spec in BACKBONES.items() if spec.pyramid)
@@ -339,6 +394,10 @@ PYRAMID_BACKBONES = tuple(name for name, spec in BACKBONES.items() if spec.pyram
 def _check_weights(name, weights):
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(BACKBONES)}.")
+    if BACKBONES[name].hub:
+        if weights not in (None, "preset"):
+            raise BackboneWeightsError(f"model.weights={weights!r}: keras_hub takes null or preset.")
+        return
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
         raise BackboneWeightsError(f"model.weights: file '{weights}' does not exist.")
     if weights == "imagenet" and BACKBONES[name].application is None:
@@ -350,14 +409,17 @@ def _check_weights(name, weights):
 
 
 def _load_own_weights(backbone, name, weights):
-    if weights not in (None, "imagenet") and BACKBONES[name].application is None:
+    if weights not in (None, "imagenet", "preset") and BACKBONES[name].application is None:
         backbone.load_weights(weights)
     return backbone
 
 
-def _stage_outputs(name, x, input_size, weights, width_multiplier, strides):
-    """The backbone's stage outputs at `strides` (of 4, 8, 16, 32)."""
+def _stage_outputs(name, x, input_size, weights, width_multiplier, strides, hub=None):
+    """The backbone's stage outputs at `strides` (of 4, 8, 16, 32); `hub`: the keras-hub
+    backbone of a keras_hub one."""
     spec = BACKBONES[name]
+    if hub is not None:
+        return _hub_stages(hub, strides)(x)
     if spec.stages is not None:
         stages = dict(zip((4, 8, 16, 32), spec.stages(x, width_multiplier)))
         return [stages[s] for s in strides]
@@ -365,7 +427,16 @@ def _stage_outputs(name, x, input_size, weights, width_multiplier, strides):
     return keras.Model(app.inputs, _feature_taps(app, input_size, strides), name=f"{name}_features")(x)
 
 
-def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="deconv"):
+def _normalized_input(name, input_size, preset, weights):
+    """The image input, its normalisation, and the keras-hub backbone (None for ours)."""
+    images = keras.Input((input_size, input_size, 3), name="images")
+    if BACKBONES[name].hub:
+        hub, normalize = _hub_backbone(preset, weights)
+        return images, normalize(images), hub
+    return images, ImageNormalization(BACKBONES[name].normalization, name="normalize")(images), None
+
+
+def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="deconv", preset=None):
     """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to stride-4 features (for
     hourglass104 a list of them, one per stack; the last is the one inference uses).
 
@@ -374,8 +445,9 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
         input_size: N, a multiple of 32.
         width_multiplier: channel scale (see the module docstring).
         weights: None, "imagenet" (keras.applications backbones) or a weights file path.
-        neck: ResNets only: "deconv" (CenterNet's) or "skip" (the same with stage skips, see
-            `_deconv_neck`). DLA-34 and MobileNetV3 have their own multi-scale necks.
+        neck: ResNets and keras_hub only: "deconv" (CenterNet's) or "skip" (the same with stage
+            skips, see `_deconv_neck`). DLA-34 and MobileNetV3 have their own multi-scale necks.
+        preset: keras_hub: the keras-hub preset handle or folder.
     """
     if neck not in ("deconv", "skip"):
         raise ValueError(f"Unknown neck {neck!r}; choose 'deconv' or 'skip'.")
@@ -384,16 +456,16 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
     if neck == "skip" and (spec.build is not None or spec.neck != "deconv"):
         raise ValueError(f"neck='skip' applies to the ResNet backbones; {name} fuses its stages already.")
 
-    images = keras.Input((input_size, input_size, 3), name="images")
-    x = ImageNormalization(spec.normalization, name="normalize")(images)
+    images, x, hub = _normalized_input(name, input_size, preset, weights)
     if spec.build is not None:
         features = spec.build(x, width_multiplier)
     elif spec.neck == "mobilenet":
         features = _mobilenet_neck(_stage_outputs(name, x, input_size, weights, width_multiplier, (4, 8, 16, 32)),
                                    width_multiplier)
-    elif neck == "skip":
-        *laterals, top = _stage_outputs(name, x, input_size, weights, width_multiplier, (4, 8, 16, 32))
-        features = _deconv_neck(top, width_multiplier, laterals)
+    elif neck == "skip" or hub is not None:
+        strides = (4, 8, 16, 32) if neck == "skip" else (32,)
+        *laterals, top = _stage_outputs(name, x, input_size, weights, width_multiplier, strides, hub)
+        features = _deconv_neck(top, width_multiplier, laterals or None)
     elif spec.stages is not None:
         features = _deconv_neck(spec.stages(x, width_multiplier)[-1], width_multiplier)
     else:  # the application as one nested layer, as checkpoints of it were saved
@@ -401,7 +473,7 @@ def build_backbone(name, input_size, width_multiplier=1.0, weights=None, neck="d
     return _load_own_weights(keras.Model(images, features, name=f"{name}_backbone"), name, weights)
 
 
-def build_pyramid_backbone(name, input_size, width_multiplier=1.0, weights=None):
+def build_pyramid_backbone(name, input_size, width_multiplier=1.0, weights=None, preset=None):
     """A `keras.Model` from RGB images `[B, N, N, 3]` in [0, 255] to the backbone's stage
     outputs at strides 8, 16 and 32 (C3, C4, C5), which an FPN builds on (CenterMask-FCOS).
 
@@ -410,9 +482,8 @@ def build_pyramid_backbone(name, input_size, width_multiplier=1.0, weights=None)
     if name not in PYRAMID_BACKBONES:
         raise ValueError(f"The FCOS feature pyramid builds on {', '.join(PYRAMID_BACKBONES)}; got {name!r}.")
     _check_weights(name, weights)
-    images = keras.Input((input_size, input_size, 3), name="images")
-    x = ImageNormalization(BACKBONES[name].normalization, name="normalize")(images)
-    stages = _stage_outputs(name, x, input_size, weights, width_multiplier, (8, 16, 32))
+    images, x, hub = _normalized_input(name, input_size, preset, weights)
+    stages = _stage_outputs(name, x, input_size, weights, width_multiplier, (8, 16, 32), hub)
     return _load_own_weights(keras.Model(images, list(stages), name=f"{name}_pyramid_backbone"), name, weights)
 
 

@@ -25,7 +25,8 @@ def build_network(config) -> keras.Model:
         `intermediate`: the same dict for each earlier stack.
     """
     backbone = build_backbone(
-        config.backbone, config.input_size, config.width_multiplier, config.weights, config.neck
+        config.backbone, config.input_size, config.width_multiplier, config.weights, config.neck,
+        config.backbone_preset,
     )
 
     def heads(features, prefix=""):

@@ -111,7 +111,8 @@ def build_fcos_model(config) -> keras.Model:
     config = getattr(config, "model", config)
     channels = config.head_conv
     heads = mask_heads(config.mask_factors)
-    backbone = build_pyramid_backbone(config.backbone, config.input_size, config.width_multiplier, config.weights)
+    backbone = build_pyramid_backbone(config.backbone, config.input_size, config.width_multiplier, config.weights,
+                                      config.backbone_preset)
     images = keras.Input((config.input_size, config.input_size, 3), name="images")
     levels = _pyramid(backbone(images), channels)
 
