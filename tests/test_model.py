@@ -280,6 +280,9 @@ def test_mixed_float16_network_matches_float32_with_float32_outputs(model_type):
     import keras
 
     images = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    # Fixed weights: with whatever the tests before left in the global generator, an unlucky
+    # draw of the FCOS towers once put one output just past the float16 tolerance.
+    keras.utils.set_random_seed(0)
     reference = build_network(tiny_config(type=model_type))
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -303,4 +306,4 @@ def test_the_config_offers_exactly_the_backbones_and_architectures_of_the_tables
     fields = {f.name: f for f in dataclasses.fields(config.ModelConfig)}
     assert fields["backbone"].metadata["choices"] == tuple(backbones.BACKBONES)
     assert fields["type"].metadata["choices"] == tuple(ARCHS)
-    assert backbones.PYRAMID_BACKBONES == ("resnet18", "resnet50", "resnet101")
+    assert backbones.PYRAMID_BACKBONES == ("resnet18", "resnet50", "resnet101", "keras_hub")
