@@ -17,7 +17,7 @@ from centermask_tf.model.backbones import backbone_layers
 from centermask_tf.model.heads import HEATMAP_BIAS
 from centermask_tf.training.train import train
 from centermask_tf.transfer import layer_weights
-from centermask_tf.workdir import Workdir
+from centermask_tf.workdir import Workdir, WorkdirError
 
 CONFIG = "configs/shapes_tiny.yaml"
 FCOS = "configs/shapes_fcos_tiny.yaml"
@@ -102,6 +102,15 @@ def test_a_workdir_loads_its_best_checkpoint_and_a_checkpoint_file_is_read_with_
         assert_loaded(detector, trained, report.loaded)
 
 
+def test_fcos_onto_other_classes_reinitialises_its_classification_head(tmp_path):
+    source = randomised(build_network(load_config(FCOS, ["model.width_multiplier=0.125"]).model), 3)
+    source.save(str(tmp_path / "fcos.keras"))
+    detector = CenterMask(load_config(FCOS, ["model.width_multiplier=0.125", "model.num_classes=5"]))
+    report = detector.load_matching_weights(tmp_path / "fcos.keras")
+    assert report.reinitialised == {"classification": "3 -> 5 classes"}
+    assert_loaded(detector, layer_weights(source), report.loaded)
+
+
 def test_a_model_of_the_other_architecture_is_refused_and_a_partial_match_is_said(source, tmp_path):
     folder, _ = source
     fcos = load_config(FCOS, ["model.width_multiplier=0.125", "model.num_classes=2"])
@@ -181,7 +190,13 @@ def test_a_frozen_backbone_stays_frozen_across_a_crash_and_trains_after(shapes, 
     with pytest.raises(files.InjectedFault):
         train(config, str(workdir), extra_callbacks=[BackboneRecorder(record)])
     assert Workdir(str(workdir)).load_state().epochs_done == committed
+    # The rerun resumes from its own checkpoint: a changed init_from file is not read again.
+    randomised(build_network(config.model), 3).save_weights(str(folder / "net.weights.h5"))
     monkeypatch.setenv(files.FAULT_ENV, "none:none")
+    other = load_config(CONFIG, [*overrides, "train.epochs=3", "train.freeze_backbone_epochs=2",
+                                 f"train.init_from={tmp_path}"])
+    with pytest.raises(WorkdirError, match=r"different config \(train\.init_from: .*net\.weights\.h5' -> "):
+        train(other, str(workdir))
     train(config, str(workdir), extra_callbacks=[BackboneRecorder(record)])
     assert sorted(record) == [1, 2, 3]
     for epoch in (1, 2):  # weights and BatchNorm statistics exactly as loaded
