@@ -28,6 +28,8 @@ logger = logging.getLogger("centermask_tf.diagnostics")
 
 MATCH_IOU = 0.5
 SCORE_THRESHOLDS = np.round(np.linspace(0.0, 1.0, 101), 2)
+# Classes up to which the plots label every curve and every cell.
+_LEGIBLE = 12
 
 
 def match(coco, detections, iou_type, class_aware=True):
@@ -51,11 +53,12 @@ def match(coco, detections, iou_type, class_aware=True):
             found = [detections[i]["bbox"] for i in indices]
             true = [a["bbox"] for a in truth]
         ious = np.asarray(mask_utils.iou(found, true, [0] * len(truth))).reshape(len(indices), len(truth))
+        classes = np.array([a["category_id"] for a in truth])
         taken = np.zeros(len(truth), bool)
         for row, i in enumerate(indices):
             allowed = ~taken & (ious[row] >= MATCH_IOU)
             if class_aware:
-                allowed &= np.array([a["category_id"] == detections[i]["category_id"] for a in truth])
+                allowed &= classes == detections[i]["category_id"]
             if allowed.any():
                 best = int(np.argmax(np.where(allowed, ious[row], -1)))
                 taken[best] = True
@@ -96,10 +99,10 @@ def confusion_matrix(coco, detections, threshold):
     return counts
 
 
-def write(data, detections, image_ids, evaluators, plots_dir=None):
-    """The score threshold of the best segm F1 (None without detections); with `plots_dir`
-    and matplotlib, the plots of the module docstring. The ground truth is `data`'s on
-    `image_ids`."""
+def write(data, detections, image_ids, evaluators, plots_dir):
+    """The score threshold of the best segm F1 (None without detections) and, with
+    matplotlib, the plots of the module docstring in `plots_dir`. The ground truth is
+    `data`'s on `image_ids`."""
     if not detections:
         return None
     wanted = set(image_ids)
@@ -107,8 +110,6 @@ def write(data, detections, image_ids, evaluators, plots_dir=None):
                        "annotations": [a for a in data["annotations"] if a["image_id"] in wanted]})
     curves = {iou_type: f1_curve(coco, detections, iou_type) for iou_type in evaluators}
     best = float(SCORE_THRESHOLDS[int(np.argmax(curves["segm"]))])
-    if plots_dir is None:
-        return best
     try:
         import matplotlib
     except ImportError:
@@ -130,7 +131,8 @@ def write(data, detections, image_ids, evaluators, plots_dir=None):
                     curve = np.maximum(curve, 0)
                     axis.plot(recall, curve, label=f"{names[category_id]} (AP {curve.mean():.3f})")
             axis.set(title=f"{iou_type} precision-recall, IoU {iou}", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
-            axis.legend(loc="lower left", fontsize=8)
+            if len(names) <= _LEGIBLE:  # 80 COCO names would hide the curves: metrics.json has them
+                axis.legend(loc="lower left", fontsize=8)
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("precision")
         _save(figure, os.path.join(plots_dir, f"pr_{iou_type}.png"), pyplot)
@@ -149,11 +151,13 @@ def write(data, detections, image_ids, evaluators, plots_dir=None):
 
     counts = confusion_matrix(coco, detections, best)
     labels = [*names.values(), "background"]
-    figure, axis = pyplot.subplots(figsize=(1.2 * len(labels) + 2.5, 1.0 * len(labels) + 2))
+    side = min(len(labels), 4 * _LEGIBLE)  # at COCO's 81 labels, a readable but bounded canvas
+    figure, axis = pyplot.subplots(figsize=(1.2 * side + 2.5, 1.0 * side + 2))
     axis.imshow(counts, cmap="Blues")
-    for (row, column), value in np.ndenumerate(counts):
-        axis.text(column, row, str(value), ha="center", va="center",
-                  color="white" if value > counts.max() / 2 else "black")
+    if len(labels) <= 2 * _LEGIBLE:
+        for (row, column), value in np.ndenumerate(counts):
+            axis.text(column, row, str(value), ha="center", va="center",
+                      color="white" if value > counts.max() / 2 else "black")
     axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     axis.set_yticks(range(len(labels)), labels)
     axis.set(title=f"confusion matrix: segm IoU >= {MATCH_IOU}, score >= {best:.2f}", xlabel="true", ylabel="predicted")

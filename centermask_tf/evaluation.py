@@ -94,7 +94,8 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
     The ground truth is the annotations in `annotation_ids` (None: every annotation of the
     file): the ones the dataset build kept. A malformed segmentation would crash COCOeval, and
     a skipped one is never trained on. `timer` (a `timing.Stopwatch`) adds the seconds of
-    "ground_truth" and "coco_eval". `plots_dir`: where to draw the diagnostic plots.
+    "ground_truth", "coco_eval" and "diagnostics". `plots_dir`: where to draw the diagnostic
+    plots (`diagnostics.py`); only then is the best-F1 score threshold computed.
 
     Returns:
         {"bbox": {name: value, "per_category": [...]}, "segm": {...},
@@ -137,7 +138,10 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
         metrics[iou_type] = {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, evaluator.stats)}
         metrics[iou_type]["per_category"] = _per_category(evaluator, data["categories"], instances)
         evaluators[iou_type] = evaluator
-    metrics["best_f1_score_threshold"] = diagnostics.write(data, detections, image_ids, evaluators, plots_dir)
+    metrics["best_f1_score_threshold"] = None
+    if plots_dir is not None:  # not in the per-epoch evaluation: its matching costs seconds
+        with timer("diagnostics"):
+            metrics["best_f1_score_threshold"] = diagnostics.write(data, detections, image_ids, evaluators, plots_dir)
     return metrics
 
 

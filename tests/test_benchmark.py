@@ -63,7 +63,7 @@ def test_scale_benchmark_quick_builds_three_ways_and_splits_evaluation(tmp_path,
     assert all(r["peak_rss_mb"] > 100 for r in rows)
     stages = {r["stage"]: r for r in evaluate["rows"]}
     for stage in ("input", "forward", "decode", "paste", "encode", "ground_truth", "coco_eval pycocotools",
-                  "coco_eval faster_coco_eval"):
+                  "coco_eval faster_coco_eval", "diagnostics (F1, confusion matrix, plots)"):
         assert stages[stage]["seconds"] > 0 and stages[stage]["images"] == 50, stage
     ours = stages["ours (all but forward and COCO eval)"]["seconds"]
     parts = ("input", "decode", "paste", "encode", "ground_truth")

@@ -76,8 +76,8 @@ def assert_rows(rows, expected):
 
 
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
-def test_per_category_rows_equal_the_hand_computation(annotations, backend):
-    metrics = coco_metrics(annotations, DETECTIONS, [1, 2], backend)
+def test_per_category_rows_equal_the_hand_computation(annotations, backend, tmp_path):
+    metrics = coco_metrics(annotations, DETECTIONS, [1, 2], backend, plots_dir=str(tmp_path / "plots"))
     for iou_type in ("bbox", "segm"):
         assert_rows(metrics[iou_type]["per_category"], EXPECTED)
         # COCO's AP is the mean over the categories that have ground truth.
@@ -127,6 +127,7 @@ def test_plots_are_drawn_and_evaluation_without_matplotlib_still_works(annotatio
             assert image.format == "PNG" and min(image.size) >= 300
             # Not a blank canvas: a plot has lines and text in more than a few colours.
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
+    assert coco_metrics(annotations, DETECTIONS, [1, 2])["best_f1_score_threshold"] is None  # no plots asked
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     metrics = coco_metrics(annotations, DETECTIONS, [1, 2], plots_dir=str(tmp_path / "none"))
     assert metrics["best_f1_score_threshold"] == 0.61

@@ -183,6 +183,7 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
     rows.append(row("ours (all but forward and COCO eval)", ours, max(peaks[stage] for stage in loop)))
     rows.append(row("coco_eval pycocotools", seconds["coco_eval"], peaks["coco_eval"]))
     rows.append(row("coco_eval faster_coco_eval", faster["seconds"]["coco_eval"], faster["peaks"]["coco_eval"]))
+    rows.append(row("diagnostics (F1, confusion matrix, plots)", seconds["diagnostics"], peaks["diagnostics"]))
     return build_rows, rows
 
 
