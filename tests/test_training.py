@@ -132,14 +132,27 @@ def test_multi_worker_two_processes_end_with_identical_weights(shapes, tmp_path)
 def test_a_multi_worker_run_resumes_from_the_chiefs_commit_and_refuses_a_finished_one(shapes, tmp_path):
     """The guarantees of `fit`'s workdir: a run continued with more epochs starts after the
     committed one, from the chief's weights (the other worker's scratch folder is wiped), and a
-    finished run is refused by every worker instead of leaving one waiting forever."""
+    finished run is refused by every worker instead of leaving one waiting forever. The run
+    starts from `init_from` with its backbone frozen in epoch 1, as `fit` does."""
+    from centermask_tf.detector import CenterMask
+    from centermask_tf.transfer import layer_weights
+
     _, overrides = shapes
+    keras.utils.set_random_seed(5)  # other weights than training's seed draws
+    source = build_network(load_config(CONFIG, overrides).model)
+    source.save_weights(str(tmp_path / "source.weights.h5"))
+    frozen = {path: arrays for path, arrays in layer_weights(source).items()
+              if path.startswith("resnet18_backbone/") and "/neck_" not in path}
+    overrides = [*overrides, f"train.init_from={tmp_path / 'source.weights.h5'}", "train.freeze_backbone_epochs=1"]
     run = tmp_path / "run"
     for epochs in (1, 2):  # the second run trains epoch 2 only
         results = run_workers([*overrides, f"train.epochs={epochs}"], run)
         for code, _, err in results:
             assert code == 0, err[-3000:]
         assert len(history_of(results[0][1])) == 1
+        trained = layer_weights(CenterMask.from_workdir(str(run), str(run / "checkpoints" / "last.weights.h5")).network)
+        change = max(float(np.abs(a - b).max()) for path in frozen for a, b in zip(trained[path], frozen[path]))
+        assert (change == 0) if epochs == 1 else (change > 1e-4), (epochs, change)
     with open(run / "history.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
     assert json.loads((run / "state.json").read_text())["epochs_done"] == 2
