@@ -75,8 +75,8 @@ class ModelConfig:
             Shape on its box tower, the saliency from P3 upsampled to stride 4, and class-wise
             NMS; ResNet backbones, box assembly).
         backbone: one of `BACKBONES`; "keras_hub" is the keras-hub backbone of
-            `backbone_preset` (one with a feature pyramid, e.g. ResNetBackbone,
-            CSPDarkNetBackbone; needs the `keras-hub` extra).
+            `backbone_preset` (one with a P2-P5 feature pyramid, e.g. ResNetBackbone;
+            needs the `keras-hub` extra).
         backbone_preset: backbone keras_hub: a keras-hub preset handle (e.g.
             "resnet_18_imagenet", "kaggle://...", "hf://..."; needs network access once) or a
             local preset folder. Its image converter's scale and offset normalise the input.

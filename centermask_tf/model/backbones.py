@@ -293,7 +293,7 @@ def _hub_backbone(preset, weights):
     if not getattr(hub, "pyramid_outputs", None):
         raise BackboneWeightsError(
             f"model.backbone_preset={preset!r}: {type(hub).__name__} has no feature pyramid "
-            "(pyramid_outputs); CenterMask needs one, as ResNetBackbone and CSPDarkNetBackbone have."
+            "(pyramid_outputs); CenterMask needs one, as ResNetBackbone has."
         )
     try:
         converter = keras_hub.layers.ImageConverter.from_preset(preset)
