@@ -195,7 +195,7 @@ def test_two_saved_models_are_evaluated_into_separate_results(workdir, tmp_path,
     assert folders[0] != folders[1] and all(os.path.basename(f).startswith("1-") or "_1-" in f for f in folders)
     for folder in folders:
         with open(os.path.join(folder, "metrics.json")) as f:
-            assert set(json.load(f)) == {"bbox", "segm"}
+            assert set(json.load(f)) == {"bbox", "segm", "best_f1_score_threshold"}
 
 
 def test_demo_names_the_saved_model_version_it_exported(tmp_path):
