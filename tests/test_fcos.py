@@ -328,7 +328,7 @@ def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_pa
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.backbone=dla34", "resnet18, resnet50 or resnet101"),
+    ("model.backbone=dla34", "resnet18, resnet50, resnet101 or keras_hub"),
     ("model.assembly=native", "model.assembly"),
     ("model.neck=skip", "model.neck"),
 ])
