@@ -55,6 +55,17 @@ def _score(text):
     return "auto" if text == "auto" else _number(float, 0, 1)(text)
 
 
+def _save_list(text):
+    """An argparse type: predict's comma-separated outputs."""
+    from centermask_tf.predict import SAVE_CHOICES
+
+    chosen = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in chosen if p not in SAVE_CHOICES]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(SAVE_CHOICES)} (comma-separated)")
+    return chosen
+
+
 def _path(text):
     """An argparse type for a path: not empty (an empty path would mean the current folder)."""
     if not text.strip():
@@ -224,28 +235,31 @@ def cmd_evaluate(args):
 
 def cmd_predict(args):
     from centermask_tf.evaluation import best_f1_threshold
-    from centermask_tf.images import (
-        DEFAULT_MAX_MEGABYTES,
-        DEFAULT_MAX_PIXELS,
-        image_files,
-    )
+    from centermask_tf.images import DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, input_files
+    from centermask_tf.inference import ImageDetector
     from centermask_tf.predict import predict_files
+    from centermask_tf.tiling import check_tiling
     from centermask_tf.workdir import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
+    check_tiling(args.tile, args.tile_overlap, config.model.input_size)
+    files = input_files(args.input, args.recursive, IMAGE_EXTENSIONS)
     score = best_f1_threshold(args.workdir) if args.score == "auto" else args.score
     if args.score == "auto":
         print(f"--score auto: {score:.2f}, the best-F1 threshold of {args.workdir}/eval/metrics.json")
-    detect = _detect_for(args, config, categories)
-    files = image_files(args.input)
+    model = config.model
+    detector = ImageDetector(_detect_for(args, config, categories), model.input_size, categories, score,
+                             model.max_detections, model.mask_threshold)
     predictions = predict_files(
-        detect, files, config.model.input_size, categories, score,
-        config.model.mask_threshold, args.output,
-        DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
-        DEFAULT_MAX_MEGABYTES if args.max_megabytes is None else args.max_megabytes,
+        detector, files, args.output, save=args.save, tile=args.tile, tile_overlap=args.tile_overlap,
+        max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
+        max_megabytes=DEFAULT_MAX_MEGABYTES if args.max_megabytes is None else args.max_megabytes,
+        batch_size=args.batch_size,
     )
     skipped = sum("error" in p for p in predictions)
-    print(f"wrote {len(predictions) - skipped} overlays (*.overlay.png) and predictions.json to {args.output}"
+    wrote = {"overlays": "overlays (*.overlay.png)", "coco": "predictions_coco.json", "masks": "instance masks (masks/)"}
+    print(f"wrote predictions.json, {', '.join(wrote[s] for s in args.save)} for {len(predictions) - skipped} images "
+          f"to {args.output}"
           + (f"; skipped {skipped} unusable files, listed in predictions.json with the reason" if skipped else ""))
 
 
@@ -367,8 +381,19 @@ def build_parser():
 
     predict = command("predict", help="overlay PNGs + predictions.json for images")
     predict.add_argument("--workdir", required=True, type=_path, help="the training workdir")
-    predict.add_argument("--input", required=True, type=_path, help="an image file or a folder of images")
-    predict.add_argument("--output", required=True, type=_path, help="folder for overlays and predictions.json")
+    predict.add_argument("--input", required=True, nargs="+", type=_path,
+                         help="image files, folders of images, or glob patterns ('photos/*.tif')")
+    predict.add_argument("--recursive", action="store_true", help="also read sub-folders (and let ** cross folders)")
+    predict.add_argument("--output", required=True, type=_path, help="folder for the outputs and predictions.json")
+    predict.add_argument("--save", type=_save_list, default=("overlays",),
+                         help="comma-separated outputs: overlays (default), coco (predictions_coco.json, "
+                              "polygons), masks (one PNG per instance)")
+    predict.add_argument("--tile", type=_number(int, 1),
+                         help="cut images larger than this into overlapping tiles (>= model.input_size) "
+                              "and merge detections across seams")
+    predict.add_argument("--tile-overlap", type=_number(float, what="in [0, 0.9]", low=0, high=0.9), default=0.25,
+                         help="overlap of neighbouring tiles, as a fraction of the tile (default 0.25)")
+    predict.add_argument("--batch-size", type=_number(int, 1), help="images (tiles) per network call (default 1 (8))")
     predict.add_argument("--score", type=_score, default=0.3,
                          help="minimum detection score, or 'auto': the best-F1 threshold `evaluate` found")
     predict.add_argument("--max-pixels", type=_number(int, 1),

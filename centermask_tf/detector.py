@@ -22,7 +22,6 @@ import os
 import zipfile
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from centermask_tf.arch import architecture, build_network
@@ -30,9 +29,8 @@ from centermask_tf.arch.shared_losses import computed_terms, loss_weights
 from centermask_tf.config import Config, config_from_dict
 from centermask_tf.errors import UserError
 from centermask_tf.files import sha256_of, write_json
-from centermask_tf.images import letterbox_image, load_image
+from centermask_tf.inference import ImageDetector
 from centermask_tf.model.heads import mask_heads, network_factors
-from centermask_tf.postprocess import to_original_image
 from centermask_tf.transfer import check_source_path, layer_weights, transfer_weights, weights_file_layers
 from centermask_tf.workdir import load_workdir, save_run_files, save_weights, weights_path
 
@@ -162,53 +160,17 @@ class CenterMask(keras.Model):
             self._detect_canvases = tf.function(self.decode)
         return self._detect_canvases(canvases)
 
-    def detect(self, images, score_threshold=None, max_detections=None, batch_size=8):
-        """Detects instances in images in memory or in files.
+    def detect(self, images, score_threshold=None, max_detections=None, batch_size=8, tile=None, tile_overlap=0.25):
+        """Detects instances in images in memory or in files: one `Results` per image (see
+        `inference.ImageDetector.detect` for the arguments; `tile` cuts large images into
+        overlapping tiles and merges detections across the seams)."""
+        return self.image_detector().detect(images, score_threshold, max_detections, batch_size, tile, tile_overlap)
 
-        Args:
-            images: one `[H, W, 3]` uint8 array, a file path, or a list of them (sizes may
-                differ). Files are read upright (EXIF orientation applied).
-            score_threshold: keep detections scoring at least this (default: the config's).
-            max_detections: keep at most this many per image (at most the config's K).
-            batch_size: images per network call.
-
-        Returns:
-            One dict per image: `boxes` float32 `[N, 4]` (x_min, y_min, x_max, y_max) in that
-            image's pixels, `scores [N]`, `class_ids [N]` (the dataset's own ids),
-            `class_names` (N strings) and `masks` bool `[N, H, W]` at the image's size.
-        """
-        threshold = self.config.model.score_threshold if score_threshold is None else score_threshold
-        limit = self.config.model.max_detections if max_detections is None else max_detections
-        _check_argument("score_threshold", threshold, float, 0, 1)
-        _check_argument("max_detections", limit, int, 0)
-        _check_argument("batch_size", batch_size, int, 1)
-        single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
-        if images is None or not (single or isinstance(images, (list, tuple, np.ndarray))):
-            raise UserError(
-                "detect() takes an image ([H, W, 3] uint8 array or file path) or a list of them; "
-                f"got {type(images).__name__}."
-            )
-        arrays = [load_image(x) if isinstance(x, (str, os.PathLike)) else _as_image(x) for x in ([images] if single else images)]
-        results = []
-        for start in range(0, len(arrays), batch_size):
-            chunk = arrays[start : start + batch_size]
-            placed = [letterbox_image(image, self.input_size) for image in chunk]
-            batch = self.detect_canvases(tf.stack([canvas for canvas, _ in placed]))
-            batch = {k: np.asarray(v) for k, v in batch.items()}
-            for i, (image, (_, scale)) in enumerate(zip(chunk, placed)):
-                height, width = image.shape[:2]
-                n = min(int(np.sum(batch["scores"][i] >= threshold)), int(batch["num_detections"][i]), limit)
-                found = to_original_image(batch, i, scale, (height, width), self.config.model.mask_threshold, n)
-                masks, classes = found["masks"], found["classes"]
-                results.append({
-                    "boxes": found["boxes"][:, [1, 0, 3, 2]].astype(np.float32),
-                    "scores": found["scores"].astype(np.float32),
-                    "class_ids": np.asarray(self.category_ids, np.int64)[classes],
-                    "class_names": [self.categories[c]["name"] for c in classes],
-                    "masks": np.stack([m.full(height, width) for m in masks]).astype(bool) if masks
-                    else np.zeros((0, height, width), bool),
-                })
-        return results
+    def image_detector(self):
+        """This model as an `inference.ImageDetector` (images and streams of them -> `Results`)."""
+        model = self.config.model
+        return ImageDetector(self.detect_canvases, self.input_size, self.categories, model.score_threshold,
+                             model.max_detections, model.mask_threshold)
 
     # === Saving and loading ===
 
@@ -349,22 +311,3 @@ def _check_digests(path):
 def trained_factors(folder):
     """The `model.mask_factors` a workdir or preset was trained with (its saved config's)."""
     return load_workdir(folder)[0].model.mask_factors
-
-
-def _as_image(array):
-    image = np.asarray(array)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-        raise UserError(
-            f"detect() takes uint8 [H, W, 3] images with H, W > 0 (or file paths); got {image.dtype} {list(image.shape)}."
-        )
-    return image
-
-
-def _check_argument(name, value, kind, low, high=None):
-    """Refuses a `detect()` argument that is not a finite `kind` in [low, high]."""
-    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if kind is int:
-        numeric = numeric and float(value).is_integer()
-    if not numeric or not np.isfinite(value) or value < low or (high is not None and value > high):
-        wanted = f"an integer >= {low}" if kind is int else f"a number in [{low}, {high}]"
-        raise UserError(f"detect(): {name} must be {wanted}; got {value!r}.")

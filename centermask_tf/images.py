@@ -7,7 +7,9 @@ orientation, which tf.io ignores and which is applied to the decoded pixels, so 
 read as a photo viewer shows it.
 """
 
+import glob
 import os
+import re
 import warnings
 
 import numpy as np
@@ -17,13 +19,18 @@ from PIL import Image
 from centermask_tf.data.pipeline import letterbox_images
 from centermask_tf.errors import MissingError, UserError
 
-# The formats tf.io.decode_image reads.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The formats tf.io.decode_image reads, and TIFF, which PIL decodes.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_PIL_ONLY = (".tif", ".tiff")
+# Containers `predict` reads as video (PyAV, the `video` extra).
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 # PIL's own decompression-bomb limit (about 89.5 megapixels, 268 MB as RGB).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 DEFAULT_MAX_MEGABYTES = 200
-# `predict`'s overlay of `a.jpg` is `a.jpg.overlay.png`; overlays are never read as inputs.
+# `predict`'s overlay of `a.jpg` is `a.jpg.overlay.png`, of `clip.mp4` `clip.overlay.mp4`, and
+# its instance masks `a.jpg.mask003.png`; what predict writes is never read as an input.
 OVERLAY_SUFFIX = ".overlay.png"
+_OUTPUT_NAME = re.compile(r"(\.overlay\.(png|mp4)|\.mask\d+\.png)$")
 _ORIENTATION_TAG = 0x0112
 
 
@@ -93,6 +100,8 @@ def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_ME
             f"'{path}' declares {width}x{height} = {width * height / 1e6:.0f} megapixels, over "
             f"the {max_pixels / 1e6:.0f} megapixel limit (--max-pixels)"
         )
+    if path.lower().endswith(_PIL_ONLY):
+        return orient(_decode_with_pil(path), orientation)
     try:
         image = decode_image(tf.io.read_file(path))
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
@@ -101,21 +110,64 @@ def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_ME
     return orient(image, orientation)
 
 
-def image_files(path):
-    """`path` itself, or the image files in the folder `path` (sorted; overlays excluded)."""
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, name)
-            for name in os.listdir(path)
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.endswith(OVERLAY_SUFFIX)
-        )
-        if not files:
-            raise MissingError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'.")
-        return files
-    if not os.path.isfile(path):
-        raise MissingError(f"--input '{path}' does not exist.")
-    return [path]
+def _decode_with_pil(path):
+    """A TIFF's first page as uint8 RGB: 16-bit grey scaled to 8 bits as tf.io does (the high
+    byte), other modes converted by PIL."""
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I;16") or image.mode == "I":
+                grey = np.asarray(image).astype(np.uint32)
+                grey = (grey >> 8 if grey.max() > 255 else grey).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            if image.mode == "F":
+                raise ImageError(f"'{path}' holds floating-point pixels; save it as 8- or 16-bit")
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"'{path}' does not decode ({' '.join(str(e).split())[:120]})") from None
 
+
+def is_output(name):
+    """Whether a file name is one `predict` writes (overlays, instance masks)."""
+    return bool(_OUTPUT_NAME.search(name))
+
+
+def _is_input(name, extensions):
+    return name.lower().endswith(extensions) and not is_output(name)
+
+
+def input_files(inputs, recursive=False, extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+    """The files named by `inputs` (a path or a list of them): files as given, the image and
+    video files in folders (and their sub-folders with `recursive`), and glob patterns (`**`
+    crosses folders with `recursive`). Sorted per input, each file once; what `predict` wrote is
+    left out.
+
+    Raises:
+        MissingError: an input that does not exist or matches nothing.
+    """
+    files = []
+    for entry in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        entry = os.fspath(entry)
+        if os.path.isdir(entry):
+            walk = os.walk(entry) if recursive else [(entry, [], os.listdir(entry))]
+            found = sorted(os.path.join(d, n) for d, _, names in walk for n in names if _is_input(n, extensions))
+            if not found:
+                raise MissingError(f"No image or video files ({', '.join(extensions)}) in '{entry}'.")
+        elif os.path.isfile(entry):
+            found = [entry]
+        elif glob.has_magic(entry):
+            found = sorted(p for p in glob.glob(entry, recursive=recursive)
+                           if os.path.isfile(p) and _is_input(os.path.basename(p), extensions))
+            if not found:
+                raise MissingError(f"--input '{entry}' matches no image or video file.")
+        else:
+            raise MissingError(f"--input '{entry}' does not exist.")
+        files.extend(found)
+    return list(dict.fromkeys(files))
+
+
+def image_files(path):
+    """The image files of one folder (sorted), or `[path]` for a file."""
+    return input_files(path, extensions=IMAGE_EXTENSIONS)
 
 
 def letterbox_image(image, size):

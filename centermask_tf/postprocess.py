@@ -23,6 +23,18 @@ class InstanceMask(NamedTuple):
         return mask
 
 
+def union_masks(masks):
+    """One `InstanceMask` covering the union of `masks` (crops in the same image)."""
+    top = min(m.top for m in masks)
+    left = min(m.left for m in masks)
+    bottom = max(m.top + m.crop.shape[0] for m in masks)
+    right = max(m.left + m.crop.shape[1] for m in masks)
+    crop = np.zeros((bottom - top, right - left), bool)
+    for m in masks:
+        crop[m.top - top : m.top - top + m.crop.shape[0], m.left - left : m.left - left + m.crop.shape[1]] |= m.crop
+    return InstanceMask(top, left, crop)
+
+
 
 def _paste_weights(start, end, first, counts, cells):
     """Bilinear weights that resize `cells` values onto each of n spans [start, end), for the

@@ -12,9 +12,11 @@ applied, as a photo viewer shows them); the file-size and pixel limits are check
 pixel is decoded.
 """
 
+import collections
 import colorsys
 import logging
 import os
+import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -26,12 +28,12 @@ from centermask_tf.images import (
     DEFAULT_MAX_PIXELS,
     OVERLAY_SUFFIX,
     ImageError,
-    letterbox_image,
     load_image,
 )
-from centermask_tf.postprocess import coco_results, to_original_image
 
 logger = logging.getLogger("centermask_tf.predict")
+PREDICTIONS_COCO = "predictions_coco.json"
+SAVE_CHOICES = ("overlays", "coco", "masks")
 
 
 def _colour(index):
@@ -39,65 +41,133 @@ def _colour(index):
     return np.array([r, g, b]) * 255
 
 
-def draw_overlay(image, result, names):
-    """The image with each detection's mask tinted, its box outlined and 'name score' written.
-    Tinting touches only each mask's own pixels, in uint8: no full-size float copy."""
+def draw_overlay(image, result, labels=True):
+    """The image (a PIL image) with each detection of `result` (`Results`) tinted, its box
+    outlined and, with `labels`, 'name score' written. Tinting touches only each mask's own
+    pixels, in uint8: no full-size float copy."""
     canvas = np.array(image, np.uint8)
-    for i, mask in enumerate(result["masks"]):
+    for i, mask in enumerate(result.instance_masks):
         window = canvas[mask.top : mask.top + mask.crop.shape[0], mask.left : mask.left + mask.crop.shape[1]]
         window[mask.crop] = (0.45 * window[mask.crop] + 0.55 * _colour(i)).astype(np.uint8)
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
-    for i, (box, score, cls) in enumerate(zip(result["boxes"], result["scores"], result["classes"])):
-        ymin, xmin, ymax, xmax = (float(v) for v in box)
+    for i, (box, score, name) in enumerate(zip(result.boxes, result.scores, result.class_names)):
+        xmin, ymin, xmax, ymax = (float(v) for v in box)
         colour = tuple(int(c) for c in _colour(i))
         draw.rectangle([xmin, ymin, xmax, ymax], outline=colour, width=1)
-        draw.text((xmin + 1, max(ymin - 11, 0)), f"{names[int(cls)]} {score:.2f}", fill=colour, font=font)
+        if labels:
+            draw.text((xmin + 1, max(ymin - 11, 0)), f"{name} {score:.2f}", fill=colour, font=font)
     return picture
 
 
-def detect_image(detect, image, input_size, score_threshold, mask_threshold):
-    """One uint8 image through `detect` (letterboxed canvases -> decoded detections): its
-    detections scoring at least `score_threshold`, in its own pixels (`to_original_image`)."""
-    canvas, scale = letterbox_image(image, input_size)
-    detections = {k: np.asarray(v) for k, v in detect(canvas[None]).items()}
-    keep = int(np.sum(detections["scores"][0] >= score_threshold))
-    detections["num_detections"] = np.minimum(detections["num_detections"], keep)
-    return to_original_image(detections, 0, scale, image.shape[:2], mask_threshold)
+def _relative_names(files):
+    """Each file's path relative to the inputs' common folder (where outputs mirror it), and
+    that folder."""
+    folders = [os.path.dirname(os.path.abspath(f)) for f in files]
+    root = os.path.commonpath(folders) if folders else os.getcwd()
+    return [os.path.relpath(os.path.abspath(f), root) for f in files], root
 
 
-def predict_files(
-    detect, files, input_size, categories, score_threshold, mask_threshold, output,
-    max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_MEGABYTES,
-):
-    """Runs `detect` (images `[1, N, N, 3]` -> decoded detections) on each file, writes an
-    overlay `<file name>.overlay.png` per image and `predictions.json` into `output`.
+class _Progress:
+    """A tqdm bar with images/s on a terminal; in a log file, one line every `every` images."""
+
+    def __init__(self, total, every=50):
+        self.bar = tqdm(total=total, desc="predict", unit="img", disable=None)
+        self.total, self.every, self.done, self.start = total, every, 0, time.monotonic()
+
+    def update(self):
+        self.done += 1
+        self.bar.update(1)
+        if self.bar.disable and (self.done % self.every == 0 or self.done == self.total):
+            rate = self.done / max(time.monotonic() - self.start, 1e-9)
+            logger.info("predict: %d/%d images, %.1f img/s", self.done, self.total, rate)
+
+    def close(self):
+        self.bar.close()
+
+
+def coco_file(images, annotations, categories, root):
+    """A COCO instances file (dict) of predictions: images with file names relative to `root`
+    (what `data.*.images` points at to train on it) and annotations with polygons and scores."""
+    return {
+        "info": {"description": "centermask predict", "images_root": root},
+        "images": images,
+        "categories": [{"id": int(c["id"]), "name": c["name"]} for c in categories],
+        "annotations": annotations,
+    }
+
+
+def predict_files(detector, files, output, score_threshold=None, save=("overlays",), tile=None, tile_overlap=0.25,
+                  max_pixels=DEFAULT_MAX_PIXELS, max_megabytes=DEFAULT_MAX_MEGABYTES, batch_size=None):
+    """Runs `detector` (an `inference.ImageDetector`) on image files and writes, into `output`
+    (mirroring the inputs' folders below their common folder): `predictions.json` always, and
+    per `save`: `overlays` (`<file name>.overlay.png`), `coco` (`predictions_coco.json`, a COCO
+    instances file with polygons) and `masks` (`masks/<file name>.mask<k>.png` per instance).
+
+    Args:
+        batch_size: images (tiles with `tile`) per network call; default 1 image, 8 tiles.
 
     Returns:
-        One entry per file: `{"file", "overlay", "detections"}`, or `{"file", "error"}` for a
-        file that was skipped.
+        One entry per file: `{"file", "detections", ...}`, or `{"file", "error"}` for a file
+        that was skipped.
     """
     os.makedirs(output, exist_ok=True)
     remove_stale_temporaries(output)  # overlays and JSON half-written by a killed run
-    ids = [c["id"] for c in categories]
-    names = [c["name"] for c in categories]
-    predictions = []
-    for path in tqdm(files, desc="predict", unit="img", disable=None):  # no bar in log files
-        try:
-            image = load_image(path, max_pixels, max_megabytes)
-        except ImageError as e:
-            logger.warning("skipped %s", e)
-            predictions.append({"file": path, "error": str(e)})
-            continue
-        result = detect_image(detect, image, input_size, score_threshold, mask_threshold)
-        overlay = os.path.join(output, os.path.basename(path) + OVERLAY_SUFFIX)
-        picture = draw_overlay(image, result, names)
-        atomic_write(overlay, lambda tmp: picture.save(tmp, format="PNG"), "overlay", image.size)
-        entries = coco_results(0, result, ids)
-        for entry, cls in zip(entries, result["classes"]):
-            del entry["image_id"]
-            entry["category"] = names[int(cls)]
-        predictions.append({"file": path, "overlay": overlay, "detections": entries})
-    write_json(os.path.join(output, "predictions.json"), predictions)
-    return predictions
+    relative, root = _relative_names(files)
+    names = {int(c["id"]): c["name"] for c in detector.categories}
+    entries = [None] * len(files)
+    loaded = collections.deque()  # indices of the files handed to the detector, in order
+    progress = _Progress(len(files))
+
+    def readable():
+        for index, path in enumerate(files):
+            try:
+                image = load_image(path, max_pixels, max_megabytes)
+            except ImageError as e:
+                logger.warning("skipped %s", e)
+                entries[index] = {"file": path, "error": str(e)}
+                progress.update()
+                continue
+            loaded.append(index)
+            yield path, image
+
+    images, annotations = [], []
+    stream = detector.stream(readable(), score_threshold, None, batch_size or (8 if tile else 1), tile, tile_overlap)
+    for result in stream:
+        index = loaded.popleft()
+        entries[index] = _save(result, os.path.join(output, relative[index]), save, names)
+        if "coco" in save:
+            image_id = len(images) + 1
+            height, width = result.size
+            images.append({"id": image_id, "file_name": relative[index], "height": height, "width": width})
+            annotations.extend(result.to_coco(image_id, len(annotations) + 1))
+        progress.update()
+    progress.close()
+    write_json(os.path.join(output, "predictions.json"), entries)
+    if "coco" in save:
+        write_json(os.path.join(output, PREDICTIONS_COCO), coco_file(images, annotations, detector.categories, root))
+    return entries
+
+
+def _save(result, target, save, names):
+    """Writes one image's outputs beside `target` (its mirrored path in the output folder) and
+    returns its `predictions.json` entry."""
+    entry = {"file": result.path}
+    if "overlays" in save:
+        picture = Image.fromarray(result.plot())
+        entry["overlay"] = atomic_write(target + OVERLAY_SUFFIX, lambda tmp: picture.save(tmp, format="PNG"),
+                                        "overlay", picture.size[0] * picture.size[1])
+    if "masks" in save:
+        folder = os.path.join(os.path.dirname(target), "masks")
+        entry["masks"] = []
+        for k, mask in enumerate(result.instance_masks):  # one full-size mask at a time
+            png = Image.fromarray(mask.full(*result.size) * np.uint8(255))
+            path = os.path.join(folder, f"{os.path.basename(target)}.mask{k:03d}.png")
+            entry["masks"].append(atomic_write(path, lambda tmp, png=png: png.save(tmp, format="PNG"), "mask"))
+    entry["detections"] = [
+        {"category_id": a["category_id"], "category": names[a["category_id"]], "bbox": a["bbox"],
+         "score": a["score"], "area": a["area"], "segmentation": a["segmentation"]}
+        for a in result.to_coco(segmentation="rle")
+    ]
+    return entry

@@ -40,3 +40,25 @@ def shapes(tmp_path_factory):
     ]
     prepare_dataset(load_config("configs/shapes_tiny.yaml", overrides).data)
     return root, overrides
+
+
+@pytest.fixture(scope="module")
+def untrained_workdir(shapes, tmp_path_factory):
+    """A workdir with randomly initialised weights and a low mask threshold (masks non-empty)."""
+    from centermask_tf.arch import build_network
+    from centermask_tf.config import load_config
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.workdir import save_run_files
+
+    _, overrides = shapes
+    overrides = overrides + ["model.mask_threshold=0.1"]
+    config = load_config("configs/shapes_tiny.yaml", overrides)
+    workdir = tmp_path_factory.mktemp("workdir")
+    builder = prepare_dataset(config.data)
+    save_run_files(config, str(workdir), builder.info.metadata["categories"])
+    network = build_network(config.model)
+    # Random heads predict near-zero sizes; 6 output pixels gives boxes (and masks) real extent.
+    network.get_layer("size").out.bias.assign([6.0, 6.0])
+    (workdir / "checkpoints").mkdir()
+    network.save_weights(str(workdir / "checkpoints" / "last.weights.h5"))
+    return workdir, overrides

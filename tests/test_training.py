@@ -17,10 +17,8 @@ from pycocotools.cocoeval import COCOeval
 from centermask_tf.arch import build_network
 from centermask_tf.cli import main
 from centermask_tf.config import load_config
-from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.evaluation import METRIC_NAMES, coco_metrics
 from centermask_tf.training.optimizer import WarmupSchedule, build_optimizer
-from centermask_tf.workdir import save_run_files
 
 CONFIG = "configs/shapes_tiny.yaml"
 
@@ -190,23 +188,6 @@ def test_sigkill_mid_epoch_resumes_at_the_next_epoch(shapes, tmp_path):
         epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
     assert sorted(set(epochs)) == [0, 1, 2, 3]
     assert (workdir / "checkpoints" / "last.weights.h5").exists()
-
-
-@pytest.fixture(scope="module")
-def untrained_workdir(shapes, tmp_path_factory):
-    """A workdir with randomly initialised weights and a low mask threshold (masks non-empty)."""
-    _, overrides = shapes
-    overrides = overrides + ["model.mask_threshold=0.1"]
-    config = load_config(CONFIG, overrides)
-    workdir = tmp_path_factory.mktemp("workdir")
-    builder = prepare_dataset(config.data)
-    save_run_files(config, str(workdir), builder.info.metadata["categories"])
-    network = build_network(config.model)
-    # Random heads predict near-zero sizes; 6 output pixels gives boxes (and masks) real extent.
-    network.get_layer("size").out.bias.assign([6.0, 6.0])
-    (workdir / "checkpoints").mkdir()
-    network.save_weights(str(workdir / "checkpoints" / "last.weights.h5"))
-    return workdir, overrides
 
 
 def direct_cocoeval(annotations, detections, image_ids, iou_type):

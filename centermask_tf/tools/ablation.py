@@ -25,7 +25,6 @@ from centermask_tf.errors import UserError
 from centermask_tf.evaluation import evaluate_detector
 from centermask_tf.files import atomic_write, write_json, write_text
 from centermask_tf.images import load_image
-from centermask_tf.predict import detect_image, draw_overlay
 from centermask_tf.training.train import train
 from centermask_tf.workdir import Workdir
 
@@ -155,12 +154,10 @@ def ablation_grid(detectors, paths):
     draw = ImageDraw.Draw(grid)
     for column, mode in enumerate(MODES):
         detector = detectors[mode]
-        names = [c["name"] for c in detector.categories]
         draw.text((column * _CELL + 4, 3), TITLES[mode], fill="black", font=font)
         for row, image in enumerate(rows):
-            result = detect_image(detector.detect_canvases, image, detector.input_size, _GRID_SCORE,
-                                  detector.config.model.mask_threshold)
-            picture = draw_overlay(image, result, names)
+            (result,) = detector.detect(image, score_threshold=_GRID_SCORE)
+            picture = Image.fromarray(result.plot())
             scale = _CELL / max(picture.size)
             picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.NEAREST)
             grid.paste(picture, (column * _CELL, header + row * _CELL))

@@ -54,10 +54,7 @@ def demo(config_path, workdir, data, overrides=(), overwrite=False):
     metrics = evaluate_detector(detector.detect_canvases, builder, config, eval_dir)
     overlays = os.path.join(workdir, "predictions")
     print(f"[4/6] overlays of 8 validation images in {overlays}")
-    predict_files(
-        detector.detect_canvases, image_files(config.data.val.images)[:8], config.model.input_size,
-        detector.categories, 0.3, config.model.mask_threshold, overlays,
-    )
+    predict_files(detector.image_detector(), image_files(config.data.val.images)[:8], overlays, score_threshold=0.3)
     print("[5/6] mask AP with the Local Shape only, the Global Saliency only, and both")
     ablation = ablate(workdir)
     print("[6/6] exporting SavedModel and TFLite")

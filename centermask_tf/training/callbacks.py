@@ -13,6 +13,7 @@ from centermask_tf.evaluation import evaluate_detector
 from centermask_tf.files import write_json
 from centermask_tf.postprocess import to_original_image
 from centermask_tf.predict import draw_overlay
+from centermask_tf.results import Results
 from centermask_tf.workdir import save_weights
 
 
@@ -127,11 +128,10 @@ class CocoEvalCallback(keras.callbacks.Callback):
         if "saliency" in outputs:  # a mask_factors=shape network has none
             saliency = tf.sigmoid(outputs["saliency"])
             saliency = tf.image.resize(tf.reduce_max(saliency, axis=-1, keepdims=True), [size, size])  # [B, N, N, 1]
-        names = [c["name"] for c in self.detector.categories]
         panels = []
         for i, canvas in enumerate(np.asarray(tf.cast(tf.round(canvases), tf.uint8))):
-            result = to_original_image(detections, i, 1.0, (size, size), self.config.model.mask_threshold)
-            panel = [np.asarray(draw_overlay(canvas, result, names))]
+            found = to_original_image(detections, i, 1.0, (size, size), self.config.model.mask_threshold)
+            panel = [np.asarray(draw_overlay(canvas, Results.from_detections(found, self.detector.categories)))]
             if saliency is not None:
                 panel.append(np.repeat(np.asarray(saliency[i] * 255.0).astype(np.uint8), 3, axis=-1))
             panels.append(np.concatenate(panel, axis=1))

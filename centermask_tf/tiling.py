@@ -1,0 +1,141 @@
+"""Tiled inference for images much larger than the network input: overlapping tiles, and the
+detections of neighbouring tiles merged where they overlap.
+
+Shrinking a 512-px image of 20-px objects into a 128-px input leaves 5-px objects, which the
+network cannot find; cut into 128-px tiles each object keeps its size. An object cut by a seam
+appears in two (or four) tiles, whole in one and cut in another, or cut in both. Two detections
+of neighbouring tiles are one object when they have the same class and their masks agree inside
+the band both tiles see (IoU of the masks restricted to that band): a cut half and the whole
+object agree there, and so do two halves, while two neighbouring objects do not. Merged
+detections unite their masks and boxes and keep the highest score.
+"""
+
+import numpy as np
+
+from centermask_tf.errors import UserError
+from centermask_tf.postprocess import union_masks
+
+# Band IoU from which two detections of neighbouring tiles are one object.
+MERGE_IOU = 0.5
+MAX_OVERLAP = 0.9
+
+
+def check_tiling(tile, overlap, input_size):
+    """Refuses a tile smaller than the network input (it would be upscaled: no gain, more tiles)
+    or an overlap outside [0, 0.9]."""
+    if tile is None:
+        return
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < input_size:
+        raise UserError(
+            f"tile={tile!r}: a tile must be an integer of at least the network input "
+            f"(model.input_size={input_size}) pixels; smaller tiles would only be upscaled."
+        )
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= MAX_OVERLAP:
+        raise UserError(f"tile_overlap={overlap!r}: the overlap is a fraction of the tile in [0, {MAX_OVERLAP}].")
+
+
+def _starts(length, tile, stride):
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]  # the last tile ends at the image's edge
+
+
+def tile_windows(height, width, tile=None, overlap=0.25):
+    """`(top, left, height, width)` windows covering the image: the whole image when it fits in
+    one tile (or `tile` is None), else `tile`-sized windows overlapping by `overlap` of a tile,
+    the last ones flush with the image's edges."""
+    if tile is None or (height <= tile and width <= tile):
+        return [(0, 0, height, width)]
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+    return [
+        (top, left, min(tile, height - top), min(tile, width - left))
+        for top in _starts(height, tile, stride)
+        for left in _starts(width, tile, stride)
+    ]
+
+
+def _intersection(a, b):
+    """The overlap of two (top, left, height, width) windows as (y0, x0, y1, x1), or None."""
+    y0, x0 = max(a[0], b[0]), max(a[1], b[1])
+    y1, x1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    return (y0, x0, y1, x1) if y1 > y0 and x1 > x0 else None
+
+
+def _in_window(mask, y0, x0, y1, x1):
+    """`mask` (an `InstanceMask`) restricted to the window, as a bool array of the window."""
+    out = np.zeros((y1 - y0, x1 - x0), bool)
+    top, left = max(mask.top, y0), max(mask.left, x0)
+    bottom, right = min(mask.top + mask.crop.shape[0], y1), min(mask.left + mask.crop.shape[1], x1)
+    if bottom > top and right > left:
+        inside = mask.crop[top - mask.top : bottom - mask.top, left - mask.left : right - mask.left]
+        out[top - y0 : bottom - y0, left - x0 : right - x0] = inside
+    return out
+
+
+def _band_iou(a, b, band):
+    """IoU of two masks inside `band` (y0, x0, y1, x1), over the part of the band their crops
+    cover."""
+    y0 = max(band[0], min(a.top, b.top))
+    x0 = max(band[1], min(a.left, b.left))
+    y1 = min(band[2], max(a.top + a.crop.shape[0], b.top + b.crop.shape[0]))
+    x1 = min(band[3], max(a.left + a.crop.shape[1], b.left + b.crop.shape[1]))
+    if y1 <= y0 or x1 <= x0:
+        return 0.0
+    ma, mb = _in_window(a, y0, x0, y1, x1), _in_window(b, y0, x0, y1, x1)
+    union = np.count_nonzero(ma | mb)
+    return np.count_nonzero(ma & mb) / union if union else 0.0
+
+
+def _find(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def merge_tiles(windows, parts):
+    """The detections of every tile of one image, each object once.
+
+    Args:
+        windows: the tiles' `(top, left, height, width)`.
+        parts: per tile, `to_original_image`'s dict in image coordinates (boxes ymin-first,
+            `InstanceMask`s placed in the image).
+
+    Returns:
+        The same dict for the whole image, sorted by score.
+    """
+    tile_of = np.concatenate([np.full(len(p["scores"]), t) for t, p in enumerate(parts)]).astype(int)
+    boxes = np.concatenate([np.asarray(p["boxes"], np.float32).reshape(-1, 4) for p in parts])
+    scores = np.concatenate([np.asarray(p["scores"], np.float32) for p in parts])
+    classes = np.concatenate([np.asarray(p["classes"], np.int64) for p in parts])
+    masks = [m for p in parts for m in p["masks"]]
+    parent = list(range(len(scores)))
+    for a in range(len(windows)):
+        for b in range(a + 1, len(windows)):
+            band = _intersection(windows[a], windows[b])
+            if band is None:
+                continue
+            first, second = np.flatnonzero(tile_of == a), np.flatnonzero(tile_of == b)
+            # Candidate pairs: same class, both boxes reach into the band, and the boxes overlap.
+            ba, bb = boxes[first][:, None, :], boxes[second][None, :, :]
+            candidates = (
+                (classes[first][:, None] == classes[second][None, :])
+                & (np.maximum(ba[..., 0], bb[..., 0]) < np.minimum(ba[..., 2], bb[..., 2]))
+                & (np.maximum(ba[..., 1], bb[..., 1]) < np.minimum(ba[..., 3], bb[..., 3]))
+                & (ba[..., 0] < band[2]) & (ba[..., 2] > band[0]) & (ba[..., 1] < band[3]) & (ba[..., 3] > band[1])
+            )
+            for i, j in zip(*np.nonzero(candidates)):
+                i, j = first[i], second[j]
+                if _band_iou(masks[i], masks[j], band) >= MERGE_IOU:
+                    parent[_find(parent, i)] = _find(parent, j)
+    groups = {}
+    for i in range(len(scores)):
+        groups.setdefault(_find(parent, i), []).append(i)
+    members = sorted(groups.values(), key=lambda g: -scores[g].max())
+    return {
+        "boxes": np.array([[*boxes[g, :2].min(0), *boxes[g, 2:].max(0)] for g in members], np.float32).reshape(-1, 4),
+        "scores": np.array([scores[g].max() for g in members], np.float32),
+        "classes": np.array([classes[g[0]] for g in members], np.int64),
+        "masks": [masks[g[0]] if len(g) == 1 else union_masks([masks[i] for i in g]) for g in members],
+    }
