@@ -28,15 +28,20 @@ setup(
         "tensorboard>=2.20,<3",
         # Overlay drawing (masks, boxes, class names) in `centermask predict`.
         "pillow>=10,<14",
+        # Mask contours for Results.polygons and COCO polygon files (the headless build: no GUI libs).
+        "opencv-python-headless>=4.10,<6",
         # PredictRequest protos for the gRPC path of scripts/serve_client.py.
         "tensorflow-serving-api>=2.21,<2.22",
     ],
     extras_require={
         # The test extra includes every optional feature the tests check: fast-eval (its metrics
         # equal pycocotools'), Beam (its dataset build equals the single-process one), the
-        # evaluation plots and the keras-hub backbones.
+        # evaluation plots, the keras-hub backbones and video.
         "test": ["pytest>=8,<10", "faster-coco-eval>=1.8.0,<1.9", "apache-beam>=2.77,<3", "matplotlib>=3.8,<4",
-                 "keras-hub>=0.32,<0.33"],
+                 "keras-hub>=0.32,<0.33", "av>=14,<19"],
+        # Video in `predict` and `CenterMask.detect_video`: PyAV, whose wheels carry FFmpeg with
+        # its H.264 encoder (libx264).
+        "video": ["av>=14,<19"],
         # `evaluate`'s precision-recall, F1 and confusion-matrix plots in WORKDIR/eval/plots/.
         "plots": ["matplotlib>=3.8,<4"],
         # model.backbone: keras_hub (a keras-hub backbone preset with a feature pyramid).

@@ -13,13 +13,12 @@ pixel is decoded.
 """
 
 import collections
-import colorsys
 import logging
 import os
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 from centermask_tf.files import atomic_write, remove_stale_temporaries, write_json
@@ -34,31 +33,6 @@ from centermask_tf.images import (
 logger = logging.getLogger("centermask_tf.predict")
 PREDICTIONS_COCO = "predictions_coco.json"
 SAVE_CHOICES = ("overlays", "coco", "masks")
-
-
-def _colour(index):
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.85, 1.0)
-    return np.array([r, g, b]) * 255
-
-
-def draw_overlay(image, result, labels=True):
-    """The image (a PIL image) with each detection of `result` (`Results`) tinted, its box
-    outlined and, with `labels`, 'name score' written. Tinting touches only each mask's own
-    pixels, in uint8: no full-size float copy."""
-    canvas = np.array(image, np.uint8)
-    for i, mask in enumerate(result.instance_masks):
-        window = canvas[mask.top : mask.top + mask.crop.shape[0], mask.left : mask.left + mask.crop.shape[1]]
-        window[mask.crop] = (0.45 * window[mask.crop] + 0.55 * _colour(i)).astype(np.uint8)
-    picture = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default()
-    for i, (box, score, name) in enumerate(zip(result.boxes, result.scores, result.class_names)):
-        xmin, ymin, xmax, ymax = (float(v) for v in box)
-        colour = tuple(int(c) for c in _colour(i))
-        draw.rectangle([xmin, ymin, xmax, ymax], outline=colour, width=1)
-        if labels:
-            draw.text((xmin + 1, max(ymin - 11, 0)), f"{name} {score:.2f}", fill=colour, font=font)
-    return picture
 
 
 def _relative_names(files):

@@ -13,11 +13,15 @@ with the image: 100 full-size masks of a 48-megapixel photo would take 4.8 GB. `
 the full-size boolean array only when asked for.
 """
 
+import colorsys
 import functools
 
+import cv2
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from centermask_tf.errors import UserError
+from centermask_tf.images import load_image
 from centermask_tf.postprocess import encode_instances
 
 FIELDS = ("boxes", "scores", "class_ids", "class_names", "masks", "polygons")
@@ -26,17 +30,6 @@ FIELDS = ("boxes", "scores", "class_ids", "class_names", "masks", "polygons")
 # (pixel centres, as pycocotools does) gives the mask back; through pixel centres it would
 # lose half a pixel all around (IoU 0.87 on the demo's masks, against 0.999).
 _CONTOUR_UPSAMPLE = 2
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise UserError(
-            "polygons need OpenCV's contour tracing: pip install 'centermask_tf[polygons]' "
-            "(opencv-python-headless)."
-        ) from None
-    return cv2
 
 
 def _bridge(ring, hole):
@@ -52,7 +45,6 @@ def mask_polygons(mask):
     """An `InstanceMask` -> its polygons: one `[K, 2]` float32 ring of (x, y) image coordinates
     per connected part (pixel i spans [i, i + 1]), each part's holes bridged into its ring, so
     that filling every ring (even-odd) and uniting them gives the mask back."""
-    cv2 = _cv2()
     crop = np.pad(np.asarray(mask.crop, np.uint8), 1)
     crop = np.repeat(np.repeat(crop, _CONTOUR_UPSAMPLE, axis=0), _CONTOUR_UPSAMPLE, axis=1)
     contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
@@ -71,6 +63,31 @@ def mask_polygons(mask):
         if len(ring) >= 3:
             polygons.append(ring.astype(np.float32))
     return polygons
+
+
+def _colour(index):
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.85, 1.0)
+    return np.array([r, g, b]) * 255
+
+
+def draw_overlay(image, result, labels=True):
+    """The image (a PIL image) with each detection of `result` (`Results`) tinted, its box
+    outlined and, with `labels`, 'name score' written. Tinting touches only each mask's own
+    pixels, in uint8: no full-size float copy."""
+    canvas = np.array(image, np.uint8)
+    for i, mask in enumerate(result.instance_masks):
+        window = canvas[mask.top : mask.top + mask.crop.shape[0], mask.left : mask.left + mask.crop.shape[1]]
+        window[mask.crop] = (0.45 * window[mask.crop] + 0.55 * _colour(i)).astype(np.uint8)
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    for i, (box, score, name) in enumerate(zip(result.boxes, result.scores, result.class_names)):
+        xmin, ymin, xmax, ymax = (float(v) for v in box)
+        colour = tuple(int(c) for c in _colour(i))
+        draw.rectangle([xmin, ymin, xmax, ymax], outline=colour, width=1)
+        if labels:
+            draw.text((xmin + 1, max(ymin - 11, 0)), f"{name} {score:.2f}", fill=colour, font=font)
+    return picture
 
 
 class Results:
@@ -186,9 +203,6 @@ class Results:
     def plot(self, image=None, labels=True):
         """uint8 `[H, W, 3]`: the image with each mask tinted, its box outlined and, with
         `labels`, 'name score' written (the drawing of `centermask predict`)."""
-        from centermask_tf.images import load_image
-        from centermask_tf.predict import draw_overlay
-
         if image is None:
             image = self.image if self.image is not None else load_image(self.path) if self.path else None
         if image is None:

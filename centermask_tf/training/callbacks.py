@@ -12,8 +12,7 @@ from centermask_tf.data.pipeline import eval_dataset
 from centermask_tf.evaluation import evaluate_detector
 from centermask_tf.files import write_json
 from centermask_tf.postprocess import to_original_image
-from centermask_tf.predict import draw_overlay
-from centermask_tf.results import Results
+from centermask_tf.results import Results, draw_overlay
 from centermask_tf.workdir import save_weights
 
 
