@@ -153,6 +153,13 @@ def cmd_make_shapes(args):
     for split, (images, annotations, occluded) in counts.items():
         print(f"{split}: {images} images, {annotations} annotations ({occluded} partly occluded)")
     print(f"written to {args.output}/annotations and {args.output}/{{{','.join(counts)}}}")
+    if args.clip:
+        from centermask_tf.data.shapes import CATEGORIES, SHAPES, make_clip
+
+        clip = os.path.join(args.output, "clip.mp4")
+        make_clip(clip, args.clip, seed=args.seed,
+                  categories=[SHAPES[name] for name in args.classes] if args.classes else CATEGORIES)
+        print(f"clip of {args.clip} frames written to {clip}")
 
 
 class UsageError(UserError):
@@ -235,7 +242,7 @@ def cmd_evaluate(args):
 
 def cmd_predict(args):
     from centermask_tf.evaluation import best_f1_threshold
-    from centermask_tf.images import DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, input_files
+    from centermask_tf.images import DEFAULT_MAX_MEGABYTES, DEFAULT_MAX_PIXELS, input_files
     from centermask_tf.inference import ImageDetector
     from centermask_tf.predict import predict_files
     from centermask_tf.tiling import check_tiling
@@ -243,7 +250,7 @@ def cmd_predict(args):
 
     config, categories = load_workdir(args.workdir, args.overrides)
     check_tiling(args.tile, args.tile_overlap, config.model.input_size)
-    files = input_files(args.input, args.recursive, IMAGE_EXTENSIONS)
+    files = input_files(args.input, args.recursive)
     score = best_f1_threshold(args.workdir) if args.score == "auto" else args.score
     if args.score == "auto":
         print(f"--score auto: {score:.2f}, the best-F1 threshold of {args.workdir}/eval/metrics.json")
@@ -258,8 +265,11 @@ def cmd_predict(args):
     )
     skipped = sum("error" in p for p in predictions)
     wrote = {"overlays": "overlays (*.overlay.png)", "coco": "predictions_coco.json", "masks": "instance masks (masks/)"}
-    print(f"wrote predictions.json, {', '.join(wrote[s] for s in args.save)} for {len(predictions) - skipped} images "
-          f"to {args.output}"
+    videos = sum("frames" in p for p in predictions)
+    images = len(predictions) - skipped - videos
+    done = ([f"{', '.join(wrote[s] for s in args.save)} for {images} images"] if images else []) + (
+        [f"an overlay .mp4 and a .jsonl of detections per frame for {videos} videos"] if videos else [])
+    print("wrote predictions.json" + "".join(f", {d}" for d in done) + f" to {args.output}"
           + (f"; skipped {skipped} unusable files, listed in predictions.json with the reason" if skipped else ""))
 
 
@@ -456,6 +466,8 @@ def build_parser():
     shapes.add_argument("--classes", type=lambda text: text.split(","), metavar="A,B",
                         help="shapes to draw, of circle, rectangle, triangle, star, hexagon "
                              "(default circle,rectangle,triangle); each keeps its category id")
+    shapes.add_argument("--clip", type=_number(int, 1), metavar="FRAMES",
+                        help="also write OUTPUT/clip.mp4, shapes moving over FRAMES frames (the video extra)")
     shapes.set_defaults(handler=cmd_make_shapes)
 
     bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")

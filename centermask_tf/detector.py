@@ -166,6 +166,11 @@ class CenterMask(keras.Model):
         overlapping tiles and merges detections across the seams)."""
         return self.image_detector().detect(images, score_threshold, max_detections, batch_size, tile, tile_overlap)
 
+    def detect_video(self, path, score_threshold=None, max_detections=None, batch_size=8, tile=None, tile_overlap=0.25):
+        """A generator of `Results`, one per frame of a video file (see
+        `inference.ImageDetector.detect_video`)."""
+        return self.image_detector().detect_video(path, score_threshold, max_detections, batch_size, tile, tile_overlap)
+
     def image_detector(self):
         """This model as an `inference.ImageDetector` (images and streams of them -> `Results`)."""
         model = self.config.model

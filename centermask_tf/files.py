@@ -83,7 +83,7 @@ def ensure_space(directory, needed):
         )
 
 
-def _fsync_directory(directory):
+def fsync_directory(directory):
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,7 +127,7 @@ def atomic_write(path, write, point=None, expected_size=0):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return path
 
 

@@ -95,22 +95,35 @@ class ImageDetector:
         arrays = [(None, as_image(x)) if not isinstance(x, (str, os.PathLike)) else (os.fspath(x), None) for x in items]
         return list(self.stream(arrays, score_threshold, max_detections, batch_size, tile, tile_overlap))
 
-    def stream(self, items, score_threshold=None, max_detections=None, batch_size=8, tile=None, tile_overlap=0.25,
-               loader=load_image):
-        """Results for a stream of `(path, image)` pairs (image None: read `path` with `loader`;
-        path None: an image in memory, kept in its Results for `plot`), in order, lazily. Extra
-        items of a pair (a video frame's index and time) go into the Results."""
+    def detect_video(self, path, score_threshold=None, max_detections=None, batch_size=8, tile=None,
+                     tile_overlap=0.25):
+        """A generator of `Results`, one per frame of a video file (PyAV, the `video` extra),
+        frames decoded and detected `batch_size` at a time. Each has `frame` (index), `time`
+        (seconds) and its frame's pixels (for `plot`); `video.VideoError` says why a file
+        cannot be read."""
+        from centermask_tf.video import read_frames
+
+        frames = ((os.fspath(path), image, index, time) for index, time, image in read_frames(path))
+        return self.stream(frames, score_threshold, max_detections, batch_size, tile, tile_overlap)
+
+    def stream(self, items, score_threshold=None, max_detections=None, batch_size=8, tile=None, tile_overlap=0.25):
+        """Results for a stream of `(path, image)` pairs, in order, lazily (arguments checked
+        now). An image of None is read from `path`; an image given is kept in its Results for
+        `plot`. Two more items (a video frame's index and time) go into the Results."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
         limit = self.max_detections if max_detections is None else max_detections
         check_argument("score_threshold", threshold, float, 0, 1)
         check_argument("max_detections", limit, int, 0)
         check_argument("batch_size", batch_size, int, 1)
         check_tiling(tile, tile_overlap, self.input_size)
+        return self._stream(items, threshold, limit, batch_size, tile, tile_overlap)
+
+    def _stream(self, items, threshold, limit, batch_size, tile, tile_overlap):
         pending = []  # (image record, window index, canvas, scale) waiting for a batch
         records = []  # images whose windows are not all decoded yet, oldest first
         for item in items:
             path, image, *where = item
-            image = loader(path) if image is None else image
+            image = load_image(path) if image is None else image
             height, width = image.shape[:2]
             windows = tile_windows(height, width, tile, tile_overlap)
             record = {"path": path, "image": image, "windows": windows, "parts": [None] * len(windows),

@@ -1,7 +1,11 @@
-"""Prediction on image files: overlay PNGs (coloured masks, boxes, class names, scores) and a
-`predictions.json` in the COCO results format (plus the file name and category name).
+"""Prediction on image and video files: overlay PNGs (coloured masks, boxes, class names,
+scores), a `predictions.json` in the COCO results format (plus the file name and category name),
+on request a COCO instances file with polygons and one PNG per instance; for a video an overlay
+MP4 and one JSON line per frame.
 
     centermask predict --workdir work/demo --input work/shapes/val --output work/demo/predictions
+    centermask predict --workdir work/demo --input 'photos/**/*.tif' clip.mp4 --recursive --output out \\
+        --save overlays,coco,masks --tile 512
 
 Prediction never stops on a bad file and never overwrites an input: each image's overlay is
 `<file name>.overlay.png` (so `a.jpg` and `a.png` get different ones, and none can replace an
@@ -13,6 +17,7 @@ pixel is decoded.
 """
 
 import collections
+import json
 import logging
 import os
 import time
@@ -26,9 +31,11 @@ from centermask_tf.images import (
     DEFAULT_MAX_MEGABYTES,
     DEFAULT_MAX_PIXELS,
     OVERLAY_SUFFIX,
+    VIDEO_EXTENSIONS,
     ImageError,
     load_image,
 )
+from centermask_tf.video import VideoError
 
 logger = logging.getLogger("centermask_tf.predict")
 PREDICTIONS_COCO = "predictions_coco.json"
@@ -87,15 +94,21 @@ def predict_files(detector, files, output, score_threshold=None, save=("overlays
         that was skipped.
     """
     os.makedirs(output, exist_ok=True)
-    remove_stale_temporaries(output)  # overlays and JSON half-written by a killed run
     relative, root = _relative_names(files)
+    for folder in {os.path.dirname(os.path.join(output, r)) for r in ["", *relative]}:
+        for where in (folder, os.path.join(folder, "masks")):
+            remove_stale_temporaries(where)  # outputs half-written by a killed run
     names = {int(c["id"]): c["name"] for c in detector.categories}
     entries = [None] * len(files)
+    videos = [i for i, f in enumerate(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
     loaded = collections.deque()  # indices of the files handed to the detector, in order
-    progress = _Progress(len(files))
+    progress = _Progress(len(files) - len(videos))
+    batch_size = batch_size or (8 if tile else 1)
 
     def readable():
         for index, path in enumerate(files):
+            if index in videos:
+                continue
             try:
                 image = load_image(path, max_pixels, max_megabytes)
             except ImageError as e:
@@ -107,7 +120,7 @@ def predict_files(detector, files, output, score_threshold=None, save=("overlays
             yield path, image
 
     images, annotations = [], []
-    stream = detector.stream(readable(), score_threshold, None, batch_size or (8 if tile else 1), tile, tile_overlap)
+    stream = detector.stream(readable(), score_threshold, None, batch_size, tile, tile_overlap)
     for result in stream:
         index = loaded.popleft()
         entries[index] = _save(result, os.path.join(output, relative[index]), save, names)
@@ -118,10 +131,55 @@ def predict_files(detector, files, output, score_threshold=None, save=("overlays
             annotations.extend(result.to_coco(image_id, len(annotations) + 1))
         progress.update()
     progress.close()
+    for index in videos:
+        try:
+            entries[index] = predict_video(detector, files[index], os.path.join(output, relative[index]), names,
+                                           score_threshold, tile, tile_overlap, batch_size)
+        except VideoError as e:
+            logger.warning("skipped %s", e)
+            entries[index] = {"file": files[index], "error": str(e)}
     write_json(os.path.join(output, "predictions.json"), entries)
     if "coco" in save:
         write_json(os.path.join(output, PREDICTIONS_COCO), coco_file(images, annotations, detector.categories, root))
     return entries
+
+
+def predict_video(detector, path, target, names, score_threshold=None, tile=None, tile_overlap=0.25, batch_size=8):
+    """One video through `detector`: `<target>.overlay.mp4` (H.264, the input's frame rate) and
+    `<target>.jsonl`, one line per frame: `{"frame", "time", "detections": [{"category_id",
+    "category", "bbox", "score", "area", "polygons"}]}`. Both are written under temporary names
+    and renamed when the last frame is done, so a killed run leaves neither half-written.
+    Returns the video's `predictions.json` entry."""
+    from centermask_tf.video import VideoWriter, video_info
+
+    info = video_info(path)
+    overlay, lines = target + ".overlay.mp4", target + ".jsonl"
+    bar = tqdm(total=info["frames"] or None, desc=os.path.basename(path), unit="frame", disable=None)
+    start, done = time.monotonic(), 0
+
+    def write(tmp):
+        nonlocal done
+        with open(tmp, "w", encoding="utf-8") as out, VideoWriter(overlay, info["fps"]) as video:
+            results = detector.detect_video(path, score_threshold, None, batch_size, tile, tile_overlap)
+            for result in results:
+                video.write(result.plot())
+                detections = [
+                    {"category_id": a["category_id"], "category": names[a["category_id"]], "bbox": a["bbox"],
+                     "score": a["score"], "area": a["area"], "polygons": a["segmentation"]}
+                    for a in result.to_coco()
+                ]
+                out.write(json.dumps({"frame": result.frame, "time": round(result.time, 4), "detections": detections}) + "\n")
+                done += 1
+                bar.update(1)
+                if bar.disable and done % 100 == 0:
+                    logger.info("%s: %d frames, %.1f frames/s", path, done, done / (time.monotonic() - start))
+
+    try:
+        atomic_write(lines, write, "video")
+    finally:
+        bar.close()
+    logger.info("%s: %d frames in %.1f s", path, done, time.monotonic() - start)
+    return {"file": path, "overlay": overlay, "frames_jsonl": lines, "frames": done}
 
 
 def _save(result, target, save, names):

@@ -316,3 +316,28 @@ def make_preset(cache, name, seed=0, val=None):
     if not os.path.exists(os.path.join(output, "annotations", "instances_val.json")):
         make_shapes(output, preset["train"], preset["val"], seed, preset["image_size"], layout=preset["layout"])
     return output
+
+
+def make_clip(path, frames=30, size=(96, 128), fps=10, seed=0, categories=CATEGORIES):
+    """A video of shapes gliding over a textured background (`video.VideoWriter`, H.264): one
+    object of each category, each moving in a straight line at its own speed, to try `predict`
+    and `detect_video` on. Returns the number of frames written."""
+    from centermask_tf.video import VideoWriter
+
+    rng = np.random.default_rng(seed)
+    height, width = size
+    background, colours = _background(rng, height, width)
+    movers = []
+    for category in categories:
+        polygon, (cy, cx, _) = _polygon(category["name"], rng, height, width, size=0.3 * min(size))
+        step = rng.uniform(-1.0, 1.0, 2) * 0.6 * min(size) / frames  # (dx, dy) per frame
+        movers.append((np.reshape(polygon, (-1, 2)) - [cx, cy], (cx, cy), step, _object_colour(rng, colours)))
+    with VideoWriter(path, fps) as video:
+        for t in range(frames):
+            image = background.copy()
+            for points, (cx, cy), (dx, dy), colour in movers:
+                moved = points + [cx + t * dx, cy + t * dy]
+                mask = mask_utils.decode(mask_utils.frPyObjects([moved.ravel().tolist()], height, width))[..., 0]
+                image[mask.astype(bool)] = colour
+            video.write(np.clip(image, 0, 255).astype(np.uint8))
+    return frames
