@@ -162,6 +162,15 @@ def cmd_make_shapes(args):
         print(f"clip of {args.clip} frames written to {clip}")
 
 
+def cmd_mosaic(args):
+    """Large images from a split's small ones (`tools/mosaic.py`)."""
+    from centermask_tf.tools.mosaic import make_mosaics
+
+    images, annotations = make_mosaics(args.annotations, args.images, args.output, args.grid)
+    print(f"{images} mosaics of {args.grid}x{args.grid} images with {annotations} annotations written to "
+          f"{args.output}/val and {args.output}/annotations/instances_val.json")
+
+
 class UsageError(UserError):
     """A command that cannot run as asked; the message says what to do."""
 
@@ -173,7 +182,7 @@ def cmd_benchmark(args):
     if args.plots and importlib.util.find_spec("matplotlib") is None:  # fail before, not after, the run
         raise UsageError("--plots needs matplotlib: .venv/bin/pip install -e '.[plots]'")
     benchmark.run(args.what, args.config, args.overrides, quick=args.quick, runs=args.runs,
-                  results=args.results, plots=args.plots, cache=args.cache)
+                  results=args.results, plots=args.plots, cache=args.cache, workdir=args.workdir)
 
 
 def cmd_train(args):
@@ -249,14 +258,14 @@ def cmd_predict(args):
     from centermask_tf.workdir import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
-    check_tiling(args.tile, args.tile_overlap, config.model.input_size)
+    check_tiling(args.tile, args.tile_overlap, config.model.input_size, ("--tile", "--tile-overlap"))
     files = input_files(args.input, args.recursive)
     score = best_f1_threshold(args.workdir) if args.score == "auto" else args.score
     if args.score == "auto":
         print(f"--score auto: {score:.2f}, the best-F1 threshold of {args.workdir}/eval/metrics.json")
     model = config.model
     detector = ImageDetector(_detect_for(args, config, categories), model.input_size, categories, score,
-                             model.max_detections, model.mask_threshold)
+                             model.mask_threshold)
     predictions = predict_files(
         detector, files, args.output, save=args.save, tile=args.tile, tile_overlap=args.tile_overlap,
         max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
@@ -264,7 +273,8 @@ def cmd_predict(args):
         batch_size=args.batch_size,
     )
     skipped = sum("error" in p for p in predictions)
-    wrote = {"overlays": "overlays (*.overlay.png)", "coco": "predictions_coco.json", "masks": "instance masks (masks/)"}
+    wrote = {"overlays": "overlays (*.overlay.png)", "coco": "predictions_coco.json",
+             "masks": "instance masks (masks/)"}
     videos = sum("frames" in p for p in predictions)
     images = len(predictions) - skipped - videos
     done = ([f"{', '.join(wrote[s] for s in args.save)} for {images} images"] if images else []) + (
@@ -470,13 +480,20 @@ def build_parser():
                         help="also write OUTPUT/clip.mp4, shapes moving over FRAMES frames (the video extra)")
     shapes.set_defaults(handler=cmd_make_shapes)
 
+    mosaic = command("mosaic", help="grid x grid mosaics of a split's images, annotations moved along")
+    mosaic.add_argument("--annotations", required=True, type=_path, help="the split's COCO instances JSON")
+    mosaic.add_argument("--images", required=True, type=_path, help="the folder its file names are relative to")
+    mosaic.add_argument("--output", required=True, type=_path, help="writes OUTPUT/val/ and OUTPUT/annotations/")
+    mosaic.add_argument("--grid", type=_number(int, 2), default=4, help="images per mosaic side (default 4)")
+    mosaic.set_defaults(handler=cmd_mosaic)
+
     bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")
     bench.add_argument(
-        "what", choices=["inference", "efficiency", "assembly", "data", "train", "scale", "all"],
+        "what", choices=["inference", "efficiency", "assembly", "data", "train", "scale", "video", "tiling", "all"],
         help="inference: end-to-end latency per format; efficiency: GFLOP/s vs the matmul "
         "ceiling; assembly: mask assembly vs K; data: pipeline vs training step; train: step "
-        "images/s; scale: TFDS build and evaluation on 5,000 COCO-sized images; all: every one "
-        "but scale",
+        "images/s; scale: TFDS build and evaluation on 5,000 COCO-sized images; video: frames/s "
+        "of a 512-px clip; tiling: a 512-px image whole vs tiled; all: every one but scale, video, tiling",
     )
     bench.add_argument("--config", nargs="+", type=_path, help="configs (default: the four COCO/edge configs)")
     _add_set_arg(bench)
@@ -484,6 +501,8 @@ def build_parser():
     bench.add_argument("--runs", type=_number(int, 1), help="timed runs (default 20, 5 with --quick)")
     bench.add_argument("--results", default="benchmarks/results.json", type=_path, help="JSON file appended to")
     bench.add_argument("--plots", action="store_true", help="also draw PNG plots next to --results (matplotlib)")
+    bench.add_argument("--workdir", type=_path,
+                       help="video, tiling: a trained workdir of the config (default: random weights)")
     bench.add_argument("--cache", type=_path, help="scale: where the generated set is kept between runs (~/.cache/centermask_tf)")
     bench.set_defaults(handler=cmd_benchmark)
     return parser

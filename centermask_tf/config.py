@@ -328,6 +328,10 @@ class EvalConfig:
         flip_test: average the head outputs over each image and its mirror image before
             decoding (CenterNet's flip test): about 2x the network cost. Also applies to
             `predict`, `detect` and exports.
+        tile: evaluate images larger than this many pixels in overlapping tiles of this size
+            (at least model.input_size), detections merged across seams, as `predict --tile`;
+            null (default): each image shrunk whole into the input.
+        tile_overlap: overlap of neighbouring tiles, as a fraction of the tile.
     """
 
     batch_size: int = _bounded(8, low=1)
@@ -335,6 +339,8 @@ class EvalConfig:
     max_images: Optional[int] = _bounded(None, low=1)
     backend: str = _choice("pycocotools", ("pycocotools", "faster_coco_eval"))
     flip_test: bool = False
+    tile: Optional[int] = _bounded(None, low=1)
+    tile_overlap: float = _bounded(0.25, low=0, high=0.9)
 
 
 @dataclass

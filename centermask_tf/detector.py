@@ -175,7 +175,7 @@ class CenterMask(keras.Model):
         """This model as an `inference.ImageDetector` (images and streams of them -> `Results`)."""
         model = self.config.model
         return ImageDetector(self.detect_canvases, self.input_size, self.categories, model.score_threshold,
-                             model.max_detections, model.mask_threshold)
+                             model.mask_threshold)
 
     # === Saving and loading ===
 

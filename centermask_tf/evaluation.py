@@ -23,10 +23,12 @@ from tqdm import tqdm
 from centermask_tf import diagnostics
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations
-from centermask_tf.data.pipeline import eval_dataset
+from centermask_tf.data.pipeline import decode_example, eval_dataset
 from centermask_tf.errors import MissingError
 from centermask_tf.files import write_json
+from centermask_tf.inference import ImageDetector
 from centermask_tf.postprocess import coco_results, to_original_image
+from centermask_tf.tiling import check_tiling
 from centermask_tf.timing import Stopwatch
 
 logger = logging.getLogger("centermask_tf.evaluation")
@@ -191,36 +193,18 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
     """
     if "val" not in builder.info.splits:
         raise ConfigError("Evaluation needs data.val.annotations and data.val.images in the config.")
-    dataset = eval_dataset(
-        builder, input_size=config.model.input_size, batch_size=config.eval.batch_size, max_images=max_images
-    )
+    check_tiling(config.eval.tile, config.eval.tile_overlap, config.model.input_size,
+                 ("eval.tile", "eval.tile_overlap"))
     total = builder.info.splits["val"].num_examples
     if max_images:
         total = min(total, max_images)
-    category_ids = [c["id"] for c in builder.info.metadata["categories"]]
-    detections, image_ids, annotation_ids = [], [], []
     timer = timer or Stopwatch()
-    batches = iter(dataset)
     # disable=None: no bar when stderr is not a terminal (a log file would get one per update).
     with tqdm(total=total, desc="evaluate", unit="img", leave=False, disable=None) as progress:
-        while True:
-            with timer("input"):
-                images, info = next(batches, (None, None))
-                if images is None:
-                    break
-                info = {k: v.flat_values.numpy() if k == "annotation_ids" else v.numpy() for k, v in info.items()}
-            with timer("detect"):
-                batch = {k: np.asarray(v) for k, v in detect(images).items()}
-            for i, image_id in enumerate(info["image_id"]):
-                with timer("paste"):
-                    result = to_original_image(
-                        batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold
-                    )
-                with timer("encode"):
-                    detections.extend(coco_results(image_id, result, category_ids))
-                image_ids.append(int(image_id))
-            annotation_ids.extend(info["annotation_ids"].tolist())
-            progress.update(len(images))
+        if config.eval.tile:
+            detections, image_ids, annotation_ids = _tiled_detections(detect, builder, config, max_images, progress)
+        else:
+            detections, image_ids, annotation_ids = _detections(detect, builder, config, max_images, timer, progress)
     metrics = coco_metrics(
         builder.builder_config.splits["val"][0], detections, image_ids, config.eval.backend, annotation_ids, timer,
         plots_dir=os.path.join(output_dir, "plots") if output_dir else None,
@@ -231,3 +215,58 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
     return metrics
 
 
+def _detections(detect, builder, config, max_images, timer, progress):
+    """COCO results of whole letterboxed images, with the image and annotation ids seen."""
+    dataset = eval_dataset(
+        builder, input_size=config.model.input_size, batch_size=config.eval.batch_size, max_images=max_images
+    )
+    category_ids = [c["id"] for c in builder.info.metadata["categories"]]
+    detections, image_ids, annotation_ids = [], [], []
+    batches = iter(dataset)
+    while True:
+        with timer("input"):
+            images, info = next(batches, (None, None))
+            if images is None:
+                break
+            info = {k: v.flat_values.numpy() if k == "annotation_ids" else v.numpy() for k, v in info.items()}
+        with timer("detect"):
+            batch = {k: np.asarray(v) for k, v in detect(images).items()}
+        for i, image_id in enumerate(info["image_id"]):
+            with timer("paste"):
+                result = to_original_image(
+                    batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold
+                )
+            with timer("encode"):
+                detections.extend(coco_results(image_id, result, category_ids))
+            image_ids.append(int(image_id))
+        annotation_ids.extend(info["annotation_ids"].tolist())
+        progress.update(len(images))
+    return detections, image_ids, annotation_ids
+
+
+def _tiled_detections(detect, builder, config, max_images, progress):
+    """COCO results of the validation images cut into `eval.tile` tiles (`inference`), with
+    the image and annotation ids seen. Detections whose mask came out empty are left out, as in
+    `Results.to_coco`."""
+    model = config.model
+    detector = ImageDetector(detect, model.input_size, builder.info.metadata["categories"], 0.0, model.mask_threshold)
+    dataset = builder.as_dataset(split="val", shuffle_files=False)
+    if max_images:
+        dataset = dataset.take(max_images)
+    dataset = dataset.map(lambda ex: (decode_example(ex, max_objects=0)["image"], ex["image_id"], ex["objects"]["id"]))
+    image_ids, annotation_ids = [], []
+
+    def images():
+        for image, image_id, ids in dataset.as_numpy_iterator():
+            image_ids.append(int(image_id))
+            annotation_ids.extend(ids.tolist())
+            yield None, image
+
+    detections = []
+    results = detector.stream(images(), batch_size=config.eval.batch_size, tile=config.eval.tile,
+                              tile_overlap=config.eval.tile_overlap)
+    for k, result in enumerate(results):
+        for entry in result.to_coco(image_ids[k], segmentation="rle"):
+            detections.append({key: entry[key] for key in ("image_id", "category_id", "bbox", "score", "segmentation")})
+        progress.update(1)
+    return detections, image_ids, annotation_ids

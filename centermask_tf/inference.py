@@ -18,6 +18,7 @@ from centermask_tf.images import letterbox_image, load_image
 from centermask_tf.postprocess import InstanceMask, to_original_image
 from centermask_tf.results import Results
 from centermask_tf.tiling import check_tiling, merge_tiles, tile_windows
+from centermask_tf.video import read_frames
 
 
 def as_image(array):
@@ -58,15 +59,14 @@ class ImageDetector:
         detect_canvases: the network and decoder.
         input_size: N, the network's input side.
         categories: `[{"id", "name"}]` in contiguous-index order.
-        score_threshold, max_detections, mask_threshold: the defaults (the model config's).
+        score_threshold, mask_threshold: the defaults (the model config's).
     """
 
-    def __init__(self, detect_canvases, input_size, categories, score_threshold, max_detections, mask_threshold):
+    def __init__(self, detect_canvases, input_size, categories, score_threshold, mask_threshold):
         self.detect_canvases = detect_canvases
         self.input_size = int(input_size)
         self.categories = list(categories)
-        self.score_threshold, self.max_detections = score_threshold, max_detections
-        self.mask_threshold = mask_threshold
+        self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
 
     def detect(self, images, score_threshold=None, max_detections=None, batch_size=8, tile=None, tile_overlap=0.25):
         """Detects instances in images in memory or in files.
@@ -75,8 +75,8 @@ class ImageDetector:
             images: one `[H, W, 3]` uint8 array, a file path, or a list of them (sizes may
                 differ). Files are read upright (EXIF orientation applied).
             score_threshold: keep detections scoring at least this (default: the config's).
-            max_detections: keep at most this many per image (at most the config's K per
-                window).
+            max_detections: keep at most this many per image (default: all; the network finds
+                at most the config's K per image, or per tile).
             batch_size: images (or tiles) per network call.
             tile: cut images larger than this many pixels into overlapping tiles of this size
                 (at least the network input) and merge the detections across seams.
@@ -101,8 +101,6 @@ class ImageDetector:
         frames decoded and detected `batch_size` at a time. Each has `frame` (index), `time`
         (seconds) and its frame's pixels (for `plot`); `video.VideoError` says why a file
         cannot be read."""
-        from centermask_tf.video import read_frames
-
         frames = ((os.fspath(path), image, index, time) for index, time, image in read_frames(path))
         return self.stream(frames, score_threshold, max_detections, batch_size, tile, tile_overlap)
 
@@ -111,12 +109,12 @@ class ImageDetector:
         now). An image of None is read from `path`; an image given is kept in its Results for
         `plot`. Two more items (a video frame's index and time) go into the Results."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
-        limit = self.max_detections if max_detections is None else max_detections
         check_argument("score_threshold", threshold, float, 0, 1)
-        check_argument("max_detections", limit, int, 0)
+        if max_detections is not None:
+            check_argument("max_detections", max_detections, int, 0)
         check_argument("batch_size", batch_size, int, 1)
         check_tiling(tile, tile_overlap, self.input_size)
-        return self._stream(items, threshold, limit, batch_size, tile, tile_overlap)
+        return self._stream(items, threshold, max_detections, batch_size, tile, tile_overlap)
 
     def _stream(self, items, threshold, limit, batch_size, tile, tile_overlap):
         pending = []  # (image record, window index, canvas, scale) waiting for a batch
@@ -154,7 +152,7 @@ class ImageDetector:
             record = records.pop(0)
             parts = record["parts"]
             found = parts[0] if len(parts) == 1 else merge_tiles(record["windows"], parts)
-            found = {k: v[:limit] for k, v in found.items() if k != "size"}
+            found = {k: v[:limit] for k, v in found.items() if k != "size"}  # limit None: all
             found["size"] = record["image"].shape[:2]
             frame, time = (record["where"] + [None, None])[:2]
             yield Results.from_detections(

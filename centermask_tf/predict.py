@@ -35,7 +35,7 @@ from centermask_tf.images import (
     ImageError,
     load_image,
 )
-from centermask_tf.video import VideoError
+from centermask_tf.video import VideoError, VideoWriter, video_info
 
 logger = logging.getLogger("centermask_tf.predict")
 PREDICTIONS_COCO = "predictions_coco.json"
@@ -150,8 +150,6 @@ def predict_video(detector, path, target, names, score_threshold=None, tile=None
     "category", "bbox", "score", "area", "polygons"}]}`. Both are written under temporary names
     and renamed when the last frame is done, so a killed run leaves neither half-written.
     Returns the video's `predictions.json` entry."""
-    from centermask_tf.video import VideoWriter, video_info
-
     info = video_info(path)
     overlay, lines = target + ".overlay.mp4", target + ".jsonl"
     bar = tqdm(total=info["frames"] or None, desc=os.path.basename(path), unit="frame", disable=None)
@@ -168,7 +166,8 @@ def predict_video(detector, path, target, names, score_threshold=None, tile=None
                      "score": a["score"], "area": a["area"], "polygons": a["segmentation"]}
                     for a in result.to_coco()
                 ]
-                out.write(json.dumps({"frame": result.frame, "time": round(result.time, 4), "detections": detections}) + "\n")
+                line = {"frame": result.frame, "time": round(result.time, 4), "detections": detections}
+                out.write(json.dumps(line) + "\n")
                 done += 1
                 bar.update(1)
                 if bar.disable and done % 100 == 0:

@@ -2,12 +2,22 @@
 detections of neighbouring tiles merged where they overlap.
 
 Shrinking a 512-px image of 20-px objects into a 128-px input leaves 5-px objects, which the
-network cannot find; cut into 128-px tiles each object keeps its size. An object cut by a seam
-appears in two (or four) tiles, whole in one and cut in another, or cut in both. Two detections
-of neighbouring tiles are one object when they have the same class and their masks agree inside
-the band both tiles see (IoU of the masks restricted to that band): a cut half and the whole
-object agree there, and so do two halves, while two neighbouring objects do not. Merged
-detections unite their masks and boxes and keep the highest score.
+network cannot find; cut into 128-px tiles each object keeps its size. An object near a seam
+appears in two (or four) tiles, whole in one and cut in another, or cut in all. Three steps make
+it one detection:
+
+1. Each tile owns its core, the part of it nearer its centre than any neighbour's: a detection
+   is kept only by the tile owning its box's centre. An object no larger than the overlap lies
+   whole in the tile owning its centre, so its cut views elsewhere are dropped here.
+2. Two kept detections of neighbouring tiles are one object when they have the same class and
+   their masks agree inside the band both tiles see (IoU >= 0.5 of the masks restricted to
+   that band): two halves of an object larger than the overlap agree there, while two
+   neighbouring objects do not.
+3. A merged object takes the mask and box of a view that no seam cuts when there is one, else
+   the union of its views' masks and boxes; its score is the highest.
+
+On the demo model's 4x4 mosaics (docs/experiments.md) these steps raised segm AP from 0.457
+(merging every pair of views, masks united) to 0.488 at overlap 0.25 and 0.504 at 0.5.
 """
 
 import numpy as np
@@ -20,18 +30,18 @@ MERGE_IOU = 0.5
 MAX_OVERLAP = 0.9
 
 
-def check_tiling(tile, overlap, input_size):
+def check_tiling(tile, overlap, input_size, names=("tile", "tile_overlap")):
     """Refuses a tile smaller than the network input (it would be upscaled: no gain, more tiles)
-    or an overlap outside [0, 0.9]."""
+    or an overlap outside [0, 0.9]; `names` are what the user set them as."""
     if tile is None:
         return
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < input_size:
         raise UserError(
-            f"tile={tile!r}: a tile must be an integer of at least the network input "
+            f"{names[0]}={tile!r}: a tile must be an integer of at least the network input "
             f"(model.input_size={input_size}) pixels; smaller tiles would only be upscaled."
         )
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= MAX_OVERLAP:
-        raise UserError(f"tile_overlap={overlap!r}: the overlap is a fraction of the tile in [0, {MAX_OVERLAP}].")
+        raise UserError(f"{names[1]}={overlap!r}: the overlap is a fraction of the tile in [0, {MAX_OVERLAP}].")
 
 
 def _starts(length, tile, stride):
@@ -94,11 +104,42 @@ def _find(parent, i):
     return i
 
 
+def _cores(windows):
+    """Each window's core `(y0, y1, x0, x1)`: the part nearer its own centre than any
+    neighbour's, bounded at the middle of each overlap (or the image's edge). Cores tile the
+    image without overlapping."""
+    def bounds(starts, start, size, total):
+        i = starts.index(start)
+        low = 0 if i == 0 else (start + starts[i - 1] + size) / 2
+        high = total if i == len(starts) - 1 else (start + size + starts[i + 1]) / 2
+        return low, high
+
+    height = max(w[0] + w[2] for w in windows)
+    width = max(w[1] + w[3] for w in windows)
+    tops, lefts = sorted({w[0] for w in windows}), sorted({w[1] for w in windows})
+    return [(*bounds(tops, top, h, height), *bounds(lefts, left, w, width)) for top, left, h, w in windows]
+
+
+def _whole(boxes, tile_of, windows, margin=1.0):
+    """Whether each detection's box (ymin, xmin, ymax, xmax) stays `margin` pixels clear of
+    every edge its window (`windows[tile_of]`) shares with another window (edges on the image's
+    border are fine)."""
+    height = max(w[0] + w[2] for w in windows)
+    width = max(w[1] + w[3] for w in windows)
+    clear = []
+    for box, t in zip(boxes, tile_of):
+        top, left, h, w = windows[t]
+        cut = ((top > 0 and box[0] <= top + margin) or (left > 0 and box[1] <= left + margin)
+               or (top + h < height and box[2] >= top + h - margin) or (left + w < width and box[3] >= left + w - margin))
+        clear.append(not cut)
+    return np.array(clear, bool)
+
+
 def merge_tiles(windows, parts):
     """The detections of every tile of one image, each object once.
 
     Args:
-        windows: the tiles' `(top, left, height, width)`.
+        windows: the tiles' `(top, left, height, width)`, a grid as `tile_windows` makes it.
         parts: per tile, `to_original_image`'s dict in image coordinates (boxes ymin-first,
             `InstanceMask`s placed in the image).
 
@@ -107,9 +148,15 @@ def merge_tiles(windows, parts):
     """
     tile_of = np.concatenate([np.full(len(p["scores"]), t) for t, p in enumerate(parts)]).astype(int)
     boxes = np.concatenate([np.asarray(p["boxes"], np.float32).reshape(-1, 4) for p in parts])
-    scores = np.concatenate([np.asarray(p["scores"], np.float32) for p in parts])
-    classes = np.concatenate([np.asarray(p["classes"], np.int64) for p in parts])
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    cores = np.array(_cores(windows), np.float32).reshape(-1, 4)[tile_of]
+    owned = np.flatnonzero((centres[:, 0] >= cores[:, 0]) & (centres[:, 0] < cores[:, 1])
+                           & (centres[:, 1] >= cores[:, 2]) & (centres[:, 1] < cores[:, 3]))
+    tile_of, boxes = tile_of[owned], boxes[owned]
+    scores = np.concatenate([np.asarray(p["scores"], np.float32) for p in parts])[owned]
+    classes = np.concatenate([np.asarray(p["classes"], np.int64) for p in parts])[owned]
     masks = [m for p in parts for m in p["masks"]]
+    masks = [masks[i] for i in owned]
     parent = list(range(len(scores)))
     for a in range(len(windows)):
         for b in range(a + 1, len(windows)):
@@ -132,10 +179,13 @@ def merge_tiles(windows, parts):
     groups = {}
     for i in range(len(scores)):
         groups.setdefault(_find(parent, i), []).append(i)
-    members = sorted(groups.values(), key=lambda g: -scores[g].max())
+    groups = sorted(groups.values(), key=lambda g: -scores[g].max())
+    # A tile that saw the object whole has its mask and box; views cut by seams are united.
+    whole = _whole(boxes, tile_of, windows)
+    views = [[max((i for i in g if whole[i]), key=lambda i: scores[i])] if whole[g].any() else g for g in groups]
     return {
-        "boxes": np.array([[*boxes[g, :2].min(0), *boxes[g, 2:].max(0)] for g in members], np.float32).reshape(-1, 4),
-        "scores": np.array([scores[g].max() for g in members], np.float32),
-        "classes": np.array([classes[g[0]] for g in members], np.int64),
-        "masks": [masks[g[0]] if len(g) == 1 else union_masks([masks[i] for i in g]) for g in members],
+        "boxes": np.array([[*boxes[v, :2].min(0), *boxes[v, 2:].max(0)] for v in views], np.float32).reshape(-1, 4),
+        "scores": np.array([scores[g].max() for g in groups], np.float32),
+        "classes": np.array([classes[g[0]] for g in groups], np.int64),
+        "masks": [masks[v[0]] if len(v) == 1 else union_masks([masks[i] for i in v]) for v in views],
     }

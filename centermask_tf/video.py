@@ -102,7 +102,8 @@ class VideoWriter:
 
     def __init__(self, path, fps=DEFAULT_FPS, crf=23):
         self.path = os.fspath(path)
-        self.tmp = os.path.join(os.path.dirname(os.path.abspath(self.path)), f".tmp-{os.getpid()}-{os.path.basename(self.path)}")
+        folder, name = os.path.split(os.path.abspath(self.path))
+        self.tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
         self.fps = fractions.Fraction(fps).limit_denominator(1001)
         self.crf = crf
         self.container = self.stream = None

@@ -151,12 +151,12 @@ def found_of(masks, scores, classes):
 
 
 def test_a_seam_straddling_object_is_merged_and_its_neighbour_is_not():
-    windows = [(0, 0, 100, 100), (0, 60, 100, 100)]  # a 40-px band: x 60..100
+    windows = [(0, 0, 100, 100), (0, 60, 100, 100)]  # a 40-px band: x 60..100; cores split at 80
     disc = np.zeros((100, 160), bool)
     yy, xx = np.mgrid[:100, :160]
     disc[(yy - 50) ** 2 + (xx - 80) ** 2 <= 30 ** 2] = True  # straddles both tiles' edges
     twin = np.zeros((100, 160), bool)
-    twin[5:15, 62:72] = True   # a small square inside the band, seen whole by both tiles
+    twin[5:15, 62:72] = True   # a small square inside the band, seen whole by both tiles; tile 1 owns it
     other = np.zeros((100, 160), bool)
     other[85:95, 75:90] = True  # same class, overlaps the band, seen by tile 2 only
     left, right = disc.copy(), disc.copy()
@@ -165,13 +165,24 @@ def test_a_seam_straddling_object_is_merged_and_its_neighbour_is_not():
     parts = [found_of([crop_of(left), crop_of(twin)], [0.7, 0.5], [0, 0]),
              found_of([crop_of(right), crop_of(twin), crop_of(other)], [0.8, 0.6, 0.4], [0, 0, 0])]
     merged = merge_tiles(windows, parts)
-    np.testing.assert_allclose(merged["scores"], [0.8, 0.6, 0.4])  # max of each group, sorted
+    np.testing.assert_allclose(merged["scores"], [0.8, 0.5, 0.4])  # the disc's best half; the twin's owner
     whole = Results.from_detections({**merged, "size": (100, 160)}, CATEGORIES)
     np.testing.assert_array_equal(whole.masks, np.stack([disc, twin, other]))
     np.testing.assert_array_equal(whole.boxes[0], [50, 20, 111, 81])
     # Another class in the same place is another object.
     parts[1]["classes"] = np.array([1, 0, 0])
     assert len(merge_tiles(windows, parts)["scores"]) == 4
+    # A view that no seam cuts wins over the union: tile 2 sees the object whole (x 66..96,
+    # centre 81: its own); tile 1's view runs into its edge at 100 and too far left (58..100,
+    # centre 79: its own too), an error a union would keep.
+    small, wrong = np.zeros((2, 100, 160), bool)
+    small[35:65, 66:96] = True
+    wrong[35:65, 58:100] = True
+    parts = [found_of([crop_of(wrong)], [0.9], [0]), found_of([crop_of(small)], [0.7], [0])]
+    merged = merge_tiles(windows, parts)
+    assert len(merged["masks"]) == 1 and merged["scores"][0] == np.float32(0.9)
+    np.testing.assert_array_equal(Results.from_detections({**merged, "size": (100, 160)}, CATEGORIES).masks[0], small)
+    np.testing.assert_array_equal(merged["boxes"][0], [35, 66, 65, 96])
 
 
 def red_detector(input_size=64, cells=8):
@@ -196,7 +207,7 @@ def red_detector(input_size=64, cells=8):
             out["scores"][i, 0], out["num_detections"][i] = 0.9, 1
         return out
 
-    return ImageDetector(detect_canvases, input_size, CATEGORIES[:1], 0.3, 10, 0.5)
+    return ImageDetector(detect_canvases, input_size, CATEGORIES[:1], 0.3, 0.5)
 
 
 def test_tiled_detection_finds_one_object_across_a_seam_and_keeps_image_pixels():

@@ -61,7 +61,8 @@ def test_predict_writes_an_overlay_mp4_and_json_lines_and_skips_bad_videos(clip,
         writer.write(np.zeros((8, 8, 3), np.uint8))
     os.truncate(folder / "empty.mp4", 0)  # an empty file, named like a video
     out = tmp_path / "out"
-    assert main(["predict", "--workdir", str(workdir), "--input", str(folder), "--output", str(out), "--score", "0.05"]) == 0
+    args = ["predict", "--workdir", str(workdir), "--input", str(folder), "--output", str(out), "--score", "0.05"]
+    assert main(args) == 0
     assert "an overlay .mp4 and a .jsonl of detections per frame for 1 videos" in capsys.readouterr().out
     predictions = {os.path.basename(p["file"]): p for p in json.loads((out / "predictions.json").read_text())}
     assert "is not a readable video" in predictions["noise.mp4"]["error"]

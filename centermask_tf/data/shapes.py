@@ -31,6 +31,7 @@ from tqdm import tqdm
 from centermask_tf.data.coco import uncompressed_counts
 from centermask_tf.errors import UserError
 from centermask_tf.files import write_json
+from centermask_tf.video import VideoWriter
 
 # Every shape the generator draws, with its fixed category id; a set holds `CATEGORIES` unless
 # `--classes` picks others (a set of other classes, to fine-tune a model of these onto).
@@ -322,8 +323,6 @@ def make_clip(path, frames=30, size=(96, 128), fps=10, seed=0, categories=CATEGO
     """A video of shapes gliding over a textured background (`video.VideoWriter`, H.264): one
     object of each category, each moving in a straight line at its own speed, to try `predict`
     and `detect_video` on. Returns the number of frames written."""
-    from centermask_tf.video import VideoWriter
-
     rng = np.random.default_rng(seed)
     height, width = size
     background, colours = _background(rng, height, width)

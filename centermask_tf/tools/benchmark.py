@@ -23,7 +23,7 @@ from centermask_tf.arch import build_network
 from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
 from centermask_tf.config import load_config
 from centermask_tf.data.service import local_service
-from centermask_tf.data.shapes import make_shapes
+from centermask_tf.data.shapes import make_clip, make_shapes
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.detector import CenterMask
 from centermask_tf.export.serving import (
@@ -33,11 +33,14 @@ from centermask_tf.export.serving import (
     letterbox_with_extents,
 )
 from centermask_tf.export.tflite import export_tflite, representative_dataset
+from centermask_tf.images import load_image
 from centermask_tf.model.assembly import assemble_box_masks
+from centermask_tf.predict import predict_video
 from centermask_tf.timing import block, latency_row, timings
 from centermask_tf.tools.flops import model_flops
 from centermask_tf.tools.scale import SCALE_CACHE, scale
 from centermask_tf.training.setup import config_train_dataset
+from centermask_tf.video import read_frames
 
 RESULTS = os.path.join("benchmarks", "results.json")
 
@@ -309,6 +312,63 @@ def assembly(config, ks=(1, 10, 50, 100, 200), sizes=(64, 128, 256), *, runs=20)
     return rows
 
 
+def _detector(config, workdir):
+    """The workdir's trained detector (detections as a user gets them), else random weights."""
+    if workdir:
+        return CenterMask.from_workdir(workdir)
+    config.model.weights = None
+    return CenterMask(config)
+
+
+def video_throughput(config, *, runs=3, frames=40, size=512, workdir=None):
+    """Frames/s of a generated `size` x `size` H.264 clip: decoding alone, decoding and
+    detecting (`detect_video`), and all of `predict` on a video (decode, detect, draw, polygons,
+    encode the overlay MP4, write the JSON lines). Rows per stage, medians of `runs`."""
+    detector = _detector(config, workdir)
+    image_detector = detector.image_detector()
+    names = {c["id"]: c["name"] for c in detector.categories}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = os.path.join(tmp, "clip.mp4")
+        make_clip(clip, frames, size=(size, size), fps=25)
+        stages = {
+            "decode": lambda: sum(1 for _ in read_frames(clip)),
+            "decode+detect": lambda: sum(1 for _ in image_detector.detect_video(clip, batch_size=8)),
+            "predict (+draw, polygons, encode)": lambda: predict_video(
+                image_detector, clip, os.path.join(tmp, "out"), names, batch_size=8)["frames"],
+        }
+        for stage, call in stages.items():
+            seconds = statistics.median(timings(call, runs, warmup=1))
+            rows.append({"stage": stage, "frames": frames, "size": size, "frames_per_s": frames / seconds})
+            print(f"  {stage:34s} {rows[-1]['frames_per_s']:7.1f} frames/s", flush=True)
+    return rows
+
+
+def tiling_latency(config, *, runs=5, size=512, workdir=None):
+    """ms per `size`-px image (a grid of 16 generated shapes images) shrunk whole into the
+    input, and cut into input-sized tiles at overlaps 0.25 and 0.5 (batches of 8 tiles), with
+    the detections found. Medians of `runs`."""
+    detector = _detector(config, workdir)
+    cell = size // 4
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shapes(tmp, train=0, val=16, seed=0, image_size=cell)
+        folder = os.path.join(tmp, "val")
+        pictures = [load_image(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+    image = np.full((size, size, 3), 114, np.uint8)
+    for k, picture in enumerate(pictures):
+        top, left = (k // 4) * cell, (k % 4) * cell
+        image[top : top + picture.shape[0], left : left + picture.shape[1]] = picture
+    rows = []
+    for tile, overlap in [(None, 0.0), (config.model.input_size, 0.25), (config.model.input_size, 0.5)]:
+        found = []
+        seconds = timings(lambda: found.append(len(detector.detect(image, tile=tile, tile_overlap=overlap)[0])), runs)
+        rows.append({"tile": tile or "whole", "overlap": overlap, "size": size, "ms": 1e3 * statistics.median(seconds),
+                     "detections": found[-1]})
+        print(f"  tile {str(rows[-1]['tile']):6s} overlap {overlap:4.2f}  {rows[-1]['ms']:8.1f} ms  "
+              f"{found[-1]} detections", flush=True)
+    return rows
+
+
 def plot_results(path=RESULTS, output_dir="benchmarks"):
     """Two PNGs from the newest records in `path`: latency per format per config, and assembly
     time vs K. Needs matplotlib (`pip install -e .[plots]`); returns the files written."""
@@ -369,9 +429,11 @@ QUICK_CONFIGS = ("configs/edge_mobilenetv3.yaml", "configs/coco_resnet18.yaml")
 TFLITE_CONFIGS = ("edge_mobilenetv3.yaml", "coco_dla34.yaml")
 
 
-def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RESULTS, plots=False, cache=None):
+def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RESULTS, plots=False, cache=None,
+        workdir=None):
     """`centermask benchmark WHAT`: one benchmark (or `all` but scale) per config; prints tables
-    and appends them to `results`."""
+    and appends them to `results`. `workdir`: trained weights for video and tiling (else random
+    weights, whose detections differ in number)."""
     if what == "scale":
         return _run_scale(configs, overrides, quick, results, cache)
     paths = configs or (QUICK_CONFIGS if quick else BENCHMARK_CONFIGS)
@@ -400,6 +462,12 @@ def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RES
             elif kind == "assembly":
                 rows = assembly(config, runs=runs)
                 columns = ["k", "output", "ms", "us_per_instance"]
+            elif kind == "video":
+                rows = video_throughput(config, runs=min(runs, 3), frames=10 if quick else 40, workdir=workdir)
+                columns = ["stage", "frames", "size", "frames_per_s"]
+            elif kind == "tiling":
+                rows = tiling_latency(config, runs=min(runs, 5), workdir=workdir)
+                columns = ["tile", "overlap", "size", "ms", "detections"]
             else:  # data, train: batch 8 (a CPU step at the configs' 128 takes minutes)
                 config.train.batch_size = 2 if quick else 8
                 if name not in steps:  # one step measurement per config serves both

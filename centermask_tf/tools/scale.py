@@ -19,7 +19,6 @@ from centermask_tf.evaluation import coco_metrics, evaluate_detector
 from centermask_tf.processes import process_pool
 from centermask_tf.timing import Stopwatch, block, peak_rss_mb
 
-
 # Where `benchmark scale` keeps its generated COCO-sized set between runs.
 SCALE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "centermask_tf")
 
