@@ -130,7 +130,8 @@ def _whole(boxes, tile_of, windows, margin=1.0):
     for box, t in zip(boxes, tile_of):
         top, left, h, w = windows[t]
         cut = ((top > 0 and box[0] <= top + margin) or (left > 0 and box[1] <= left + margin)
-               or (top + h < height and box[2] >= top + h - margin) or (left + w < width and box[3] >= left + w - margin))
+               or (top + h < height and box[2] >= top + h - margin)
+               or (left + w < width and box[3] >= left + w - margin))
         clear.append(not cut)
     return np.array(clear, bool)
 

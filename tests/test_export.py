@@ -133,6 +133,37 @@ def test_saved_model_matches_keras(workdir, saved_model, image):
     np.testing.assert_allclose(by_bytes["detection_boxes"], got["detection_boxes"], atol=1e-6)
 
 
+def test_exported_artifacts_return_the_results_of_the_keras_detector(workdir, saved_model, image, tmp_path):
+    """`load_exported` runs a SavedModel or a TFLite file behind `detect`: the same `Results`,
+    tiled too, up to the rounding of the letterboxed image to the artifacts' uint8 input (scores
+    within 3e-3, boxes within 0.5 px, masks of IoU >= 0.9: a briefly trained network puts many
+    mask pixels near the threshold)."""
+    from centermask_tf.export.runtime import load_exported
+
+    root, _, detector = workdir
+    tflite = tmp_path / "model.tflite"
+    assert main(["export", "--workdir", str(root), "--format", "tflite", "--output", str(tflite)]) == 0
+    big = np.concatenate([np.concatenate([image] * 3, axis=1)] * 2)  # 100 x 210: 3 x 2 tiles of 70
+    for artifact in (saved_model, tflite):
+        exported = load_exported(artifact, root)
+        for kwargs in ({}, {"tile": 70}):
+            for want, got in zip(detector.detect([image, big], score_threshold=0.15, **kwargs),
+                                 exported.detect([image, big], score_threshold=0.15, **kwargs)):
+                assert len(want) > 0 and abs(len(got) - len(want)) <= 1  # one may cross the threshold
+                free = set(range(len(got)))
+                for i in range(len(want)):  # near-tied scores may swap places: match by box and class
+                    close = [j for j in free if got.class_ids[j] == want.class_ids[i]
+                             and np.abs(got.boxes[j] - want.boxes[i]).max() <= 0.5]
+                    if not close:
+                        assert want.scores[i] < 0.15 + 3e-3, i  # the one that crossed the threshold
+                        continue
+                    j = min(close, key=lambda j: abs(got.scores[j] - want.scores[i]))
+                    free.remove(j)
+                    assert abs(got.scores[j] - want.scores[i]) <= 3e-3
+                    a, b = got[j].masks[0], want[i].masks[0]
+                    assert (a & b).sum() >= 0.9 * (a | b).sum()
+
+
 def test_saved_model_loads_without_the_package(saved_model, image, tmp_path):
     png = tmp_path / "image.png"
     png.write_bytes(tf.io.encode_png(image).numpy())

@@ -3,6 +3,7 @@ and show exactly what a SavedModel or a `.tflite` file returns.
 
     centermask evaluate --config configs/shapes_tiny.yaml --workdir work/demo --tflite saved_models/shapes_tiny_int8.tflite
     centermask predict --workdir work/demo --saved-model saved_models/shapes_tiny/1 --input IMAGES --output DIR
+    load_exported("saved_models/shapes_tiny/1", "work/demo").detect(images)   # -> Results
 
 A detector takes letterboxed images `[B, N, N, 3]` (float, 0..255) and returns what
 `CenterMask.detect_canvases` returns: `boxes` in input pixels, `scores`, contiguous `classes`,
@@ -20,6 +21,8 @@ import tensorflow as tf
 from centermask_tf.errors import MissingError, UserError
 from centermask_tf.export.serving import CATEGORIES_FILE
 from centermask_tf.export.tflite import as_uint8, tflite_categories
+from centermask_tf.inference import ImageDetector
+from centermask_tf.workdir import load_workdir
 
 logger = logging.getLogger("centermask_tf.export")
 
@@ -127,3 +130,19 @@ def tflite_detector(path, input_size, categories):
         return _from_exported(stacked, input_size, category_ids)
 
     return detect
+
+
+def load_exported(path, workdir, overrides=()):
+    """An exported SavedModel version folder or `.tflite` file as an `inference.ImageDetector`:
+    `detect(images, tile=...)` and `detect_video(path)` return `Results`, as the Keras model's do.
+    `workdir` (the run it was exported from) gives the input size, thresholds and categories,
+    and the artifact's own category list is checked against them.
+
+        detector = load_exported("saved_models/shapes_tiny/1", "work/demo")
+        (result,) = detector.detect("work/shapes/val/100001.jpg")
+    """
+    config, categories = load_workdir(workdir, overrides)
+    model = config.model
+    make = tflite_detector if os.path.isfile(path) else saved_model_detector
+    return ImageDetector(make(os.fspath(path), model.input_size, categories), model.input_size, categories,
+                         model.score_threshold, model.mask_threshold)
