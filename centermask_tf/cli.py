@@ -5,7 +5,8 @@
     centermask train    --config configs/shapes_tiny.yaml --workdir work/demo [--set key=value ...]
     centermask evaluate --config configs/shapes_tiny.yaml --workdir work/demo
                         [--weights FILE | --saved-model DIR | --tflite FILE]
-    centermask predict  --workdir work/demo --input IMAGE_OR_DIR --output DIR [--score 0.3]
+    centermask predict  --workdir work/demo --input PATH_DIR_OR_GLOB... --output DIR [--score 0.3]
+                        [--save overlays,coco,masks] [--tile 512] [--recursive]
                         [--weights FILE | --saved-model DIR | --tflite FILE]
     centermask export   --workdir work/demo --format saved_model|tflite --output PATH
                         [--quantize none|fp16|int8]

@@ -100,7 +100,7 @@ def predict_files(detector, files, output, score_threshold=None, save=("overlays
             remove_stale_temporaries(where)  # outputs half-written by a killed run
     names = {int(c["id"]): c["name"] for c in detector.categories}
     entries = [None] * len(files)
-    videos = [i for i, f in enumerate(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
+    videos = {i for i, f in enumerate(files) if f.lower().endswith(VIDEO_EXTENSIONS)}
     loaded = collections.deque()  # indices of the files handed to the detector, in order
     progress = _Progress(len(files) - len(videos))
     batch_size = batch_size or (8 if tile else 1)
@@ -131,7 +131,7 @@ def predict_files(detector, files, output, score_threshold=None, save=("overlays
             annotations.extend(result.to_coco(image_id, len(annotations) + 1))
         progress.update()
     progress.close()
-    for index in videos:
+    for index in sorted(videos):
         try:
             entries[index] = predict_video(detector, files[index], os.path.join(output, relative[index]), names,
                                            score_threshold, tile, tile_overlap, batch_size)
