@@ -135,6 +135,17 @@ def test_tile_windows_cover_the_image_with_the_requested_overlap():
     assert tile_windows(300, 520) == [(0, 0, 300, 520)]       # no tile: the whole image
 
 
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.6, 0.9])
+def test_overlapping_tiles_are_found_among_neighbours_as_among_all_pairs(overlap):
+    from centermask_tf.tiling import _intersection, _overlapping_pairs
+
+    windows = tile_windows(700, 1000, 128, overlap)
+    every = {(a, b) for a in range(len(windows)) for b in range(a + 1, len(windows))
+             if _intersection(windows[a], windows[b]) is not None}
+    found = [(a, b) for a, b, _ in _overlapping_pairs(windows)]
+    assert len(found) == len(set(found)) and set(found) == every and every
+
+
 @pytest.mark.parametrize("tile, overlap, message", [
     (64, 0.25, "at least the network input"), (128.0, 0.25, "an integer"), (128, 0.95, r"in \[0, 0.9\]"),
     (128, -0.1, r"in \[0, 0.9\]"),
