@@ -51,18 +51,19 @@ def _relative_names(files):
 
 
 class _Progress:
-    """A tqdm bar with images/s on a terminal; in a log file, one line every `every` images."""
+    """A tqdm bar with the rate on a terminal; in a log file, one line every `every` items."""
 
-    def __init__(self, total, every=50):
-        self.bar = tqdm(total=total, desc="predict", unit="img", disable=None)
-        self.total, self.every, self.done, self.start = total, every, 0, time.monotonic()
+    def __init__(self, total, desc="predict", unit="images", every=50):
+        self.bar = tqdm(total=total or None, desc=desc, unit=unit, disable=None)
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.start = 0, time.monotonic()
 
     def update(self):
         self.done += 1
         self.bar.update(1)
         if self.bar.disable and (self.done % self.every == 0 or self.done == self.total):
             rate = self.done / max(time.monotonic() - self.start, 1e-9)
-            logger.info("predict: %d/%d images, %.1f img/s", self.done, self.total, rate)
+            logger.info("%s: %d/%s %s, %.1f %s/s", self.desc, self.done, self.total or "?", self.unit, rate, self.unit)
 
     def close(self):
         self.bar.close()
@@ -152,33 +153,35 @@ def predict_video(detector, path, target, names, score_threshold=None, tile=None
     Returns the video's `predictions.json` entry."""
     info = video_info(path)
     overlay, lines = target + ".overlay.mp4", target + ".jsonl"
-    bar = tqdm(total=info["frames"] or None, desc=os.path.basename(path), unit="frame", disable=None)
-    start, done = time.monotonic(), 0
+    progress = _Progress(info["frames"], path, "frames", every=100)
 
     def write(tmp):
-        nonlocal done
         with open(tmp, "w", encoding="utf-8") as out, VideoWriter(overlay, info["fps"]) as video:
             results = detector.detect_video(path, score_threshold, None, batch_size, tile, tile_overlap)
             for result in results:
                 video.write(result.plot())
-                detections = [
-                    {"category_id": a["category_id"], "category": names[a["category_id"]], "bbox": a["bbox"],
-                     "score": a["score"], "area": a["area"], "polygons": a["segmentation"]}
-                    for a in result.to_coco()
-                ]
+                detections = _detections(result, names, "polygons")
                 line = {"frame": result.frame, "time": round(result.time, 4), "detections": detections}
                 out.write(json.dumps(line) + "\n")
-                done += 1
-                bar.update(1)
-                if bar.disable and done % 100 == 0:
-                    logger.info("%s: %d frames, %.1f frames/s", path, done, done / (time.monotonic() - start))
+                progress.update()
 
     try:
         atomic_write(lines, write, "video")
     finally:
-        bar.close()
-    logger.info("%s: %d frames in %.1f s", path, done, time.monotonic() - start)
-    return {"file": path, "overlay": overlay, "frames_jsonl": lines, "frames": done}
+        progress.close()
+    logger.info("%s: %d frames in %.1f s", path, progress.done, time.monotonic() - progress.start)
+    return {"file": path, "overlay": overlay, "frames_jsonl": lines, "frames": progress.done}
+
+
+def _detections(result, names, segmentation):
+    """One image's detections as `predictions.json` and the JSON lines list them: the COCO
+    fields plus the category name, masks as "rle" (key `segmentation`) or "polygons"."""
+    key = "segmentation" if segmentation == "rle" else "polygons"
+    return [
+        {"category_id": a["category_id"], "category": names[a["category_id"]], "bbox": a["bbox"],
+         "score": a["score"], "area": a["area"], key: a["segmentation"]}
+        for a in result.to_coco(segmentation=segmentation)
+    ]
 
 
 def _save(result, target, save, names):
@@ -196,9 +199,5 @@ def _save(result, target, save, names):
             png = Image.fromarray(mask.full(*result.size) * np.uint8(255))
             path = os.path.join(folder, f"{os.path.basename(target)}.mask{k:03d}.png")
             entry["masks"].append(atomic_write(path, lambda tmp, png=png: png.save(tmp, format="PNG"), "mask"))
-    entry["detections"] = [
-        {"category_id": a["category_id"], "category": names[a["category_id"]], "bbox": a["bbox"],
-         "score": a["score"], "area": a["area"], "segmentation": a["segmentation"]}
-        for a in result.to_coco(segmentation="rle")
-    ]
+    entry["detections"] = _detections(result, names, "rle")
     return entry
