@@ -197,8 +197,17 @@ class DataConfig:
         deterministic: keep element order fixed (slower; for reproducible runs).
         shuffle_buffer: shuffle buffer size in images.
         scale_range: random scale augmentation (min, max).
+        large_scale_jitter: probability that an image's scale factor is drawn from 0.1-2.0
+            (Ghiasi et al.'s large-scale jitter) instead of `scale_range` (0 disables).
         flip: random horizontal flip.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables).
+        mosaic: probability that a training image is replaced by a mosaic of it and the next
+            three (the canvas split at a random centre, a corner of each in a quadrant; 0
+            disables).
+        copy_paste: probability that a random half of the objects of its neighbour in the
+            stream is pasted onto a training image (Ghiasi et al., CVPR 2021); covered objects
+            lose the covered pixels, and are dropped when less than a quarter stays visible
+            (0 disables).
         service: "grpc://host:port" of a tf.data service dispatcher (`centermask data-service`):
             the training pipeline's decoding, augmentation and target encoding run on its
             workers and training only reads batches. null (default) runs them in-process.
@@ -217,8 +226,11 @@ class DataConfig:
     deterministic: bool = False
     shuffle_buffer: int = _bounded(512, low=1)
     scale_range: list[float] = field(default_factory=lambda: [0.6, 1.3])
+    large_scale_jitter: float = _bounded(0.0, low=0, high=1)
     flip: bool = True
     color_jitter: float = _bounded(0.4, low=0, high=1)
+    mosaic: float = _bounded(0.0, low=0, high=1)
+    copy_paste: float = _bounded(0.0, low=0, high=1)
     service: Optional[str] = None
     build_workers: int = _bounded(1, low=1)
     beam_options: list[str] = field(default_factory=list)

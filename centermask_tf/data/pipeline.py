@@ -1,9 +1,10 @@
 """tf.data pipelines over a prepared `CocoFolder` TFDS dataset.
 
-read -> decode (JPEG/PNG/..., grayscale and RGBA -> RGB; RLE masks with `tf.repeat`) ->
-augment (random scale, crop/placement, horizontal flip, colour jitter; boxes and masks move with
-the image; objects cropped away are dropped) -> resample onto the square input canvas ->
-the architecture's target encoder -> batch -> prefetch. Every step is a TF op (no `py_function`) and runs with
+read -> decode (JPEG/PNG/..., grayscale and RGBA -> RGB; RLE masks by cumulative sums) ->
+augment (random scale or large-scale jitter, crop/placement, horizontal flip, colour jitter;
+boxes and masks move with the image; objects cropped away are dropped) -> resample onto the
+square input canvas -> mosaic and copy-paste (`mixing`, optional) -> the architecture's target
+encoder -> batch -> prefetch. Every step is a TF op (no `py_function`) and runs with
 `AUTOTUNE` parallelism. Random draws are stateless, seeded by (seed, element index), so
 `data.deterministic: true` reproduces the same batches run after run.
 
@@ -16,7 +17,12 @@ pixel; the image sits at the canvas's top-left corner).
 import tensorflow as tf
 
 from centermask_tf.data.instances import target_instances
+from centermask_tf.data.mixing import mix_groups
 from centermask_tf.data.service import wait_reachable
+
+# Large-scale jitter (Ghiasi et al., CVPR 2021): the image's scale factor drawn from 0.1-2.0
+# instead of `data.scale_range`, then cropped or padded onto the canvas like any scale.
+LARGE_SCALE_JITTER = (0.1, 2.0)
 
 
 def decode_rle(counts, runs, height, width):
@@ -158,13 +164,17 @@ def augment(sample, size, data_config, seed):
     Args:
         sample: a `decode_example` dict.
         size: canvas side N.
-        data_config: a `DataConfig` (scale_range, flip, color_jitter).
+        data_config: a `DataConfig` (scale_range, large_scale_jitter, flip, color_jitter).
         seed: `[2]` int seed of this element (stateless random ops).
     """
-    seeds = tf.random.experimental.stateless_split(seed, 4)
+    seeds = tf.random.experimental.stateless_split(seed, 6)
     original = tf.cast(sample["original_size"], tf.float32)
     low, high = data_config.scale_range
-    scale = size / tf.reduce_max(original) * tf.random.stateless_uniform([], seeds[0], low, high)
+    factor = tf.random.stateless_uniform([], seeds[0], low, high)
+    if data_config.large_scale_jitter > 0:
+        jitter = tf.random.stateless_uniform([], seeds[4], *LARGE_SCALE_JITTER)
+        factor = tf.where(tf.random.stateless_uniform([], seeds[5]) < data_config.large_scale_jitter, jitter, factor)
+    scale = size / tf.reduce_max(original) * factor
     free = size - original * scale  # < 0: the image is larger than the canvas -> random crop
     offset = tf.random.stateless_uniform([2], seeds[1]) * free
     flip = tf.random.stateless_uniform([], seeds[2]) < 0.5 if data_config.flip else None
@@ -202,6 +212,10 @@ def letterbox_images(images, size):
     return canvases, scale
 
 
+# What the augmentation stages pass on (`mixing` adds the element's seed).
+CANVAS_KEYS = ("image", "boxes", "classes", "is_crowd", "masks", "surplus")
+
+
 def _options(deterministic):
     options = tf.data.Options()
     options.deterministic = deterministic
@@ -227,16 +241,22 @@ def train_dataset(builder, data_config, *, input_size, batch_size, encode, seed=
 
     def prepare(index, example):
         sample = decode_example(example, data_config.max_instances)
-        sample = augment(sample, input_size, data_config, tf.stack([seed, index]))
+        element_seed = tf.stack([seed, index])
+        sample = augment(sample, input_size, data_config, element_seed)
+        return {key: sample[key] for key in CANVAS_KEYS} | {"seed": element_seed}
+
+    def encode_sample(sample):
         targets = encode(sample["boxes"], sample["classes"], sample["masks"], sample["is_crowd"])
         targets["dropped"] += sample["surplus"]
         return sample["image"], targets
 
-    dataset = dataset.enumerate().map(
-        lambda i, ex: prepare(tf.cast(i, tf.int32), ex),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic,
-    )
+    parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.enumerate().map(lambda i, ex: prepare(tf.cast(i, tf.int32), ex), **parallel)
+    # Mosaic, then copy-paste onto mosaics too (as Ultralytics orders them).
+    for kind in ("mosaic", "copy_paste"):
+        if getattr(data_config, kind) > 0:
+            dataset = mix_groups(dataset, kind, getattr(data_config, kind), deterministic)
+    dataset = dataset.map(encode_sample, **parallel)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if data_config.service:
         dataset = dataset.apply(from_service(data_config.service, deterministic))
