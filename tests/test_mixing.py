@@ -10,8 +10,9 @@ import tensorflow as tf
 from centermask_tf.arch.centernet.targets import encode_targets
 from centermask_tf.config import load_config
 from centermask_tf.data.mixing import MIN_VISIBLE, copy_paste, mosaic, tightened_boxes
-from centermask_tf.data.pipeline import LARGE_SCALE_JITTER, augment, decode_example, train_dataset
+from centermask_tf.data.pipeline import LARGE_SCALE_JITTER, augment, decode_example
 from centermask_tf.data.tfds_builder import prepare_dataset
+from centermask_tf.training.setup import config_train_dataset
 
 N = 64
 
@@ -172,8 +173,6 @@ def test_large_scale_jitter_draws_scales_from_its_range(mixed_config):
 def test_mixed_pipeline_is_deterministic_and_keeps_targets_consistent(mixed_config):
     config = mixed_config
     builder = prepare_dataset(config.data)
-    from centermask_tf.training.setup import config_train_dataset
-
     runs = [list(config_train_dataset(config, builder).take(3)) for _ in range(2)]
     for (images_a, targets_a), (images_b, targets_b) in zip(*runs):
         np.testing.assert_array_equal(images_a.numpy(), images_b.numpy())
