@@ -12,6 +12,8 @@
                         [--quantize none|fp16|int8]
     centermask info     --config configs/coco_resnet18.yaml [--set model.input_size=256]
     centermask benchmark inference|efficiency|assembly|data|train|all [--quick] [--config ...]
+    centermask recipe   --config configs/shapes_tiny.yaml --workdir work/recipe/base
+                        [--sets shapes occluded ...] [--seeds 0 1 2] [--set key=value ...]
 """
 
 import argparse
@@ -306,6 +308,14 @@ def cmd_ablate(args):
     print(f"wrote {folder}/ablation.json, ablation.md and ablation.png")
 
 
+def cmd_recipe(args):
+    """One config on several generated sets and seeds (see centermask_tf/tools/recipe.py)."""
+    from centermask_tf.tools.recipe import SEEDS, SETS, recipe
+
+    recipe(_load(args), args.workdir, args.sets or tuple(SETS), args.seeds or SEEDS, args.data)
+    print(f"wrote {args.workdir}/recipe.json and recipe.md")
+
+
 def cmd_data_service(args):
     """Runs a tf.data service dispatcher or worker until interrupted (see data/service.py)."""
     import socket
@@ -452,6 +462,18 @@ def build_parser():
     _add_set_arg(ablation, "eval.max_images=50")
     ablation.add_argument("--images", type=_number(int, 1), default=4, help="validation images in ablation.png")
     ablation.set_defaults(handler=cmd_ablate)
+
+    protocol = command("recipe", help="train a config on several generated sets x seeds: AP mean, std, range")
+    protocol.add_argument("--config", required=True, type=_path)
+    protocol.add_argument("--workdir", required=True, type=_path,
+                          help="WORKDIR/<set>/seed<k>/ runs, recipe.json, recipe.md")
+    _add_set_arg(protocol)
+    protocol.add_argument("--sets", nargs="+", metavar="SET",
+                          help="of shapes, occluded, large, small, classes (default: all)")
+    protocol.add_argument("--seeds", nargs="+", type=_number(int, 0), help="train.seed values (default: 0 1 2)")
+    protocol.add_argument("--data", default="work/recipe_data", type=_path,
+                          help="where the sets are generated once (default work/recipe_data)")
+    protocol.set_defaults(handler=cmd_recipe)
 
     service = command("data-service", help="run a tf.data service dispatcher or worker (data.service)")
     service.add_argument("role", choices=["dispatcher", "worker"])

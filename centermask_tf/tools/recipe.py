@@ -1,0 +1,120 @@
+"""The recipe protocol: one config trained on several generated sets with several seeds, so that
+a default is chosen from a mean and a spread instead of one run.
+
+    centermask recipe --config configs/shapes_tiny.yaml --workdir work/recipe/base
+    centermask recipe --config configs/shapes_tiny.yaml --workdir work/recipe/cp \\
+        --set data.copy_paste=0.5 --sets shapes occluded --seeds 0 1 2
+
+Each (set, seed) trains into `WORKDIR/<set>/seed<k>` with `train.seed=k` and the set's data, and
+is evaluated at its last epoch (the weights training ended with, not the best checkpoint: the
+best is picked on the same validation split). Its metrics and training wall time are kept in
+`recipe_run.json` there (a resumed run's time is that of its last part); a rerun reuses
+finished runs and resumes killed ones. The sets are
+generated once under `--data` (`SETS`). Writes `WORKDIR/recipe.json` (every run) and
+`recipe.md` (mean ± std and range per set). Figures from a shared machine have a shared clock:
+run nothing else alongside when wall times matter.
+"""
+
+import json
+import os
+import statistics
+import time
+
+from centermask_tf.config import config_from_dict
+from centermask_tf.data.shapes import Layout, make_shapes
+from centermask_tf.data.tfds_builder import prepare_dataset
+from centermask_tf.detector import CenterMask
+from centermask_tf.errors import UserError
+from centermask_tf.evaluation import evaluate_detector
+from centermask_tf.files import write_json, write_text
+from centermask_tf.training.train import train
+from centermask_tf.workdir import Workdir
+
+# name -> (make_shapes arguments, config overrides). 600/100 images of 128 px like the demo's.
+SETS = {
+    # The demo's own set (`make demo` writes the same one to work/shapes).
+    "shapes": ({"seed": 0}, []),
+    # Most objects placed over an earlier one (the paper's occlusion experiment, `make ablation`).
+    "occluded": ({"seed": 1, "occlusion": 0.7}, []),
+    # Objects of 40-90 % of the image side.
+    "large": ({"seed": 2, "layout": Layout(sizes=(0.4, 0.9))}, []),
+    # Many small objects: 5-20 % of the side, log-uniform, 6 per image on average.
+    "small": ({"seed": 3, "layout": Layout(sizes=(0.05, 0.2), log_sizes=True, mean_objects=6.0)}, []),
+    # Four classes whose ids (1, 3, 4, 5) are not contiguous.
+    "classes": ({"seed": 4, "classes": ["circle", "triangle", "star", "hexagon"]}, ["model.num_classes=4"]),
+}
+SEEDS = (0, 1, 2)
+RUN_RECORD = "recipe_run.json"
+
+
+def make_set(data_root, name):
+    """The folder of set `name`, generated on first use (its val annotations are written last)."""
+    folder = os.path.join(data_root, name)
+    if not os.path.exists(os.path.join(folder, "annotations", "instances_val.json")):
+        print(f"writing the {name} set to {folder}")
+        make_shapes(folder, train=600, val=100, **SETS[name][0])
+    return folder
+
+
+def set_config(config, folder, name, seed):
+    return config_from_dict(config.to_dict(), [
+        f"data.train.annotations={folder}/annotations/instances_train.json", f"data.train.images={folder}/train",
+        f"data.val.annotations={folder}/annotations/instances_val.json", f"data.val.images={folder}/val",
+        f"train.seed={seed}", *SETS[name][1],
+    ])
+
+
+def run_one(config, run):
+    """Trains `run` (unless finished), evaluates its last weights; returns its record."""
+    record_path = os.path.join(run, RUN_RECORD)
+    if Workdir(run).finished(config) and os.path.exists(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            return json.load(f)
+    start = time.time()
+    train(config, run)
+    seconds = time.time() - start
+    detector = CenterMask.from_workdir(run, weights=os.path.join(run, "checkpoints", "last.weights.h5"))
+    metrics = evaluate_detector(detector.detect_canvases, prepare_dataset(config.data), config,
+                                os.path.join(run, "eval", "last"))
+    record = {"segm": metrics["segm"]["AP"], "bbox": metrics["bbox"]["AP"], "train_seconds": seconds}
+    write_json(record_path, record)
+    return record
+
+
+def summarise(values):
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recipe_data"):
+    """Trains and evaluates `config` on each set with each seed; returns {set: summary}."""
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown:
+        raise UserError(f"recipe: unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}.")
+    runs, summary = {}, {}
+    for name in sets:
+        folder = make_set(data_root, name)
+        for seed in seeds:
+            run = os.path.join(workdir, name, f"seed{seed}")
+            print(f"[{name} seed {seed}] {run}")
+            runs[f"{name}/seed{seed}"] = run_one(set_config(config, folder, name, seed), run)
+        records = [runs[f"{name}/seed{seed}"] for seed in seeds]
+        summary[name] = {key: summarise([r[key] for r in records]) for key in ("segm", "bbox", "train_seconds")}
+    write_json(os.path.join(workdir, "recipe.json"), {"config": config.to_dict(), "seeds": list(seeds),
+                                                      "runs": runs, "summary": summary})
+    table = recipe_table(summary, len(seeds))
+    write_text(os.path.join(workdir, "recipe.md"), table)
+    print(table)
+    return summary
+
+
+def recipe_table(summary, seeds):
+    lines = [f"| set | segm AP, mean ± std ({seeds} seeds) | range | bbox AP, mean ± std | range | training |",
+             "| --- | --- | --- | --- | --- | ---: |"]
+    for name, s in summary.items():
+        segm, bbox, wall = s["segm"], s["bbox"], s["train_seconds"]
+        lines.append(f"| {name} | {segm['mean']:.3f} ± {segm['std']:.3f} | {segm['min']:.3f}–{segm['max']:.3f} "
+                     f"| {bbox['mean']:.3f} ± {bbox['std']:.3f} | {bbox['min']:.3f}–{bbox['max']:.3f} "
+                     f"| {wall['mean'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
