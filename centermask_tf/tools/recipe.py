@@ -47,12 +47,13 @@ SEEDS = (0, 1, 2)
 RUN_RECORD = "recipe_run.json"
 
 
-def make_set(data_root, name):
-    """The folder of set `name`, generated on first use (its val annotations are written last)."""
+def make_set(data_root, name, images=(600, 100)):
+    """The folder of set `name` with `images` (train, val), generated on first use (its val
+    annotations are written last)."""
     folder = os.path.join(data_root, name)
     if not os.path.exists(os.path.join(folder, "annotations", "instances_val.json")):
         print(f"writing the {name} set to {folder}")
-        make_shapes(folder, train=600, val=100, **SETS[name][0])
+        make_shapes(folder, train=images[0], val=images[1], **SETS[name][0])
     return folder
 
 
@@ -87,14 +88,15 @@ def summarise(values):
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
-def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recipe_data"):
-    """Trains and evaluates `config` on each set with each seed; returns {set: summary}."""
+def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recipe_data", images=(600, 100)):
+    """Trains and evaluates `config` on each set with each seed; returns {set: summary}.
+    `images`: (train, val) images of each generated set."""
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise UserError(f"recipe: unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}.")
     runs, summary = {}, {}
     for name in sets:
-        folder = make_set(data_root, name)
+        folder = make_set(data_root, name, images)
         for seed in seeds:
             run = os.path.join(workdir, name, f"seed{seed}")
             print(f"[{name} seed {seed}] {run}")

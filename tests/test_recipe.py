@@ -1,0 +1,48 @@
+"""`centermask recipe`: runs per set and seed, their summary, and reruns that train nothing."""
+
+import json
+import statistics
+
+import pytest
+
+from centermask_tf.config import load_config
+from centermask_tf.errors import UserError
+from centermask_tf.tools import recipe as recipe_module
+from centermask_tf.workdir import load_workdir
+from tests.conftest import TINY_RUN
+
+
+@pytest.mark.slow
+def test_recipe_trains_each_seed_summarises_and_reuses_finished_runs(tmp_path, monkeypatch):
+    config = load_config("configs/shapes_tiny.yaml", TINY_RUN + [f"data.tfds_data_dir={tmp_path}/tfds"])
+    workdir, data = str(tmp_path / "recipe"), str(tmp_path / "data")
+    kwargs = dict(sets=("classes",), seeds=(0, 3), data_root=data, images=(16, 4))
+    summary = recipe_module.recipe(config, workdir, **kwargs)
+
+    with open(tmp_path / "recipe" / "recipe.json", encoding="utf-8") as f:
+        record = json.load(f)
+    runs = [record["runs"][f"classes/seed{seed}"] for seed in (0, 3)]
+    for key in ("segm", "bbox", "train_seconds"):
+        values = [run[key] for run in runs]
+        assert summary["classes"][key]["mean"] == pytest.approx(statistics.fmean(values))
+        assert summary["classes"][key]["std"] == pytest.approx(statistics.stdev(values))
+        assert summary["classes"][key]["min"] == min(values) and summary["classes"][key]["max"] == max(values)
+    assert all(0.0 <= run["segm"] <= 1.0 and run["train_seconds"] > 0 for run in runs)
+    # Each run trained with its own seed on the set's four non-contiguous categories.
+    for seed in (0, 3):
+        run_config, categories = load_workdir(str(tmp_path / "recipe" / "classes" / f"seed{seed}"))
+        assert run_config.train.seed == seed and run_config.model.num_classes == 4
+        assert [c["id"] for c in categories] == [1, 3, 4, 5]
+    assert "| classes |" in (tmp_path / "recipe" / "recipe.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(recipe_module, "train", no_training)
+    assert recipe_module.recipe(config, workdir, **kwargs) == summary
+
+
+def test_unknown_set_is_refused_with_the_choices(tmp_path):
+    config = load_config("configs/shapes_tiny.yaml", TINY_RUN)
+    with pytest.raises(UserError, match="unknown set.*occludded.*choose from shapes, occluded"):
+        recipe_module.recipe(config, str(tmp_path), sets=("occludded",))
