@@ -18,9 +18,10 @@ $(STAMP): setup.py | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
-# Skips the end-to-end tests marked `slow` (CI runs everything through `make test`).
+# Skips the end-to-end tests marked `slow` (CI runs everything through `make test`, which lists
+# the 25 slowest tests at the end).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
