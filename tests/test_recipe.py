@@ -40,6 +40,11 @@ def test_recipe_trains_each_seed_summarises_and_reuses_finished_runs(tmp_path, m
 
     monkeypatch.setattr(recipe_module, "train", no_training)
     assert recipe_module.recipe(config, workdir, **kwargs) == summary
+    # Killed after training, before its record: evaluated again, not trained; time unknown.
+    (tmp_path / "recipe" / "classes" / "seed3" / recipe_module.RUN_RECORD).unlink()
+    again = recipe_module.recipe(config, workdir, **kwargs)["classes"]
+    assert again["segm"] == summary["classes"]["segm"]
+    assert again["train_seconds"]["mean"] == runs[0]["train_seconds"]
 
 
 def test_unknown_set_is_refused_with_the_choices(tmp_path):

@@ -68,12 +68,15 @@ def set_config(config, folder, name, seed):
 def run_one(config, run):
     """Trains `run` (unless finished), evaluates its last weights; returns its record."""
     record_path = os.path.join(run, RUN_RECORD)
-    if Workdir(run).finished(config) and os.path.exists(record_path):
+    finished = Workdir(run).finished(config)
+    if finished and os.path.exists(record_path):
         with open(record_path, encoding="utf-8") as f:
             return json.load(f)
-    start = time.time()
-    train(config, run)
-    seconds = time.time() - start
+    seconds = None  # a run that finished before a kill took an unknown time
+    if not finished:
+        start = time.time()
+        train(config, run)
+        seconds = time.time() - start
     detector = CenterMask.from_workdir(run, weights=os.path.join(run, "checkpoints", "last.weights.h5"))
     metrics = evaluate_detector(detector.detect_canvases, prepare_dataset(config.data), config,
                                 os.path.join(run, "eval", "last"))
@@ -83,6 +86,8 @@ def run_one(config, run):
 
 
 def summarise(values):
+    if not values:
+        return None
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
@@ -102,7 +107,8 @@ def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recip
             print(f"[{name} seed {seed}] {run}")
             runs[f"{name}/seed{seed}"] = run_one(set_config(config, folder, name, seed), run)
         records = [runs[f"{name}/seed{seed}"] for seed in seeds]
-        summary[name] = {key: summarise([r[key] for r in records]) for key in ("segm", "bbox", "train_seconds")}
+        summary[name] = {key: summarise([r[key] for r in records if r[key] is not None])
+                         for key in ("segm", "bbox", "train_seconds")}
     write_json(os.path.join(workdir, "recipe.json"), {"config": config.to_dict(), "seeds": list(seeds),
                                                       "runs": runs, "summary": summary})
     table = recipe_table(summary, len(seeds))
@@ -116,7 +122,8 @@ def recipe_table(summary, seeds):
              "| --- | --- | --- | --- | --- | ---: |"]
     for name, s in summary.items():
         segm, bbox, wall = s["segm"], s["bbox"], s["train_seconds"]
+        minutes = f"{wall['mean'] / 60:.1f} min" if wall else "—"
         lines.append(f"| {name} | {segm['mean']:.3f} ± {segm['std']:.3f} | {segm['min']:.3f}–{segm['max']:.3f} "
                      f"| {bbox['mean']:.3f} ± {bbox['std']:.3f} | {bbox['min']:.3f}–{bbox['max']:.3f} "
-                     f"| {wall['mean'] / 60:.1f} min |")
+                     f"| {minutes} |")
     return "\n".join(lines) + "\n"
