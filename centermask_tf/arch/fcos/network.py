@@ -63,13 +63,27 @@ class LevelScale(keras.layers.Layer):
         return {**super().get_config(), "stride": self.stride}
 
 
+def _head_conv(filters, size, name, **kwargs):
+    # FCOS initialises its towers and heads from N(0, 0.01), bias 0: every location starts
+    # near zero output, so no box distance starts far behind its ReLU.
+    return keras.layers.Conv2D(filters, size, padding="same", name=name,
+                               kernel_initializer=keras.initializers.RandomNormal(stddev=0.01), **kwargs)
+
+
+def norm_groups(channels):
+    """GroupNorm groups of a tower `channels` wide: FCOS's 32 groups of 8 channels at 256, and
+    groups of 8 channels in narrower towers (32 groups of one channel would normalise each
+    channel over its own map alone: nothing at all on a 1 x 1 level)."""
+    return max(1, min(32, channels // 8))
+
+
 def _tower(prefix, depth, channels):
     """`depth` x (3x3 conv, GroupNorm, ReLU) as a list of layers to apply in order."""
     layers = []
     for i in range(depth):
         layers += [
-            keras.layers.Conv2D(channels, 3, padding="same", use_bias=False, name=f"{prefix}{i}_conv"),
-            keras.layers.GroupNormalization(min(32, channels), name=f"{prefix}{i}_gn"),
+            _head_conv(channels, 3, f"{prefix}{i}_conv", use_bias=False),
+            keras.layers.GroupNormalization(norm_groups(channels), name=f"{prefix}{i}_gn"),
             keras.layers.ReLU(name=f"{prefix}{i}_relu"),
         ]
     return layers
@@ -119,14 +133,13 @@ def build_fcos_model(config) -> keras.Model:
     classification_tower = _tower("cls_tower", config.tower_convs, channels)
     box_tower = _tower("box_tower", config.tower_convs, channels)
     convs = {
-        "classification": keras.layers.Conv2D(
-            config.num_classes, 3, padding="same", name="classification",
-            bias_initializer=keras.initializers.Constant(CLASSIFICATION_BIAS)),
-        "centerness": keras.layers.Conv2D(1, 3, padding="same", name="centerness"),
-        "box": keras.layers.Conv2D(4, 3, padding="same", name="box"),
+        "classification": _head_conv(config.num_classes, 3, "classification",
+                                     bias_initializer=keras.initializers.Constant(CLASSIFICATION_BIAS)),
+        "centerness": _head_conv(1, 3, "centerness"),
+        "box": _head_conv(4, 3, "box"),
     }
     if "shape" in heads:
-        convs["shape"] = keras.layers.Conv2D(config.shape_size**2, 1, name="shape")
+        convs["shape"] = _head_conv(config.shape_size**2, 1, "shape")
     per_level = {name: [] for name in convs}
     for stride, features in zip(FCOS_STRIDES, levels):
         classified = _apply(classification_tower, features)
