@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from centermask_tf.arch.centernet.targets import encode_targets
 from centermask_tf.config import load_config
-from centermask_tf.data.mixing import MIN_VISIBLE, copy_paste, mosaic, tightened_boxes
+from centermask_tf.data.mixing import MIN_VISIBLE, copy_paste, mix_groups, mosaic, tightened_boxes
 from centermask_tf.data.pipeline import LARGE_SCALE_JITTER, augment, decode_example
 from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.training.setup import config_train_dataset
@@ -179,3 +179,15 @@ def test_mixed_pipeline_is_deterministic_and_keeps_targets_consistent(mixed_conf
         for key in targets_a:
             np.testing.assert_array_equal(targets_a[key].numpy(), targets_b[key].numpy())
         assert float(tf.reduce_sum(targets_a["valid"])) > 0
+
+
+@pytest.mark.parametrize("kind", ["mosaic", "copy_paste"])
+def test_groups_of_images_without_objects_pass_through(kind):
+    # `unbatch` of a zero-size tensor segfaults in TF 2.21: mixing must never hand it one.
+    empty = {key: value for key, value in sample(np.zeros((0, 4), int), 7.0).items() if key != "valid"}
+    dataset = mix_groups(tf.data.Dataset.from_tensors(empty).repeat(8), kind, 1.0, deterministic=True)
+    outputs = list(dataset)
+    assert len(outputs) == 8
+    for out in outputs:
+        assert out["masks"].shape == (0, N, N) and out["boxes"].shape == (0, 4)
+        np.testing.assert_array_equal(out["image"].numpy(), 7.0)

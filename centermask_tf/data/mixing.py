@@ -187,7 +187,10 @@ def mix_groups(dataset, kind, probability, deterministic):
     size, mix = MIXES[kind]
 
     def flag(sample):
-        return dict(sample, valid=tf.ones(tf.shape(sample["classes"]), tf.bool))
+        # At least one (invalid) slot: `unbatch` of a zero-size tensor (a group of images
+        # without objects) segfaults in TF 2.21.
+        sample = dict(sample, valid=tf.ones(tf.shape(sample["classes"]), tf.bool))
+        return _padded(sample, tf.maximum(tf.size(sample["classes"]), 1))
 
     def unflag(sample):
         valid = sample.pop("valid")
