@@ -13,7 +13,8 @@ Heads, as FCOS: a classification tower and a box tower of `tower_convs` x (3x3 c
 ReLU), shared by all levels; classification logits (prior 0.01) on the first, box distances
 (l, t, r, b), centerness and the Shape on the second ("centerness on the regression branch",
 FCOS's later default). Distances are ReLU(scale_level * x) * stride (FCOS's
-`norm_reg_targets`), with a learnt scale per level.
+`norm_reg_targets`), with a learnt scale per level. Towers and heads start from N(0, 0.01) as
+in FCOS; GroupNorm keeps FCOS's 8 channels per group in towers narrower than 256.
 
 Outputs are flattened over the levels, level by level and row-major within a level: the order
 `targets.fcos_locations` lists locations in.
