@@ -13,7 +13,7 @@
     centermask info     --config configs/coco_resnet18.yaml [--set model.input_size=256]
     centermask benchmark inference|efficiency|assembly|data|train|all [--quick] [--config ...]
     centermask recipe   --config configs/shapes_tiny.yaml --workdir work/recipe/base
-                        [--sets shapes occluded ...] [--seeds 0 1 2] [--set key=value ...]
+                        [--sets shapes occluded ...] [--seeds 0 1 2] [--set key=value ...] [--eval-set key=value ...]
 """
 
 import argparse
@@ -312,8 +312,9 @@ def cmd_recipe(args):
     """One config on several generated sets and seeds (see centermask_tf/tools/recipe.py)."""
     from centermask_tf.tools.recipe import SEEDS, SETS, recipe
 
-    recipe(_load(args), args.workdir, args.sets or tuple(SETS), args.seeds or SEEDS, args.data)
-    print(f"wrote {args.workdir}/recipe.json and recipe.md")
+    recipe(_load(args), args.workdir, args.sets or tuple(SETS), args.seeds or SEEDS, args.data,
+           eval_overrides=args.eval_overrides)
+    print(f"wrote {args.workdir}/recipe*.json and recipe*.md")
 
 
 def cmd_data_service(args):
@@ -473,6 +474,8 @@ def build_parser():
     protocol.add_argument("--seeds", nargs="+", type=_number(int, 0), help="train.seed values (default: 0 1 2)")
     protocol.add_argument("--data", default="work/recipe_data", type=_path,
                           help="where the sets are generated once (default work/recipe_data)")
+    protocol.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="decode the trained runs with this (e.g. eval.flip_test=true), no retraining (repeatable)")
     protocol.set_defaults(handler=cmd_recipe)
 
     service = command("data-service", help="run a tf.data service dispatcher or worker (data.service)")

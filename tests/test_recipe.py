@@ -22,7 +22,7 @@ def test_recipe_trains_each_seed_summarises_and_reuses_finished_runs(tmp_path, m
     with open(tmp_path / "recipe" / "recipe.json", encoding="utf-8") as f:
         record = json.load(f)
     runs = [record["runs"][f"classes/seed{seed}"] for seed in (0, 3)]
-    for key in ("segm", "bbox", "train_seconds"):
+    for key in ("segm", "bbox", "train_seconds", "eval_seconds"):
         values = [run[key] for run in runs]
         assert summary["classes"][key]["mean"] == pytest.approx(statistics.fmean(values))
         assert summary["classes"][key]["std"] == pytest.approx(statistics.stdev(values))
@@ -40,6 +40,15 @@ def test_recipe_trains_each_seed_summarises_and_reuses_finished_runs(tmp_path, m
 
     monkeypatch.setattr(recipe_module, "train", no_training)
     assert recipe_module.recipe(config, workdir, **kwargs) == summary
+    # Another decoding of the same networks: evaluated, not trained, kept beside the first.
+    flipped = recipe_module.recipe(config, workdir, **kwargs, eval_overrides=["eval.flip_test=true"])
+    assert flipped["classes"]["train_seconds"] == summary["classes"]["train_seconds"]
+    for seed in (0, 3):
+        run = tmp_path / "recipe" / "classes" / f"seed{seed}"
+        evals = json.loads((run / recipe_module.RUN_RECORD).read_text())["evals"]
+        assert set(evals) == {"config", "eval.flip_test=true"}
+        assert (run / "eval" / "last_eval.flip_test=true" / "metrics.json").exists()
+    assert (tmp_path / "recipe" / "recipe_eval.flip_test=true.md").exists()
     # Killed after training, before its record: evaluated again, not trained; time unknown.
     (tmp_path / "recipe" / "classes" / "seed3" / recipe_module.RUN_RECORD).unlink()
     again = recipe_module.recipe(config, workdir, **kwargs)["classes"]

@@ -7,16 +7,18 @@ a default is chosen from a mean and a spread instead of one run.
 
 Each (set, seed) trains into `WORKDIR/<set>/seed<k>` with `train.seed=k` and the set's data, and
 is evaluated at its last epoch (the weights training ended with, not the best checkpoint: the
-best is picked on the same validation split). Its metrics and training wall time are kept in
-`recipe_run.json` there (a resumed run's time is that of its last part); a rerun reuses
-finished runs and resumes killed ones. The sets are
-generated once under `--data` (`SETS`). Writes `WORKDIR/recipe.json` (every run) and
-`recipe.md` (mean ± std and range per set). Figures from a shared machine have a shared clock:
+best is picked on the same validation split). Its training wall time and the metrics and time
+of each evaluation are kept in `recipe_run.json` there (a resumed run's time is that of its last
+part); a rerun reuses finished runs and evaluations and resumes killed runs. `--eval-set
+eval.flip_test=true` evaluates the same networks decoded otherwise, without training again.
+The sets are generated once under `--data` (`SETS`). Writes `WORKDIR/recipe[_<eval-set>].json`
+(every run) and `.md` (mean ± std and range per set). Figures from a shared machine have a shared clock:
 run nothing else alongside when wall times matter.
 """
 
 import json
 import os
+import re
 import statistics
 import time
 
@@ -65,24 +67,34 @@ def set_config(config, folder, name, seed):
     ])
 
 
-def run_one(config, run):
-    """Trains `run` (unless finished), evaluates its last weights; returns its record."""
+def run_one(config, run, eval_overrides=()):
+    """Trains `run` (unless finished) and evaluates its last weights decoded with
+    `eval_overrides` (unless done before); returns segm, bbox, train_seconds, eval_seconds."""
     record_path = os.path.join(run, RUN_RECORD)
-    finished = Workdir(run).finished(config)
-    if finished and os.path.exists(record_path):
+    record = {"train_seconds": None, "evals": {}}  # a run that finished before a kill: time unknown
+    if os.path.exists(record_path):
         with open(record_path, encoding="utf-8") as f:
-            return json.load(f)
-    seconds = None  # a run that finished before a kill took an unknown time
-    if not finished:
+            record = json.load(f)
+    if not Workdir(run).finished(config):
         start = time.time()
         train(config, run)
-        seconds = time.time() - start
-    detector = CenterMask.from_workdir(run, weights=os.path.join(run, "checkpoints", "last.weights.h5"))
-    metrics = evaluate_detector(detector.detect_canvases, prepare_dataset(config.data), config,
-                                os.path.join(run, "eval", "last"))
-    record = {"segm": metrics["segm"]["AP"], "bbox": metrics["bbox"]["AP"], "train_seconds": seconds}
-    write_json(record_path, record)
-    return record
+        record = {"train_seconds": time.time() - start, "evals": {}}
+        write_json(record_path, record)
+    key = " ".join(eval_overrides) or "config"
+    if key not in record["evals"]:
+        start = time.time()
+        detector = CenterMask.from_workdir(run, os.path.join(run, "checkpoints", "last.weights.h5"), eval_overrides)
+        output = os.path.join(run, "eval", "last" + _slug(eval_overrides))
+        metrics = evaluate_detector(detector.detect_canvases, prepare_dataset(config.data), detector.config, output)
+        record["evals"][key] = {"segm": metrics["segm"]["AP"], "bbox": metrics["bbox"]["AP"],
+                                "eval_seconds": time.time() - start}
+        write_json(record_path, record)
+    return {**record["evals"][key], "train_seconds": record["train_seconds"]}
+
+
+def _slug(overrides):
+    """File-name suffix of a list of "key=value" overrides ("" for none)."""
+    return "".join("_" + re.sub(r"[^\w.=-]", "", override) for override in overrides)
 
 
 def summarise(values):
@@ -93,9 +105,11 @@ def summarise(values):
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
-def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recipe_data", images=(600, 100)):
+def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recipe_data", images=(600, 100),
+           eval_overrides=()):
     """Trains and evaluates `config` on each set with each seed; returns {set: summary}.
-    `images`: (train, val) images of each generated set."""
+    `images`: (train, val) images of each generated set; `eval_overrides`: how the trained
+    networks decode ("key=value": flip test, thresholds), evaluated without training again."""
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise UserError(f"recipe: unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}.")
@@ -105,25 +119,27 @@ def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recip
         for seed in seeds:
             run = os.path.join(workdir, name, f"seed{seed}")
             print(f"[{name} seed {seed}] {run}")
-            runs[f"{name}/seed{seed}"] = run_one(set_config(config, folder, name, seed), run)
+            runs[f"{name}/seed{seed}"] = run_one(set_config(config, folder, name, seed), run, eval_overrides)
         records = [runs[f"{name}/seed{seed}"] for seed in seeds]
         summary[name] = {key: summarise([r[key] for r in records if r[key] is not None])
-                         for key in ("segm", "bbox", "train_seconds")}
-    write_json(os.path.join(workdir, "recipe.json"), {"config": config.to_dict(), "seeds": list(seeds),
-                                                      "runs": runs, "summary": summary})
+                         for key in ("segm", "bbox", "train_seconds", "eval_seconds")}
+    suffix = _slug(eval_overrides)
+    write_json(os.path.join(workdir, f"recipe{suffix}.json"), {
+        "config": config.to_dict(), "eval_overrides": list(eval_overrides), "seeds": list(seeds), "runs": runs,
+        "summary": summary})
     table = recipe_table(summary, len(seeds))
-    write_text(os.path.join(workdir, "recipe.md"), table)
+    write_text(os.path.join(workdir, f"recipe{suffix}.md"), table)
     print(table)
     return summary
 
 
 def recipe_table(summary, seeds):
-    lines = [f"| set | segm AP, mean ± std ({seeds} seeds) | range | bbox AP, mean ± std | range | training |",
-             "| --- | --- | --- | --- | --- | ---: |"]
+    lines = [f"| set | segm AP, mean ± std ({seeds} seeds) | range | bbox AP, mean ± std | range | training "
+             "| evaluation |", "| --- | --- | --- | --- | --- | ---: | ---: |"]
     for name, s in summary.items():
         segm, bbox, wall = s["segm"], s["bbox"], s["train_seconds"]
         minutes = f"{wall['mean'] / 60:.1f} min" if wall else "—"
         lines.append(f"| {name} | {segm['mean']:.3f} ± {segm['std']:.3f} | {segm['min']:.3f}–{segm['max']:.3f} "
                      f"| {bbox['mean']:.3f} ± {bbox['std']:.3f} | {bbox['min']:.3f}–{bbox['max']:.3f} "
-                     f"| {minutes} |")
+                     f"| {minutes} | {s['eval_seconds']['mean']:.0f} s |")
     return "\n".join(lines) + "\n"
