@@ -17,7 +17,7 @@ from centermask_tf.arch.fcos.losses import (
     giou_loss,
     sigmoid_focal_loss,
 )
-from centermask_tf.arch.fcos.network import LevelScale, norm_groups
+from centermask_tf.arch.fcos.network import LevelScale
 from centermask_tf.arch.fcos.targets import (
     CENTRE_RADIUS,
     FCOS_RANGES,
@@ -381,12 +381,3 @@ def test_train_evaluate_and_ablate_an_fcos_model(shapes, tmp_path, capsys):
     assert "segm  AP" in capsys.readouterr().out
     assert main(["ablate", "--workdir", str(tmp_path), "--images", "1"]) == 0
     assert set(json.loads((tmp_path / "ablate" / "ablation.json").read_text())["metrics"]) == {"shape", "saliency", "both"}
-
-
-def test_tower_groupnorm_keeps_fcos_group_size():
-    # FCOS: 32 groups of 8 channels at 256; narrower towers keep 8 channels per group.
-    assert [norm_groups(c) for c in (256, 512, 64, 32, 8, 4)] == [32, 32, 8, 4, 1, 1]
-    config = load_config("configs/shapes_fcos_tiny.yaml")
-    network = build_network(config.model)
-    groups = {layer.groups for layer in network.layers if layer.name.endswith("_gn")}
-    assert groups == {config.model.head_conv // 8}

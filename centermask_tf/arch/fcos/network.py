@@ -14,7 +14,7 @@ ReLU), shared by all levels; classification logits (prior 0.01) on the first, bo
 (l, t, r, b), centerness and the Shape on the second ("centerness on the regression branch",
 FCOS's later default). Distances are ReLU(scale_level * x) * stride (FCOS's
 `norm_reg_targets`), with a learnt scale per level. Towers and heads start from N(0, 0.01) as
-in FCOS; GroupNorm keeps FCOS's 8 channels per group in towers narrower than 256.
+in FCOS.
 
 Outputs are flattened over the levels, level by level and row-major within a level: the order
 `targets.fcos_locations` lists locations in.
@@ -71,20 +71,13 @@ def _head_conv(filters, size, name, **kwargs):
                                kernel_initializer=keras.initializers.RandomNormal(stddev=0.01), **kwargs)
 
 
-def norm_groups(channels):
-    """GroupNorm groups of a tower `channels` wide: FCOS's 32 groups of 8 channels at 256, and
-    groups of 8 channels in narrower towers (32 groups of one channel would normalise each
-    channel over its own map alone: nothing at all on a 1 x 1 level)."""
-    return max(1, min(32, channels // 8))
-
-
 def _tower(prefix, depth, channels):
     """`depth` x (3x3 conv, GroupNorm, ReLU) as a list of layers to apply in order."""
     layers = []
     for i in range(depth):
         layers += [
             _head_conv(channels, 3, f"{prefix}{i}_conv", use_bias=False),
-            keras.layers.GroupNormalization(norm_groups(channels), name=f"{prefix}{i}_gn"),
+            keras.layers.GroupNormalization(min(32, channels), name=f"{prefix}{i}_gn"),
             keras.layers.ReLU(name=f"{prefix}{i}_relu"),
         ]
     return layers
