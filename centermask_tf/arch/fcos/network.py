@@ -13,8 +13,7 @@ Heads, as FCOS: a classification tower and a box tower of `tower_convs` x (3x3 c
 ReLU), shared by all levels; classification logits (prior 0.01) on the first, box distances
 (l, t, r, b), centerness and the Shape on the second ("centerness on the regression branch",
 FCOS's later default). Distances are ReLU(scale_level * x) * stride (FCOS's
-`norm_reg_targets`), with a learnt scale per level. Towers and heads start from N(0, 0.01) as
-in FCOS.
+`norm_reg_targets`), with a learnt scale per level.
 
 Outputs are flattened over the levels, level by level and row-major within a level: the order
 `targets.fcos_locations` lists locations in.
@@ -64,19 +63,12 @@ class LevelScale(keras.layers.Layer):
         return {**super().get_config(), "stride": self.stride}
 
 
-def _head_conv(filters, size, name, **kwargs):
-    # FCOS initialises its towers and heads from N(0, 0.01), bias 0: every location starts
-    # near zero output, so no box distance starts far behind its ReLU.
-    return keras.layers.Conv2D(filters, size, padding="same", name=name,
-                               kernel_initializer=keras.initializers.RandomNormal(stddev=0.01), **kwargs)
-
-
 def _tower(prefix, depth, channels):
     """`depth` x (3x3 conv, GroupNorm, ReLU) as a list of layers to apply in order."""
     layers = []
     for i in range(depth):
         layers += [
-            _head_conv(channels, 3, f"{prefix}{i}_conv", use_bias=False),
+            keras.layers.Conv2D(channels, 3, padding="same", use_bias=False, name=f"{prefix}{i}_conv"),
             keras.layers.GroupNormalization(min(32, channels), name=f"{prefix}{i}_gn"),
             keras.layers.ReLU(name=f"{prefix}{i}_relu"),
         ]
@@ -127,13 +119,14 @@ def build_fcos_model(config) -> keras.Model:
     classification_tower = _tower("cls_tower", config.tower_convs, channels)
     box_tower = _tower("box_tower", config.tower_convs, channels)
     convs = {
-        "classification": _head_conv(config.num_classes, 3, "classification",
-                                     bias_initializer=keras.initializers.Constant(CLASSIFICATION_BIAS)),
-        "centerness": _head_conv(1, 3, "centerness"),
-        "box": _head_conv(4, 3, "box"),
+        "classification": keras.layers.Conv2D(
+            config.num_classes, 3, padding="same", name="classification",
+            bias_initializer=keras.initializers.Constant(CLASSIFICATION_BIAS)),
+        "centerness": keras.layers.Conv2D(1, 3, padding="same", name="centerness"),
+        "box": keras.layers.Conv2D(4, 3, padding="same", name="box"),
     }
     if "shape" in heads:
-        convs["shape"] = _head_conv(config.shape_size**2, 1, "shape")
+        convs["shape"] = keras.layers.Conv2D(config.shape_size**2, 1, name="shape")
     per_level = {name: [] for name in convs}
     for stride, features in zip(FCOS_STRIDES, levels):
         classified = _apply(classification_tower, features)
