@@ -17,11 +17,11 @@ $(STAMP): setup.py | $(PY)
 
 install: $(STAMP)
 
+# Lists the 25 slowest tests at the end (the suite's time budget).
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests
 
-# Skips the end-to-end tests marked `slow` (CI runs everything through `make test`, which lists
-# the 25 slowest tests at the end).
+# Skips the end-to-end tests marked `slow` (CI runs everything through `make test`).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
