@@ -139,7 +139,8 @@ def recipe_table(summary, seeds):
     for name, s in summary.items():
         segm, bbox, wall = s["segm"], s["bbox"], s["train_seconds"]
         minutes = f"{wall['mean'] / 60:.1f} min" if wall else "—"
+        evaluation = f"{s['eval_seconds']['mean']:.0f} s" if s["eval_seconds"] else "—"
         lines.append(f"| {name} | {segm['mean']:.3f} ± {segm['std']:.3f} | {segm['min']:.3f}–{segm['max']:.3f} "
                      f"| {bbox['mean']:.3f} ± {bbox['std']:.3f} | {bbox['min']:.3f}–{bbox['max']:.3f} "
-                     f"| {minutes} | {s['eval_seconds']['mean']:.0f} s |")
+                     f"| {minutes} | {evaluation} |")
     return "\n".join(lines) + "\n"
