@@ -269,7 +269,7 @@ def test_flip_test_detections_are_exactly_mirror_symmetric(shapes, workdir):
     mirror image are the mirrored detections (boxes reflected, masks mirrored)."""
     directory, _, _ = workdir
     detector = CenterMask.from_workdir(str(directory), overrides=["eval.flip_test=true"])
-    plain = CenterMask.from_workdir(str(directory))
+    plain = CenterMask.from_workdir(str(directory), overrides=["eval.flip_test=false"])
     _, images = val_images(shapes)
     size = detector.input_size
     canvas = tf.image.resize_with_pad(tf.cast(images[0], tf.float32), size, size)[None]
@@ -290,7 +290,7 @@ def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
     from centermask_tf.model.assembly import paste_masks
 
     directory, _, _ = workdir
-    detector = CenterMask.from_workdir(str(directory), overrides=["model.assembly=native"])
+    detector = CenterMask.from_workdir(str(directory), overrides=["model.assembly=native", "eval.flip_test=false"])
     _, images = val_images(shapes)
     image = images[1]
     (result,) = detector.detect(image)

@@ -23,8 +23,9 @@ from centermask_tf.images import letterbox_image, load_image
 from centermask_tf.training.setup import config_train_dataset
 from centermask_tf.workdir import save_run_files
 
+# The plain decoding (the flip test is one of the parametrised export options below).
 TINY = ["model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
-        "model.shape_size=8", "model.mask_size=8", "model.max_detections=20"]
+        "model.shape_size=8", "model.mask_size=8", "model.max_detections=20", "eval.flip_test=false"]
 CATEGORIES = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}, {"id": 12, "name": "c"}]
 FILE_IDS = np.array([c["id"] for c in CATEGORIES])
 

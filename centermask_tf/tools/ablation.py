@@ -38,8 +38,10 @@ _GRID_SCORE = 0.3
 
 
 def with_factors(config, mode):
-    """`config` with `model.mask_factors=mode`."""
-    return config_from_dict(config.to_dict(), [f"model.mask_factors={mode}"])
+    """`config` with `model.mask_factors=mode`; a Local-Shape-only network has no saliency map
+    for `train.saliency_weight` to supervise, so its loss is off there."""
+    overrides = [f"model.mask_factors={mode}"] + (["train.saliency_weight=0"] if mode == "shape" else [])
+    return config_from_dict(config.to_dict(), overrides)
 
 
 def trained_detectors(config, folder):
