@@ -467,7 +467,7 @@ def build_parser():
     protocol = command("recipe", help="train a config on several generated sets x seeds: AP mean, std, range")
     protocol.add_argument("--config", required=True, type=_path)
     protocol.add_argument("--workdir", required=True, type=_path,
-                          help="WORKDIR/<set>/seed<k>/ runs, recipe.json, recipe.md")
+                          help="WORKDIR/<set>/seed<k>/ runs; recipe.json, recipe.md summarise every run there")
     _add_set_arg(protocol)
     protocol.add_argument("--sets", nargs="+", metavar="SET",
                           help="of shapes, occluded, large, small, classes (default: all)")

@@ -49,6 +49,18 @@ def test_recipe_trains_each_seed_summarises_and_reuses_finished_runs(tmp_path, m
         assert set(evals) == {"config", "eval.flip_test=true"}
         assert (run / "eval" / "last_eval.flip_test=true" / "metrics.json").exists()
     assert (tmp_path / "recipe" / "recipe_eval.flip_test=true.md").exists()
+    # The summary is of every run in the workdir: asking for one seed, or another set's run
+    # finished earlier, neither hides nor drops a row.
+    shapes_run = tmp_path / "recipe" / "shapes" / "seed1"
+    shapes_run.mkdir(parents=True)
+    (shapes_run / recipe_module.RUN_RECORD).write_text(
+        json.dumps({"train_seconds": 60.0, "evals": {"config": {"segm": 0.5, "bbox": 0.25, "eval_seconds": 2.0}}}))
+    one_seed = recipe_module.recipe(config, workdir, **kwargs | {"seeds": (0,)})
+    assert one_seed["classes"] == summary["classes"] and summary["classes"]["seeds"] == 2
+    assert one_seed["shapes"]["segm"] == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5}
+    table = (tmp_path / "recipe" / "recipe.md").read_text()
+    assert "| shapes | 1 | 0.500 ± 0.000 | 0.500–0.500 | 0.250 ± 0.000 | 0.250–0.250 | 1.0 min | 2 s |" in table
+    assert "| classes | 2 |" in table
     # Killed after training, before its record: evaluated again, not trained; time unknown.
     (tmp_path / "recipe" / "classes" / "seed3" / recipe_module.RUN_RECORD).unlink()
     again = recipe_module.recipe(config, workdir, **kwargs)["classes"]

@@ -12,7 +12,8 @@ of each evaluation are kept in `recipe_run.json` there (a resumed run's time is 
 part); a rerun reuses finished runs and evaluations and resumes killed runs. `--eval-set
 eval.flip_test=true` evaluates the same networks decoded otherwise, without training again.
 The sets are generated once under `--data` (`SETS`). Writes `WORKDIR/recipe[_<eval-set>].json`
-(every run) and `.md` (mean ± std and range per set). Figures from a shared machine have a shared clock:
+(every run) and `.md` (mean ± std and range per set) over every run of the workdir evaluated
+that way, whichever invocation trained it. Figures from a shared machine have a shared clock:
 run nothing else alongside when wall times matter.
 """
 
@@ -69,7 +70,7 @@ def set_config(config, folder, name, seed):
 
 def run_one(config, run, eval_overrides=()):
     """Trains `run` (unless finished) and evaluates its last weights decoded with
-    `eval_overrides` (unless done before); returns segm, bbox, train_seconds, eval_seconds."""
+    `eval_overrides` (unless done before), keeping the times and AP in its `RUN_RECORD`."""
     record_path = os.path.join(run, RUN_RECORD)
     record = {"train_seconds": None, "evals": {}}  # a run that finished before a kill: time unknown
     if os.path.exists(record_path):
@@ -80,7 +81,7 @@ def run_one(config, run, eval_overrides=()):
         train(config, run)
         record = {"train_seconds": time.time() - start, "evals": {}}
         write_json(record_path, record)
-    key = " ".join(eval_overrides) or "config"
+    key = _eval_key(eval_overrides)
     if key not in record["evals"]:
         start = time.time()
         detector = CenterMask.from_workdir(run, os.path.join(run, "checkpoints", "last.weights.h5"), eval_overrides)
@@ -89,7 +90,10 @@ def run_one(config, run, eval_overrides=()):
         record["evals"][key] = {"segm": metrics["segm"]["AP"], "bbox": metrics["bbox"]["AP"],
                                 "eval_seconds": time.time() - start}
         write_json(record_path, record)
-    return {**record["evals"][key], "train_seconds": record["train_seconds"]}
+
+
+def _eval_key(overrides):
+    return " ".join(overrides) or "config"
 
 
 def _slug(overrides):
@@ -113,34 +117,56 @@ def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recip
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise UserError(f"recipe: unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}.")
-    runs, summary = {}, {}
     for name in sets:
         folder = make_set(data_root, name, images)
         for seed in seeds:
             run = os.path.join(workdir, name, f"seed{seed}")
             print(f"[{name} seed {seed}] {run}")
-            runs[f"{name}/seed{seed}"] = run_one(set_config(config, folder, name, seed), run, eval_overrides)
-        records = [runs[f"{name}/seed{seed}"] for seed in seeds]
-        summary[name] = {key: summarise([r[key] for r in records if r[key] is not None])
-                         for key in ("segm", "bbox", "train_seconds", "eval_seconds")}
+            run_one(set_config(config, folder, name, seed), run, eval_overrides)
+    # The summary covers every run of the workdir evaluated this way, not only this invocation's
+    # sets and seeds: `--sets occluded` after `--sets shapes` must not hide the shapes table.
+    runs = workdir_runs(workdir, eval_overrides)
+    summary = {}
+    for name in SETS:
+        records = [record for key, record in runs.items() if key.split("/")[0] == name]
+        if records:
+            summary[name] = {key: summarise([r[key] for r in records if r[key] is not None])
+                             for key in ("segm", "bbox", "train_seconds", "eval_seconds")}
+            summary[name]["seeds"] = len(records)
     suffix = _slug(eval_overrides)
     write_json(os.path.join(workdir, f"recipe{suffix}.json"), {
-        "config": config.to_dict(), "eval_overrides": list(eval_overrides), "seeds": list(seeds), "runs": runs,
-        "summary": summary})
-    table = recipe_table(summary, len(seeds))
+        "config": config.to_dict(), "eval_overrides": list(eval_overrides), "runs": runs, "summary": summary})
+    table = recipe_table(summary)
     write_text(os.path.join(workdir, f"recipe{suffix}.md"), table)
     print(table)
     return summary
 
 
-def recipe_table(summary, seeds):
-    lines = [f"| set | segm AP, mean ± std ({seeds} seeds) | range | bbox AP, mean ± std | range | training "
-             "| evaluation |", "| --- | --- | --- | --- | --- | ---: | ---: |"]
+def workdir_runs(workdir, eval_overrides=()):
+    """{"<set>/seed<k>": segm, bbox, train_seconds, eval_seconds} of every run under `workdir`
+    evaluated with `eval_overrides`, in set and seed order."""
+    key, runs = _eval_key(eval_overrides), {}
+    for name in SETS:
+        folder = os.path.join(workdir, name)
+        seeds = sorted(int(entry[4:]) for entry in os.listdir(folder) if re.fullmatch(r"seed\d+", entry)) \
+            if os.path.isdir(folder) else []
+        for seed in seeds:
+            record_path = os.path.join(folder, f"seed{seed}", RUN_RECORD)
+            if os.path.exists(record_path):
+                with open(record_path, encoding="utf-8") as f:
+                    record = json.load(f)
+                if key in record["evals"]:
+                    runs[f"{name}/seed{seed}"] = {**record["evals"][key], "train_seconds": record["train_seconds"]}
+    return runs
+
+
+def recipe_table(summary):
+    lines = ["| set | seeds | segm AP, mean ± std | range | bbox AP, mean ± std | range | training | evaluation |",
+             "| --- | ---: | --- | --- | --- | --- | ---: | ---: |"]
     for name, s in summary.items():
-        segm, bbox, wall = s["segm"], s["bbox"], s["train_seconds"]
+        wall = s["train_seconds"]
         minutes = f"{wall['mean'] / 60:.1f} min" if wall else "—"
         evaluation = f"{s['eval_seconds']['mean']:.0f} s" if s["eval_seconds"] else "—"
-        lines.append(f"| {name} | {segm['mean']:.3f} ± {segm['std']:.3f} | {segm['min']:.3f}–{segm['max']:.3f} "
-                     f"| {bbox['mean']:.3f} ± {bbox['std']:.3f} | {bbox['min']:.3f}–{bbox['max']:.3f} "
-                     f"| {minutes} | {evaluation} |")
+        ap = [f"{v['mean']:.3f} ± {v['std']:.3f} | {v['min']:.3f}–{v['max']:.3f}" for v in (s["segm"], s["bbox"])]
+        lines.append(f"| {name} | {s['seeds']} | {ap[0]} | {ap[1]} | {minutes} | {evaluation} |")
     return "\n".join(lines) + "\n"
