@@ -50,7 +50,7 @@ def two_images():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone, width, copies, epochs", [("resnet18", 0.25, 1, 10), ("hourglass104", 0.125, 4, 6)])
+@pytest.mark.parametrize("backbone, width, copies, epochs", [("resnet18", 0.25, 1, 10), ("hourglass104", 0.125, 4, 4)])
 def test_tiny_model_overfits_two_images(backbone, width, copies, epochs):
     """Also Hourglass-104 at channels / 8, its two stacks supervised. Its innermost level is
     1 x 1 at 128 px, where BatchNorm over a batch of 2 only learns to tell the two images
