@@ -327,6 +327,42 @@ def test_network_outputs_cover_every_location_and_level_scale_round_trips(tmp_pa
     np.testing.assert_allclose(layer(tf.constant([[-1.0, 0.5]])), [[0.0, 8.0]])
 
 
+@pytest.mark.parametrize("flip_test", [False, True])
+def test_shape_conv_at_the_kept_detections_equals_the_dense_shape_head(flip_test):
+    """Decoding runs the 1x1 Shape conv at the kept detections only (`inference_network` hands
+    over the box tower's features): the same boxes, scores and masks as decoding the dense
+    `[B, L, S*S]` Shape output, with and without the flip test, and no dense Shape in the graph."""
+    config = load_config(CONFIG, ["model.input_size=64", "model.head_conv=8", "model.width_multiplier=0.125",
+                                  f"eval.flip_test={str(flip_test).lower()}", "model.score_threshold=0.0"])
+    tf.keras.utils.set_random_seed(0)
+    detector = CenterMask(config)
+    # Random Shape weights, so every location's grid differs and a wrong gather shows.
+    conv = detector.network.get_layer("shape")
+    conv.kernel.assign(np.random.default_rng(0).normal(0, 0.5, conv.kernel.shape))
+    canvases = tf.constant(np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)), tf.float32)
+    assert "shape_features" in detector.inference_network.output and detector.shape_head is conv
+    sparse = detector.decode(canvases)
+    decoder = FcosDecoder.from_model_config(config.model)
+    if flip_test:
+        both = detector.network(tf.concat([canvases, tf.reverse(canvases, axis=[2])], axis=0))
+        dense = decoder({k: v[:2] for k, v in both.items()}, mirrored={k: v[2:] for k, v in both.items()})
+    else:
+        dense = decoder(detector.network(canvases))
+    assert int(tf.reduce_min(sparse["num_detections"])) == config.model.max_detections
+    for key in ("boxes", "scores", "classes", "num_detections"):
+        np.testing.assert_array_equal(sparse[key], dense[key], err_msg=key)
+    masks = sparse["masks"].numpy()
+    np.testing.assert_allclose(masks, dense["masks"], atol=1e-5)
+    assert masks.std(axis=(2, 3)).mean() > 0.01  # masks with structure, not constant blobs
+
+    def shapes_in_graph(function):
+        graph = tf.function(function).get_concrete_function(tf.TensorSpec([1, 64, 64, 3])).graph
+        return {tuple(t.shape.as_list()[1:]) for op in graph.get_operations() for t in op.outputs if t.shape.rank == 3}
+
+    dense_shape = (num_locations(64), 256)
+    assert dense_shape in shapes_in_graph(detector.network) and dense_shape not in shapes_in_graph(detector.decode)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.backbone=dla34", "resnet18, resnet50, resnet101 or keras_hub"),
     ("model.assembly=native", "model.assembly"),

@@ -6,8 +6,24 @@ A new architecture is a package `arch/<name>/` whose `__init__.py` defines `ARCH
 choices).
 """
 
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Callable
+
+
+def once_per_network(build):
+    """`build(network)` memoised per network object (weakly: a network let go frees its entry),
+    for the inference views of a network that decoding builds on every trace."""
+    cache = weakref.WeakKeyDictionary()
+
+    @functools.wraps(build)
+    def cached(network):
+        if network not in cache:
+            cache[network] = build(network)
+        return cache[network]
+
+    return cached
 
 
 def _unchanged(network):

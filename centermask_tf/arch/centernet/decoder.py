@@ -4,11 +4,10 @@ No box NMS: a 3x3 max-pool over the sigmoid heatmap keeps only local maxima (Cen
 Outputs keep a static K; entries past `num_detections` (score below the threshold) are zeroed.
 """
 
-import weakref
-
 import keras
 import tensorflow as tf
 
+from centermask_tf.arch.base import once_per_network
 from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
 from centermask_tf.model.assembly import (
     assemble_box_masks,
@@ -25,23 +24,17 @@ from centermask_tf.ops import (
     unflatten_index,
 )
 
-_INFERENCE_NETWORKS = weakref.WeakKeyDictionary()
 
-
+@once_per_network
 def inference_network(network):
     """`network` with the Shape head's input features (`shape_features`) in place of its dense
-    `[B, H, W, S*S]` output, sharing every layer and weight. Built once per network. A
-    CenterMask-FCOS network (its Shape conv is shared by five levels) is returned as it is."""
-    if "classification" in network.output:
-        return network
-    if network not in _INFERENCE_NETWORKS:
-        names = [layer.name for layer in network.layers]
-        outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")
-                   if name in names}
-        if "shape" in names:
-            outputs["shape_features"] = network.get_layer("shape").input
-        _INFERENCE_NETWORKS[network] = keras.Model(network.input, outputs, name=f"{network.name}_inference")
-    return _INFERENCE_NETWORKS[network]
+    `[B, H, W, S*S]` output, sharing every layer and weight."""
+    names = [layer.name for layer in network.layers]
+    outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")
+               if name in names}
+    if "shape" in names:
+        outputs["shape_features"] = network.get_layer("shape").input
+    return keras.Model(network.input, outputs, name=f"{network.name}_inference")
 
 
 def _mirror(maps):

@@ -1,6 +1,10 @@
 """CenterMask-FCOS outputs -> detections, in-graph: top-K per level, box decoding, class-wise
 NMS, then masks assembled as the CenterNet variant's (`assembly.assemble_box_masks`).
 
+At inference the Shape head's 1x1 conv runs at the K kept detections only (`inference_network`
+hands the decoder the box tower's features instead of the dense `[B, L, S*S]` Shape output):
+the dense output is S*S = 784 channels at each of the ~13,000 locations of an 800-px image.
+
 The outputs have the same keys, shapes and meaning as the CenterNet variant's `decode_detections` (`boxes`,
 `scores`, `classes`, `masks`, `num_detections`, `centres`), so evaluation, `detect` and the
 exports take either variant unchanged.
@@ -15,7 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.arch.fcos.network import SALIENCY_STRIDE
+from centermask_tf.arch.base import once_per_network
+from centermask_tf.arch.fcos.network import FCOS_STRIDES, SALIENCY_STRIDE
 from centermask_tf.arch.fcos.targets import fcos_locations, level_sides
 from centermask_tf.model.assembly import (
     assemble_box_masks,
@@ -24,6 +29,49 @@ from centermask_tf.model.assembly import (
 )
 from centermask_tf.model.heads import mask_heads
 from centermask_tf.ops import corners_to_centre, mean_probability_logits
+
+
+@once_per_network
+def inference_network(network):
+    """`network` with the Shape conv's input, the box tower's features over all levels
+    (`shape_features [B, L, C]`), in place of its dense `[B, L, S*S]` Shape output, sharing every
+    layer and weight; a network without a Shape head is returned as it is."""
+    if "shape" not in network.output:
+        return network
+    levels = []
+    for stride in FCOS_STRIDES:
+        # The Shape conv is shared by the levels, so its `input` is only the first level's:
+        # each level's is the input of the call that made that level's flattened output.
+        operation, node_index, _ = network.get_layer(f"shape_flat{stride}").input._keras_history
+        (features,) = operation._inbound_nodes[node_index].input_tensors
+        levels.append(keras.layers.Reshape((-1, features.shape[-1]), name=f"shape_features{stride}")(features))
+    outputs = {name: value for name, value in network.output.items() if name != "shape"}
+    outputs["shape_features"] = keras.layers.Concatenate(axis=1, name="shape_features")(levels)
+    return keras.Model(network.input, outputs, name=f"{network.name}_inference")
+
+
+def shape_at_locations(shape_conv, features, locations):
+    """The 1x1 Shape conv at a few locations only: `[B, L, C]` features and `[B, K]` location
+    indices -> `[B, K, S*S]` float32 logits, equal to the dense output gathered there."""
+    picked = tf.cast(tf.gather(features, locations, batch_dims=1), tf.float32)
+    kernel = tf.cast(shape_conv.kernel, tf.float32)[0, 0]  # [C, S*S]
+    return tf.matmul(picked, kernel) + tf.cast(shape_conv.bias, tf.float32)
+
+
+def sparse_shape(shape_conv, features, mirrored_features=None, input_size=None):
+    """`decode_fcos`'s `shape_at`: the 1x1 Shape conv at the kept locations only. With the mirror
+    images' features (the flip test, `input_size` then needed), averaged with the conv at the
+    mirroring locations, each grid mirrored back (as `fcos_flip_averaged` averages the dense
+    Shape)."""
+
+    def shape_at(locations):
+        logits = shape_at_locations(shape_conv, features, locations)
+        if mirrored_features is None:
+            return logits
+        mirroring = tf.gather(mirror_locations(input_size), locations)
+        return 0.5 * (logits + mirror_shape_grids(shape_at_locations(shape_conv, mirrored_features, mirroring)))
+
+    return shape_at
 
 
 def class_wise_nms(boxes, scores, classes, max_output, iou_threshold, score_threshold, extent):
@@ -63,15 +111,14 @@ def class_wise_nms(boxes, scores, classes, max_output, iou_threshold, score_thre
     )
 
 
-def _unmirror_levels(values, input_size):
-    """Per-location values of the mirror image `[B, L, C]` -> the same, each level's map
-    mirrored back: entry i then holds the mirror image's location mirroring location i."""
+def mirror_locations(input_size):
+    """`[L]` int32: for each location, the location mirroring it left-right within its level."""
     parts, start = [], 0
     for _, side in level_sides(input_size):
-        level = tf.reshape(values[:, start : start + side * side], [-1, side, side, values.shape[-1]])
-        parts.append(tf.reshape(tf.reverse(level, axis=[2]), [-1, side * side, values.shape[-1]]))
+        index = np.arange(side * side).reshape(side, side)
+        parts.append(start + index[:, ::-1].ravel())
         start += side * side
-    return tf.concat(parts, axis=1)
+    return np.concatenate(parts).astype(np.int32)
 
 
 def fcos_flip_averaged(outputs, mirrored, input_size):
@@ -81,7 +128,10 @@ def fcos_flip_averaged(outputs, mirrored, input_size):
     those of the mirrored location, (l, t, r, b) read as (r, t, l, b) and shifted by how far the
     level's grid overhangs the canvas (stride x side - N: 0 unless N is no multiple of the
     stride, e.g. P7 at 800 px), so both describe a box in this image exactly."""
-    back = {name: _unmirror_levels(value, input_size) for name, value in mirrored.items() if name != "saliency"}
+    mirror = mirror_locations(input_size)
+    # Entry i of each becomes the mirror image's value at the location mirroring i.
+    back = {name: tf.gather(value, mirror, axis=1) for name, value in mirrored.items()
+            if name not in ("saliency", "shape_features")}
     averaged = {name: mean_probability_logits(outputs[name], back[name]) for name in ("classification", "centerness")}
     strides = fcos_locations(input_size)[1]
     overhang = tf.constant(strides * np.ceil(input_size / strides) - input_size)  # [L]
@@ -111,13 +161,15 @@ def _level_candidates(scores, input_size, pre_nms_top_k):
 
 
 def decode_fcos(outputs, *, input_size, max_detections=100, score_threshold=0.05, mask_size=32,
-                mask_factors="both", pre_nms_top_k=1000, nms_iou_threshold=0.6):
+                mask_factors="both", pre_nms_top_k=1000, nms_iou_threshold=0.6, shape_at=None):
     """Decodes a batch of `build_fcos_model` outputs.
 
     A location's score for a class is sqrt(sigmoid(classification) * sigmoid(centerness))
     (FCOS ranks by the product; the square root keeps it on the classification's scale, as
     later FCOS releases report it). Arguments and returns as `centernet.decoder.decode_detections`
-    (box-relative M x M masks); `input_size` is the canvas side N.
+    (box-relative M x M masks); `input_size` is the canvas side N. `shape_at` maps the kept
+    location indices `[B, K]` to their Shape logits `[B, K, S*S]` (default: gathered from the
+    dense `outputs["shape"]`).
     """
     classification = tf.sigmoid(tf.cast(outputs["classification"], tf.float32))  # [B, L, C]
     centerness = tf.sigmoid(tf.cast(outputs["centerness"], tf.float32))  # [B, L, 1]
@@ -139,10 +191,12 @@ def decode_fcos(outputs, *, input_size, max_detections=100, score_threshold=0.05
     classes = tf.gather(classes, selected, batch_dims=1)
     locations = tf.gather(locations, selected, batch_dims=1)
     centres = corners_to_centre(boxes) / SALIENCY_STRIDE  # the saliency map's pixels
+    if shape_at is None:
+        shape_at = lambda at: tf.gather(outputs["shape"], at, batch_dims=1)  # noqa: E731
 
     shape_vectors, saliency, mask_classes = mask_inputs(
         mask_heads(mask_factors),
-        lambda: tf.gather(outputs["shape"], locations, batch_dims=1),  # [B, K, S*S]
+        lambda: shape_at(locations),
         outputs.get("saliency"), classes,
     )
     masks = assemble_box_masks(shape_vectors, centres, saliency, mask_size, mask_classes)
@@ -170,7 +224,9 @@ class FcosDecoder(keras.layers.Layer):
         nms_iou_threshold: class-wise NMS IoU threshold.
 
     With `mirrored` (the outputs for the mirror images) the two are averaged first
-    (`fcos_flip_averaged`).
+    (`fcos_flip_averaged`). With `shape_head` (the network's 1x1 Shape conv) and
+    `outputs["shape_features"]` (`inference_network`'s) in place of `outputs["shape"]`, the
+    Shape conv runs at the kept detections only: the same logits as the dense path.
 
     Example:
 
@@ -205,14 +261,16 @@ class FcosDecoder(keras.layers.Layer):
         return cls(**{name: getattr(model_config, name) for name in cls._SETTINGS}, **kwargs)
 
     def call(self, outputs, shape_head=None, mirrored=None):
-        # `shape_head` is the CenterNet decoder's peak-only Shape head; FCOS's Shape is dense.
-        del shape_head
+        shape_at = None
+        if shape_head is not None and "shape_features" in outputs:
+            mirrored_features = None if mirrored is None else mirrored["shape_features"]
+            shape_at = sparse_shape(shape_head, outputs["shape_features"], mirrored_features, self.input_size)
         if mirrored is not None:
             outputs = fcos_flip_averaged(outputs, mirrored, self.input_size)
         return decode_fcos(
             outputs, input_size=self.input_size, max_detections=self.max_detections,
             score_threshold=self.score_threshold, mask_size=self.mask_size, mask_factors=self.mask_factors,
-            pre_nms_top_k=self.pre_nms_top_k, nms_iou_threshold=self.nms_iou_threshold,
+            pre_nms_top_k=self.pre_nms_top_k, nms_iou_threshold=self.nms_iou_threshold, shape_at=shape_at,
         )
 
     def get_config(self):
