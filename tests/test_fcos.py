@@ -363,6 +363,49 @@ def test_shape_conv_at_the_kept_detections_equals_the_dense_shape_head(flip_test
     assert dense_shape in shapes_in_graph(detector.network) and dense_shape not in shapes_in_graph(detector.decode)
 
 
+def upsample2_bilinear(maps):
+    """x2 bilinear upsampling of `[B, H, W, C]` with half-pixel centres, one axis at a time:
+    output i samples input (i + 0.5) / 2 - 0.5, clamped to the map."""
+    for axis in (1, 2):
+        n = maps.shape[axis]
+        source = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        low = np.floor(source).astype(int)
+        high, weight = np.minimum(low + 1, n - 1), source - low
+        shape = [1, 1, 1, 1]
+        shape[axis] = 2 * n
+        weight = weight.reshape(shape)
+        maps = np.take(maps, low, axis=axis) * (1 - weight) + np.take(maps, high, axis=axis) * weight
+    return maps
+
+
+def test_saliency_head_on_p3_upsamples_its_logits_at_a_quarter_of_the_work():
+    """`model.saliency_stride=8`: the saliency output is the head's logits on P3, bilinearly
+    upsampled x2 (a numpy reference), and the network costs three quarters of the stride-4 head
+    less (counted on the graph against the head's conv sizes); CenterNet refuses the setting."""
+    import keras
+
+    from centermask_tf.tools.flops import model_flops
+
+    size, channels, classes = 64, 16, 3
+    base = ["model.input_size=64", f"model.head_conv={channels}", "model.width_multiplier=0.125",
+            "model.saliency=specific"]
+    dense = build_network(load_config(CONFIG, base))
+    p3 = build_network(load_config(CONFIG, [*base, "model.saliency_stride=8"]))
+    head = p3.get_layer("saliency")
+    images = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    features = keras.Model(p3.input, head.input)(images)
+    assert features.shape == (2, size // 8, size // 8, channels)
+    got = p3(images)["saliency"].numpy()
+    assert got.shape == (2, size // 4, size // 4, classes)
+    np.testing.assert_allclose(got, upsample2_bilinear(head(features).numpy()), atol=1e-5)
+    # Per output pixel the head is a 3x3 conv C -> C (with bias) and a 1x1 conv C -> classes.
+    per_pixel = 2 * (9 * channels * channels + channels * classes) + channels + classes
+    saved = per_pixel * ((size // 4) ** 2 - (size // 8) ** 2)
+    assert model_flops(dense) - model_flops(p3) == pytest.approx(saved, rel=0.02)
+    with pytest.raises(ValueError, match="model.saliency_stride applies to model.type=fcos"):
+        architecture(load_config("configs/shapes_tiny.yaml", ["model.saliency_stride=8"]).model)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.backbone=dla34", "resnet18, resnet50, resnet101 or keras_hub"),
     ("model.assembly=native", "model.assembly"),

@@ -8,6 +8,7 @@ from centermask_tf.arch.centernet.decoder import CenterMaskDecoder, inference_ne
 from centermask_tf.arch.centernet.losses import LOSS_TERMS, compute_losses
 from centermask_tf.arch.centernet.network import OUTPUT_STRIDE, build_network
 from centermask_tf.arch.centernet.targets import encode_targets, target_spec
+from centermask_tf.config import ConfigError
 
 
 def _target_arguments(config):
@@ -19,6 +20,14 @@ def _target_arguments(config):
     }
 
 
+def validate(model):
+    if model.saliency_stride != OUTPUT_STRIDE:
+        raise ConfigError(
+            "model.saliency_stride applies to model.type=fcos (the CenterNet variant's saliency head "
+            f"runs on its stride-{OUTPUT_STRIDE} features); remove model.saliency_stride."
+        )
+
+
 ARCH = Architecture(
     name="centernet",
     loss_terms=LOSS_TERMS,
@@ -28,4 +37,5 @@ ARCH = Architecture(
     compute_losses=compute_losses,
     decoder=CenterMaskDecoder,
     inference_network=inference_network,
+    validate=validate,
 )
