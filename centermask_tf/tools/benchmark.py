@@ -37,7 +37,7 @@ from centermask_tf.images import load_image
 from centermask_tf.model.assembly import assemble_box_masks
 from centermask_tf.predict import predict_video
 from centermask_tf.timing import block, latency_row, timings
-from centermask_tf.tools.flops import model_flops
+from centermask_tf.tools.flops import count_flops, model_flops
 from centermask_tf.tools.scale import SCALE_CACHE, scale
 from centermask_tf.training.setup import config_train_dataset
 from centermask_tf.video import read_frames
@@ -100,7 +100,9 @@ def print_table(rows, columns):
 
 
 def _fmt(value):
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"  # ratios and small GFLOPs keep 3 digits
 
 
 def bench_shapes(config, workdir=None, images=64, split_size=640):
@@ -312,6 +314,42 @@ def assembly(config, ks=(1, 10, 50, 100, 200), sizes=(64, 128, 256), *, runs=20)
     return rows
 
 
+def fcos_inference(config, *, runs=7):
+    """CenterMask-FCOS decoding a batch-1 canvas three ways, in alternating rounds: the Shape
+    head dense over every location (`dense_shape`, the decoder on the training network's
+    outputs), at the kept detections only (`sparse_shape`, what `CenterMask.decode` runs), and
+    the latter with `model.saliency_stride: 8` (`sparse_shape_p3_saliency`). GFLOPs of each graph,
+    latency median/p90, and the median per-round speed-up over `dense_shape`. Random weights."""
+    config.model.weights = None
+    size = config.model.input_size
+    forms = {}
+    for stride in (4, 8):
+        config.model.saliency_stride = stride
+        detector = CenterMask(config)
+        if stride == 4:
+            forms["dense_shape"] = lambda canvases, d=detector: d.decoder(d.network(canvases, training=False))
+            forms["sparse_shape"] = detector.decode
+        else:
+            forms["sparse_shape_p3_saliency"] = detector.decode
+    spec = tf.TensorSpec([1, size, size, 3], tf.float32)
+    canvas = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)), tf.float32)
+    compiled = {name: tf.function(fn) for name, fn in forms.items()}
+    times = {name: [] for name in forms}
+    for fn in compiled.values():
+        block(fn(canvas))  # trace and warm up
+    for _ in range(runs):
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            block(fn(canvas))
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for name, seconds in times.items():
+        speedups = [dense / t for dense, t in zip(times["dense_shape"], seconds)]
+        rows.append({"form": name, "input_size": size, "gflops": count_flops(forms[name], spec) / 1e9,
+                     **latency_row(seconds), "speedup": statistics.median(speedups)})
+    return rows
+
+
 def _detector(config, workdir):
     """The workdir's trained detector (detections as a user gets them), else random weights."""
     if workdir:
@@ -462,6 +500,9 @@ def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RES
             elif kind == "assembly":
                 rows = assembly(config, runs=runs)
                 columns = ["k", "output", "ms", "us_per_instance"]
+            elif kind == "fcos":
+                rows = fcos_inference(config, runs=min(runs, 7))
+                columns = ["form", "input_size", "gflops", "median_ms", "p90_ms", "speedup"]
             elif kind == "video":
                 rows = video_throughput(config, runs=min(runs, 3), frames=10 if quick else 40, workdir=workdir)
                 columns = ["stage", "frames", "size", "frames_per_s"]
