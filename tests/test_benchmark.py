@@ -47,6 +47,24 @@ def test_inference_benchmark_takes_an_fcos_config(results):
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in record["rows"])
 
 
+def test_fcos_benchmark_counts_what_the_sparse_shape_and_p3_saliency_save(results):
+    """The graphs' GFLOPs fall by the dense Shape conv's work at the locations no detection
+    keeps (a 1x1 conv C -> S*S, 2 * C * S*S per location) and by the saliency head's work at
+    three quarters of its stride-4 pixels."""
+    from centermask_tf.arch.fcos.targets import num_locations
+    from centermask_tf.config import load_config
+
+    (record,) = run_benchmark("fcos", results, config="configs/shapes_fcos_tiny.yaml")
+    gflops = {row["form"]: row["gflops"] for row in record["rows"]}
+    model = load_config("configs/shapes_fcos_tiny.yaml").model
+    c, s2, n = model.head_conv, model.shape_size**2, model.input_size
+    shape_conv = (2 * c * s2 + s2) * (num_locations(n) - model.max_detections)  # multiply-adds and bias
+    assert gflops["dense_shape"] - gflops["sparse_shape"] == pytest.approx(shape_conv / 1e9, rel=0.05)
+    saliency = (2 * (9 * c * c + c) + c + 1) * ((n // 4) ** 2 - (n // 8) ** 2)
+    assert gflops["sparse_shape"] - gflops["sparse_shape_p3_saliency"] == pytest.approx(saliency / 1e9, rel=0.05)
+    assert all(row["median_ms"] > 0 and row["speedup"] > 0 for row in record["rows"])
+
+
 @pytest.mark.slow
 def test_scale_benchmark_quick_builds_three_ways_and_splits_evaluation(tmp_path, capsys):
     """`benchmark scale --quick`: 50 COCO-sized images, built in 1 and 2 processes and through
