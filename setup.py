@@ -36,9 +36,13 @@ setup(
     extras_require={
         # The test extra includes every optional feature the tests check: fast-eval (its metrics
         # equal pycocotools'), Beam (its dataset build equals the single-process one), the
-        # evaluation plots, the keras-hub backbones and video; xdist runs the suite in 2 processes.
+        # evaluation plots, the keras-hub backbones, video and ONNX timing (onnx writes the test's
+        # model); xdist runs the suite in 2 processes.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "faster-coco-eval>=1.8.0,<1.9", "apache-beam>=2.77,<3",
-                 "matplotlib>=3.8,<4", "keras-hub>=0.32,<0.33", "av>=14,<19"],
+                 "matplotlib>=3.8,<4", "keras-hub>=0.32,<0.33", "av>=14,<19", "onnxruntime>=1.20,<2",
+                 "onnx>=1.17,<2"],
+        # `benchmark inference --peer model.onnx`: a peer model timed by ONNX Runtime.
+        "bench": ["onnxruntime>=1.20,<2"],
         # Video in `predict` and `CenterMask.detect_video`: PyAV, whose wheels carry FFmpeg with
         # its H.264 encoder (libx264).
         "video": ["av>=14,<19"],

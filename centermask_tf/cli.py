@@ -184,8 +184,14 @@ def cmd_benchmark(args):
 
     if args.plots and importlib.util.find_spec("matplotlib") is None:  # fail before, not after, the run
         raise UsageError("--plots needs matplotlib: .venv/bin/pip install -e '.[plots]'")
+    if args.peer and not args.peer.endswith(".onnx"):
+        raise UsageError(f"--peer takes an .onnx model, got '{args.peer}'.")
+    if args.peer and not os.path.isfile(args.peer):
+        raise UsageError(f"--peer '{args.peer}' does not exist.")
+    if args.peer and importlib.util.find_spec("onnxruntime") is None:
+        raise UsageError("--peer needs onnxruntime: .venv/bin/pip install -e '.[bench]'")
     benchmark.run(args.what, args.config, args.overrides, quick=args.quick, runs=args.runs,
-                  results=args.results, plots=args.plots, cache=args.cache, workdir=args.workdir)
+                  results=args.results, plots=args.plots, cache=args.cache, workdir=args.workdir, peer=args.peer)
 
 
 def cmd_train(args):
@@ -342,9 +348,8 @@ def cmd_data_service(args):
 
 
 def cmd_export(args):
-    from centermask_tf.data.tfds_builder import prepare_dataset
     from centermask_tf.export.serving import export_saved_model
-    from centermask_tf.export.tflite import export_tflite, representative_dataset
+    from centermask_tf.export.tflite import config_calibration, export_tflite
     from centermask_tf.workdir import load_workdir
 
     config, categories = load_workdir(args.workdir, args.overrides)
@@ -362,9 +367,8 @@ def cmd_export(args):
     quantize = args.quantize or config.export.quantize
     calibration = None
     if quantize == "int8":
-        count = config.export.representative_images
-        print(f"calibrating int8 on {count} training images of {config.data.train.images}")
-        calibration = representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
+        print(f"calibrating int8 on {config.export.representative_images} training images of {config.data.train.images}")
+        calibration = config_calibration(config)
     size = export_tflite(detector, args.output, quantize, calibration)
     print(f"TFLite ({quantize}, builtin ops only) written to {args.output}: {size / 1e6:.2f} MB")
 
@@ -530,7 +534,11 @@ def build_parser():
     bench.add_argument("--results", default="benchmarks/results.json", type=_path, help="JSON file appended to")
     bench.add_argument("--plots", action="store_true", help="also draw PNG plots next to --results (matplotlib)")
     bench.add_argument("--workdir", type=_path,
-                       help="video, tiling: a trained workdir of the config (default: random weights)")
+                       help="inference, video, tiling: a trained workdir of the config, timed (and for int8 "
+                       "calibrated) as `centermask export` ships it (default: random weights)")
+    bench.add_argument("--peer", type=_path,
+                       help="inference: an .onnx model (e.g. YOLOv8n-seg) timed by ONNX Runtime in the same "
+                       "alternating rounds as the TFLite files; rows get peer_over_this (needs the bench extra)")
     bench.add_argument("--cache", type=_path, help="scale: where the generated set is kept between runs (~/.cache/centermask_tf)")
     bench.set_defaults(handler=cmd_benchmark)
     return parser

@@ -1,9 +1,10 @@
-"""Timing helpers that import no TensorFlow, and a LiteRT timing entry point run in its own
-process.
+"""Timing helpers that import no TensorFlow, and a timing entry point for model files run in
+its own process.
 
 TFLite latency is measured in a process that never imports TensorFlow, as on a phone or an edge
 board: with TensorFlow loaded in the same process, LiteRT's XNNPACK float kernels ran about
-1.8x slower here (34 vs 62 ms for the edge config's fp32 model).
+1.8x slower here (34 vs 62 ms for the edge config's fp32 model). An `.onnx` file (a peer model
+to compare with, e.g. YOLOv8n-seg) is run by ONNX Runtime the same way (the `bench` extra).
 
     python -m centermask_tf.timing model.tflite --runs 20 --threads 2   # prints JSON
 """
@@ -60,8 +61,9 @@ def peak_rss_mb(children=False):
 
 
 def latency_row(times):
-    """Median and p90 in milliseconds."""
+    """Min, median and p90 in milliseconds."""
     return {
+        "min_ms": 1e3 * min(times),
         "median_ms": 1e3 * statistics.median(times),
         "p90_ms": 1e3 * float(np.percentile(times, 90)),
         "runs": len(times),
@@ -69,8 +71,8 @@ def latency_row(times):
 
 
 def litert_latency(path, runs=20, threads=None):
-    """Latency row of a `.tflite` file's default signature on a random uint8 image, run by
-    LiteRT (XNNPACK) with `threads` threads (default: all cores)."""
+    """Seconds of `runs` calls of a `.tflite` file's default signature on a random uint8 image,
+    run by LiteRT (XNNPACK) with `threads` threads (default: all cores)."""
     from ai_edge_litert.interpreter import Interpreter
 
     with open(path, "rb") as f:
@@ -78,7 +80,22 @@ def litert_latency(path, runs=20, threads=None):
     runner = interpreter.get_signature_runner()
     (name, detail), = runner.get_input_details().items()
     image = np.random.default_rng(0).integers(0, 255, detail["shape"]).astype(detail["dtype"])
-    return latency_row(timings(lambda: runner(**{name: image}), runs))
+    return timings(lambda: runner(**{name: image}), runs)
+
+
+def onnx_latency(path, runs=20, threads=None):
+    """Seconds of `runs` forward passes of an `.onnx` file on a random float input in [0, 1],
+    run by ONNX Runtime's CPU provider with `threads` intra-op threads (default: all cores)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SystemExit(f"timing {path} needs onnxruntime: .venv/bin/pip install -e '.[bench]'") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count()
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    (detail,) = session.get_inputs()
+    image = np.random.default_rng(0).random(detail.shape, dtype=np.float32)
+    return timings(lambda: session.run(None, {detail.name: image}), runs)
 
 
 def block(outputs):
@@ -87,12 +104,14 @@ def block(outputs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Time a .tflite model with LiteRT; prints JSON.")
+    parser = argparse.ArgumentParser(description="Time a .tflite (LiteRT) or .onnx (ONNX Runtime) model; prints JSON.")
     parser.add_argument("model")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
-    print(json.dumps(litert_latency(args.model, args.runs, args.threads)))
+    latency = onnx_latency if args.model.endswith(".onnx") else litert_latency
+    times = latency(args.model, args.runs, args.threads)
+    print(json.dumps({**latency_row(times), "times_ms": [1e3 * t for t in times]}))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,47 @@ def test_litert_timing_runs_in_a_process_without_tensorflow(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
-    assert row["runs"] == 3 and 0 < row["median_ms"] <= row["p90_ms"]
+    assert row["runs"] == 3 and 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"]
+    assert len(row["times_ms"]) == 3 and min(row["times_ms"]) == row["min_ms"]
+
+
+def tiny_onnx(path):
+    """A one-convolution ONNX model with a `[1, 3, 16, 16]` float input, written to `path`."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["out"])], "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 14, 14])], initializer=[weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_an_onnx_peer_is_timed_in_the_same_rounds(tmp_path, monkeypatch):
+    """`--peer model.onnx` files run under ONNX Runtime in a TensorFlow-free process; each of our
+    files gets the median over rounds of the peer's median over its own (hand computation with
+    fixed times: rounds of 10/5 ms and 30/10 ms give ratios 2 and 3, median 2.5)."""
+    from centermask_tf.tools import benchmark
+
+    assert len(benchmark._file_latency(tiny_onnx(tmp_path / "peer.onnx"), 3)) == 3
+    fixed = iter([[0.004, 0.005, 0.006], [0.010, 0.010, 0.011], [0.010, 0.009, 0.011], [0.030, 0.031, 0.029]])
+    monkeypatch.setattr(benchmark, "_file_latency", lambda path, runs: next(fixed))
+    ours, peer = benchmark.alternating_latency({"tflite_int8": __file__, "peer": __file__}, runs=3, rounds=2)
+    assert ours["peer_over_this"] == pytest.approx(2.5) and "peer_over_this" not in peer
+    assert ours["runs"] == 6 and ours["min_ms"] == pytest.approx(4.0) and ours["median_ms"] == pytest.approx(7.5)
+    assert peer["median_ms"] == pytest.approx(20.0) and ours["images_per_s"] == pytest.approx(1e3 / 7.5)
+
+
+@pytest.mark.parametrize("peer, message", [("model.tflite", "takes an .onnx model"), ("missing.onnx", "does not exist")])
+def test_a_peer_that_is_no_onnx_file_is_refused(peer, message, capsys):
+    assert main(["benchmark", "inference", "--config", "configs/shapes_tiny.yaml", "--peer", peer]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_plots_without_matplotlib_fail_before_benchmarking(results, monkeypatch, capsys):

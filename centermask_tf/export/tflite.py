@@ -34,6 +34,15 @@ def representative_dataset(builder, input_size, count, split="train"):
     return generate
 
 
+def config_calibration(config):
+    """int8 calibration as `centermask export` does it: `export.representative_images` images of
+    the config's training data."""
+    from centermask_tf.data.tfds_builder import prepare_dataset
+
+    count = config.export.representative_images
+    return representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
+
+
 def saved_model_to_tflite(saved_model_dir, quantize="none", representative_dataset=None, int8_scope=None):
     """Converts a SavedModel to a TFLite flatbuffer using builtin ops only (no Flex, no custom).
 

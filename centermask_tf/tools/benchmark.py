@@ -32,7 +32,7 @@ from centermask_tf.export.serving import (
     image_detector,
     letterbox_with_extents,
 )
-from centermask_tf.export.tflite import export_tflite, representative_dataset
+from centermask_tf.export.tflite import config_calibration, export_tflite
 from centermask_tf.images import load_image
 from centermask_tf.model.assembly import assemble_box_masks
 from centermask_tf.predict import predict_video
@@ -93,10 +93,12 @@ def append_result(kind, config_name, rows, path=RESULTS):
 
 
 def print_table(rows, columns):
-    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) + 2 for c in columns]
+    """Rows as a right-aligned table; a row without a column's key shows "-" there."""
+    cells = [[_fmt(row[c]) if c in row else "-" for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) + 2 for i, c in enumerate(columns)]
     print("".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for row in rows:
-        print("".join(_fmt(row[c]).rjust(w) for c, w in zip(columns, widths)))
+    for line in cells:
+        print("".join(cell.rjust(w) for cell, w in zip(line, widths)))
 
 
 def _fmt(value):
@@ -223,23 +225,55 @@ def efficiency(config, ceiling, *, runs=10):
     }
 
 
-def _litert_latency(path, runs):
-    """`timing.litert_latency` in a fresh process that does not import TensorFlow."""
+def _file_latency(path, runs):
+    """Seconds of each of `runs` calls of a model file (`.tflite`, `.onnx`), timed by
+    `python -m centermask_tf.timing` in a fresh process that does not import TensorFlow."""
     command = [sys.executable, "-m", "centermask_tf.timing", path, "--runs", str(runs)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
-        raise RuntimeError(f"LiteRT timing of {path} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"timing {path} failed:\n{result.stderr[-2000:]}")
+    return [t / 1e3 for t in json.loads(result.stdout.strip().splitlines()[-1])["times_ms"]]
+
+
+def alternating_latency(files, runs, rounds):
+    """Latency rows of model files `{form: path}` timed in turn, `rounds` times over, each time
+    in a fresh TensorFlow-free process (`runs` calls after 2 warm-ups): min, median and p90
+    over all calls. With a "peer" file each of the others also gets `peer_over_this`, the
+    median over the rounds of the peer's median time over its own: on a host whose speed drifts
+    between minutes, only times taken side by side compare."""
+    times = {form: [] for form in files}
+    medians = {form: [] for form in files}
+    for _ in range(rounds):
+        for form, path in files.items():
+            seconds = _file_latency(path, runs)
+            times[form] += seconds
+            medians[form].append(statistics.median(seconds))
+    rows = []
+    for form, path in files.items():
+        row = {"form": form, **latency_row(times[form]), "rounds": rounds, "batch": 1}
+        row["images_per_s"] = 1e3 / row["median_ms"]  # a fixed batch-1 input: one image per call
+        row["size_mb"] = os.path.getsize(path) / 1e6
+        if "peer" in files and form != "peer":
+            row["peer_over_this"] = statistics.median(p / t for p, t in zip(medians["peer"], medians[form]))
+        rows.append(row)
+    return rows
 
 
 INFERENCE_FORMS = ("keras", "xla", "saved_model", "tflite_fp32", "tflite_fp16", "tflite_int8")
 
 
-def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, workdir=None):
+def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, rounds=3, run_dir=None,
+              peer=None):
     """End-to-end latency (uint8 image in -> boxes, classes, scores, masks out) at batch 1 and
-    throughput at batch `batch`, for each form of the model. Rows per form."""
-    config.model.weights = None
-    detector = CenterMask(config)
+    throughput at batch `batch`, for each form of the model. Rows per form.
+
+    `run_dir`: a trained workdir of the config: its network (classes, weights) is what is timed
+    and exported, int8 calibrated as `centermask export` does it (`export.representative_images`
+    images of its training data): what a user ships. Else random weights at the config's classes,
+    calibrated on generated shapes. TFLite files (and the `peer` `.onnx` file) are timed in
+    alternating `rounds` (`alternating_latency`)."""
+    detector = _detector(config, run_dir)
+    config = detector.config
     size = config.model.input_size
     rng = np.random.default_rng(0)
     one = tf.constant(rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8))
@@ -254,8 +288,9 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
 
     def report(row):
         rows.append(row)
-        print(f"  {row['form']:12s} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms  "
-              f"{row['images_per_s']:6.2f} images/s", flush=True)
+        peer_ratio = f"  peer/this {row['peer_over_this']:.2f}x" if "peer_over_this" in row else ""
+        print(f"  {row['form']:12s} min {row['min_ms']:8.1f} ms  median {row['median_ms']:8.1f} ms  "
+              f"p90 {row['p90_ms']:8.1f} ms  {row['images_per_s']:6.2f} images/s{peer_ratio}", flush=True)
 
     detect_images = image_detector(detector)
     if "keras" in forms:
@@ -272,19 +307,19 @@ def inference(config, forms=INFERENCE_FORMS, *, runs=20, batch=8, batch_runs=3, 
             path = export_saved_model(detector, os.path.join(tmp, "sm"))
             signature = tf.saved_model.load(path).signatures["image_tensor"]
             measure("saved_model", lambda images: signature(image_tensor=images))
+        files = {}
         for form in [f for f in forms if f.startswith("tflite_")]:
             quantize = {"tflite_fp32": "none", "tflite_fp16": "fp16", "tflite_int8": "int8"}[form]
             calibration = None
             if quantize == "int8":
-                builder = prepare_dataset(bench_shapes(config, workdir).data)
-                calibration = representative_dataset(builder, size, 8)
-            path = os.path.join(tmp, f"{form}.tflite")
-            export_tflite(detector, path, quantize, calibration)
-            # A fixed batch-1 input: throughput is one image per call.
-            row = {"form": form, **_litert_latency(path, runs), "batch": 1}
-            row["images_per_s"] = 1e3 / row["median_ms"]
-            row["size_mb"] = os.path.getsize(path) / 1e6
-            report(row)
+                calibration = config_calibration(config if run_dir else bench_shapes(config))
+            files[form] = os.path.join(tmp, f"{form}.tflite")
+            export_tflite(detector, files[form], quantize, calibration)
+        if peer:
+            files["peer"] = peer
+        if files:
+            for row in alternating_latency(files, runs, rounds):
+                report(row)
     return rows
 
 
@@ -468,10 +503,11 @@ TFLITE_CONFIGS = ("edge_mobilenetv3.yaml", "coco_dla34.yaml")
 
 
 def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RESULTS, plots=False, cache=None,
-        workdir=None):
+        workdir=None, peer=None):
     """`centermask benchmark WHAT`: one benchmark (or `all` but scale) per config; prints tables
-    and appends them to `results`. `workdir`: trained weights for video and tiling (else random
-    weights, whose detections differ in number)."""
+    and appends them to `results`. `workdir`: trained weights for inference, video and tiling
+    (else random weights, whose detections differ in number). `peer`: an `.onnx` model timed
+    alongside the TFLite files (`inference`)."""
     if what == "scale":
         return _run_scale(configs, overrides, quick, results, cache)
     paths = configs or (QUICK_CONFIGS if quick else BENCHMARK_CONFIGS)
@@ -488,12 +524,15 @@ def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RES
             print(f"\n== {kind}: {name} ==", flush=True)
             if kind == "inference":
                 forms = ["keras", "saved_model"] if quick else ["keras", "xla", "saved_model"]
-                if name in TFLITE_CONFIGS:
+                if name in TFLITE_CONFIGS or workdir or peer:  # a trained run or a peer: what ships
                     forms += ["tflite_int8"] if quick else ["tflite_fp32", "tflite_fp16", "tflite_int8"]
                 rows = inference(
-                    config, forms, runs=runs, batch=2 if quick else 8, batch_runs=1 if quick else 3
+                    config, forms, runs=runs, batch=2 if quick else 8, batch_runs=1 if quick else 3,
+                    rounds=2 if quick else 3, run_dir=workdir, peer=peer,
                 )
-                columns = ["form", "median_ms", "p90_ms", "batch", "images_per_s"]
+                columns = ["form", "min_ms", "median_ms", "p90_ms", "batch", "images_per_s"]
+                if peer:
+                    columns.append("peer_over_this")
             elif kind == "efficiency":
                 rows = [efficiency(config, ceiling, runs=max(3, runs // 2))]
                 columns = ["gflops", "forward_ms", "gflop_per_s", "ceiling_gflop_per_s", "fraction_of_ceiling"]
