@@ -272,11 +272,13 @@ def test_hourglass104_builds_at_512_with_stride_4_outputs():
     assert 190e6 < model.count_params() < 200e6
 
 
+# Relative tolerance per policy: float16 keeps 11 bits of mantissa, bfloat16 8.
+@pytest.mark.parametrize("policy, tolerance", [("mixed_float16", 0.02), ("mixed_bfloat16", 0.08)])
 @pytest.mark.parametrize("model_type", ["centernet", "fcos"])
-def test_mixed_float16_network_matches_float32_with_float32_outputs(model_type):
-    """`train.mixed_precision: mixed_float16` (the COCO configs' GPU setting): the network
-    builds, computes in float16 and returns float32 outputs within float16 error of the float32
-    network with the same weights."""
+def test_mixed_precision_network_matches_float32_with_float32_outputs(model_type, policy, tolerance):
+    """`train.mixed_precision` (mixed_float16: the COCO configs' GPU setting; mixed_bfloat16:
+    CPUs with AVX-512 BF16 / AMX): the network builds, computes in the low precision and returns
+    float32 outputs within that precision's error of the float32 network with the same weights."""
     import keras
 
     images = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
@@ -284,18 +286,18 @@ def test_mixed_float16_network_matches_float32_with_float32_outputs(model_type):
     # draw of the FCOS towers once put one output just past the float16 tolerance.
     keras.utils.set_random_seed(0)
     reference = build_network(tiny_config(type=model_type))
-    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(policy)
     try:
         mixed = build_network(tiny_config(type=model_type))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     mixed.set_weights(reference.get_weights())
-    assert any(layer.compute_dtype == "float16" for layer in mixed.layers)
+    assert any(layer.compute_dtype == policy.split("_")[1] for layer in mixed.layers)
     expected, got = reference(images), mixed(images)
     for name, value in got.items():
         assert value.dtype == "float32", name
         scale = float(np.abs(expected[name]).max()) + 1.0
-        np.testing.assert_allclose(value, expected[name], atol=0.02 * scale, err_msg=name)
+        np.testing.assert_allclose(value, expected[name], atol=tolerance * scale, err_msg=name)
 
 
 def test_the_config_offers_exactly_the_backbones_and_architectures_of_the_tables():

@@ -157,13 +157,19 @@ def train_throughput(config, *, runs=3, steps=5, workdir=None):
     bench_shapes(config, workdir)
     config.model.weights = None  # same cost; no download
     batch = config_train_dataset(config, prepare_dataset(config.data)).take(1).cache().repeat()
-    trainer = CenterMask(config)
-    trainer.compile(optimizer=keras.optimizers.Adam(1e-4))
-    times = timings(lambda: trainer.fit(batch, epochs=1, steps_per_epoch=steps, verbose=0), runs, warmup=1)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.train.mixed_precision or "float32")  # as training sets it
+    try:
+        trainer = CenterMask(config)
+        trainer.compile(optimizer=keras.optimizers.Adam(1e-4))
+        times = timings(lambda: trainer.fit(batch, epochs=1, steps_per_epoch=steps, verbose=0), runs, warmup=1)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
     step = statistics.median(times) / steps
     return {
         "input_size": config.model.input_size,
         "batch_size": config.train.batch_size,
+        "precision": config.train.mixed_precision or "float32",
         "step_ms": 1e3 * step,
         "images_per_s": config.train.batch_size / step,
     }
@@ -557,7 +563,7 @@ def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RES
                 step = steps[name]
                 if kind == "train":
                     rows = [step]
-                    columns = ["input_size", "batch_size", "step_ms", "images_per_s"]
+                    columns = ["input_size", "batch_size", "precision", "step_ms", "images_per_s"]
                 else:
                     # In-process, then through 1 and 2 local tf.data service workers (data.service).
                     rows = []
