@@ -3,7 +3,7 @@ NMS, then masks assembled as the CenterNet variant's (`assembly.assemble_box_mas
 
 At inference the Shape head's 1x1 conv runs at the K kept detections only (`inference_network`
 hands the decoder the box tower's features instead of the dense `[B, L, S*S]` Shape output):
-the dense output is S*S = 784 channels at each of the ~13,000 locations of an 800-px image.
+the dense output is S*S channels (1,024 at S = 32) at each of the 13,343 locations of an 800-px image.
 
 The outputs have the same keys, shapes and meaning as the CenterNet variant's `decode_detections` (`boxes`,
 `scores`, `classes`, `masks`, `num_detections`, `centres`), so evaluation, `detect` and the
