@@ -11,7 +11,7 @@
     centermask export   --workdir work/demo --format saved_model|tflite --output PATH
                         [--quantize none|fp16|int8]
     centermask info     --config configs/coco_resnet18.yaml [--set model.input_size=256]
-    centermask benchmark inference|efficiency|assembly|data|train|fcos|all [--quick] [--config ...]
+    centermask benchmark inference|efficiency|assembly|data|train|fcos-heads|all [--quick] [--config ...]
     centermask recipe   --config configs/shapes_tiny.yaml --workdir work/recipe/base
                         [--sets shapes occluded ...] [--seeds 0 1 2] [--set key=value ...] [--eval-set key=value ...]
 """
@@ -519,13 +519,13 @@ def build_parser():
 
     bench = command("benchmark", help="speed benchmarks (tables + benchmarks/results.json)")
     bench.add_argument(
-        "what", choices=["inference", "efficiency", "assembly", "data", "train", "scale", "video", "tiling", "fcos",
+        "what", choices=["inference", "efficiency", "assembly", "data", "train", "scale", "video", "tiling", "fcos-heads",
                          "all"],
         help="inference: end-to-end latency per format; efficiency: GFLOP/s vs the matmul "
         "ceiling; assembly: mask assembly vs K; data: pipeline vs training step; train: step "
         "images/s; scale: TFDS build and evaluation on 5,000 COCO-sized images; video: frames/s "
-        "of a 512-px clip; tiling: a 512-px image whole vs tiled; fcos: CenterMask-FCOS's Shape head dense "
-        "vs at the kept detections, saliency at stride 4 vs on P3; all: every one but scale, video, tiling, fcos",
+        "of a 512-px clip; tiling: a 512-px image whole vs tiled; fcos-heads: CenterMask-FCOS's Shape head dense "
+        "vs at the kept detections, saliency at stride 4 vs on P3; all: every one but scale, video, tiling, fcos-heads",
     )
     bench.add_argument("--config", nargs="+", type=_path, help="configs (default: the four COCO/edge configs)")
     _add_set_arg(bench)

@@ -54,7 +54,7 @@ def test_fcos_benchmark_counts_what_the_sparse_shape_and_p3_saliency_save(result
     from centermask_tf.arch.fcos.targets import num_locations
     from centermask_tf.config import load_config
 
-    (record,) = run_benchmark("fcos", results, config="configs/shapes_fcos_tiny.yaml")
+    (record,) = run_benchmark("fcos-heads", results, config="configs/shapes_fcos_tiny.yaml")
     gflops = {row["form"]: row["gflops"] for row in record["rows"]}
     model = load_config("configs/shapes_fcos_tiny.yaml").model
     c, s2, n = model.head_conv, model.shape_size**2, model.input_size

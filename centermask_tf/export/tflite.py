@@ -16,6 +16,7 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from centermask_tf.data.pipeline import eval_dataset
+from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.export.serving import export_tflite_saved_model, network_scope
 from centermask_tf.files import remove_stale_temporaries, write_bytes
 
@@ -37,8 +38,6 @@ def representative_dataset(builder, input_size, count, split="train"):
 def config_calibration(config):
     """int8 calibration as `centermask export` does it: `export.representative_images` images of
     the config's training data."""
-    from centermask_tf.data.tfds_builder import prepare_dataset
-
     count = config.export.representative_images
     return representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
 

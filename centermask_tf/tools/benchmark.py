@@ -545,7 +545,7 @@ def run(what, configs=None, overrides=(), *, quick=False, runs=None, results=RES
             elif kind == "assembly":
                 rows = assembly(config, runs=runs)
                 columns = ["k", "output", "ms", "us_per_instance"]
-            elif kind == "fcos":
+            elif kind == "fcos-heads":
                 rows = fcos_inference(config, runs=min(runs, 7))
                 columns = ["form", "input_size", "gflops", "median_ms", "p90_ms", "speedup"]
             elif kind == "video":
