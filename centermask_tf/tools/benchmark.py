@@ -33,6 +33,7 @@ from centermask_tf.export.serving import (
     letterbox_with_extents,
 )
 from centermask_tf.export.tflite import config_calibration, export_tflite
+from centermask_tf.files import write_json
 from centermask_tf.images import load_image
 from centermask_tf.model.assembly import assemble_box_masks
 from centermask_tf.predict import predict_video
@@ -87,8 +88,7 @@ def append_result(kind, config_name, rows, path=RESULTS):
         with open(path) as f:
             records = json.load(f)
     records.append(record)
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
+    write_json(path, records)  # temp file + rename: a killed run never truncates earlier records
     return record
 
 
