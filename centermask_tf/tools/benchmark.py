@@ -241,12 +241,17 @@ def _file_latency(path, runs):
     return [t / 1e3 for t in json.loads(result.stdout.strip().splitlines()[-1])["times_ms"]]
 
 
+def per_round_ratio(numerators, denominators):
+    """The median over rounds of each round's ratio: times taken side by side compare on a host
+    whose speed drifts between minutes, times from different minutes do not."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators))
+
+
 def alternating_latency(files, runs, rounds):
     """Latency rows of model files `{form: path}` timed in turn, `rounds` times over, each time
     in a fresh TensorFlow-free process (`runs` calls after 2 warm-ups): min, median and p90
     over all calls. With a "peer" file each of the others also gets `peer_over_this`, the
-    median over the rounds of the peer's median time over its own: on a host whose speed drifts
-    between minutes, only times taken side by side compare."""
+    median over the rounds of the peer's median time over its own (`per_round_ratio`)."""
     times = {form: [] for form in files}
     medians = {form: [] for form in files}
     for _ in range(rounds):
@@ -260,7 +265,7 @@ def alternating_latency(files, runs, rounds):
         row["images_per_s"] = 1e3 / row["median_ms"]  # a fixed batch-1 input: one image per call
         row["size_mb"] = os.path.getsize(path) / 1e6
         if "peer" in files and form != "peer":
-            row["peer_over_this"] = statistics.median(p / t for p, t in zip(medians["peer"], medians[form]))
+            row["peer_over_this"] = per_round_ratio(medians["peer"], medians[form])
         rows.append(row)
     return rows
 
@@ -385,9 +390,8 @@ def fcos_inference(config, *, runs=7):
             times[name].append(time.perf_counter() - start)
     rows = []
     for name, seconds in times.items():
-        speedups = [dense / t for dense, t in zip(times["dense_shape"], seconds)]
         rows.append({"form": name, "input_size": size, "gflops": count_flops(forms[name], spec) / 1e9,
-                     **latency_row(seconds), "speedup": statistics.median(speedups)})
+                     **latency_row(seconds), "speedup": per_round_ratio(times["dense_shape"], seconds)})
     return rows
 
 
