@@ -63,6 +63,9 @@ def test_fcos_benchmark_counts_what_the_sparse_shape_and_p3_saliency_save(result
     saliency = (2 * (9 * c * c + c) + c + 1) * ((n // 4) ** 2 - (n // 8) ** 2)
     assert gflops["sparse_shape"] - gflops["sparse_shape_p3_saliency"] == pytest.approx(saliency / 1e9, rel=0.05)
     assert all(row["median_ms"] > 0 and row["speedup"] > 0 for row in record["rows"])
+    args = ["benchmark", "fcos-heads", "--config", "configs/shapes_tiny.yaml", "--results", str(results)]
+    assert main(args) == 2  # a CenterNet config is refused up front, nothing appended
+    assert len(json.loads(results.read_text())) == 1
 
 
 @pytest.mark.slow

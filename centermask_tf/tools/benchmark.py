@@ -19,9 +19,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.arch import build_network
+from centermask_tf.arch import architecture, build_network
 from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
-from centermask_tf.config import load_config
+from centermask_tf.arch.fcos import ARCH as FCOS
+from centermask_tf.config import ConfigError, load_config
 from centermask_tf.data.service import local_service
 from centermask_tf.data.shapes import make_clip, make_shapes
 from centermask_tf.data.tfds_builder import prepare_dataset
@@ -366,6 +367,9 @@ def fcos_inference(config, *, runs=7):
     outputs), at the kept detections only (`sparse_shape`, what `CenterMask.decode` runs), and
     the latter with `model.saliency_stride: 8` (`sparse_shape_p3_saliency`). GFLOPs of each graph,
     latency median/p90, and the median per-round speed-up over `dense_shape`. Random weights."""
+    if architecture(config.model) is not FCOS:
+        raise ConfigError("benchmark fcos-heads times CenterMask-FCOS: pass an FCOS config such as "
+                          "configs/coco_fcos_r50.yaml.")
     config.model.weights = None
     size = config.model.input_size
     forms = {}
