@@ -21,13 +21,14 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from centermask_tf import diagnostics
+from centermask_tf.coco_results import CocoResults
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations
 from centermask_tf.data.pipeline import decode_example, eval_dataset
 from centermask_tf.errors import MissingError
 from centermask_tf.files import write_json
 from centermask_tf.inference import ImageDetector
-from centermask_tf.postprocess import coco_results, to_original_image
+from centermask_tf.postprocess import coco_columns
 from centermask_tf.tiling import check_tiling
 from centermask_tf.timing import Stopwatch
 
@@ -95,9 +96,11 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
 
     The ground truth is the annotations in `annotation_ids` (None: every annotation of the
     file): the ones the dataset build kept. A malformed segmentation would crash COCOeval, and
-    a skipped one is never trained on. `timer` (a `timing.Stopwatch`) adds the seconds of
-    "ground_truth", "coco_eval" and "diagnostics". `plots_dir`: where to draw the diagnostic
-    plots (`diagnostics.py`); only then is the best-F1 score threshold computed.
+    a skipped one is never trained on. `detections`: a `CocoResults` or a list of COCO result
+    dicts. `timer` (a `timing.Stopwatch`) adds the seconds of "ground_truth", "results" (the
+    dicts the COCO library reads, made from a `CocoResults`), "coco_eval" and "diagnostics".
+    `plots_dir`: where to draw the diagnostic plots (`diagnostics.py`); only then is the
+    best-F1 score threshold computed.
 
     Returns:
         {"bbox": {name: value, "per_category": [...]}, "segm": {...},
@@ -118,6 +121,8 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
             ground_truth = coco_class()
             ground_truth.dataset = data
             ground_truth.createIndex()
+    with timer("results"):
+        detections = list(detections)
     metrics, evaluators = {}, {}
     instances = _instances(data, image_ids)
     for iou_type in IOU_TYPES:
@@ -185,8 +190,8 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
         output_dir: where to write detections.json and metrics.json (None: not written).
         max_images: evaluate at most this many images.
         timer: a `timing.Stopwatch` that gets the seconds of each stage: "input" (reading and
-            letterboxing), "detect", "paste" (masks to image pixels), "encode" (RLE and
-            results), "ground_truth" and "coco_eval".
+            letterboxing), "detect", "masks" (masks pasted at image size as RLE, and the
+            results' columns), "ground_truth", "results" and "coco_eval" (`coco_metrics`).
 
     Returns:
         The metrics dict.
@@ -210,18 +215,19 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
         plots_dir=os.path.join(output_dir, "plots") if output_dir else None,
     )
     if output_dir:
-        write_json(os.path.join(output_dir, "detections.json"), detections, indent=None)
+        detections.write_json(os.path.join(output_dir, "detections.json"))
         write_json(os.path.join(output_dir, "metrics.json"), metrics)
     return metrics
 
 
 def _detections(detect, builder, config, max_images, timer, progress):
-    """COCO results of whole letterboxed images, with the image and annotation ids seen."""
+    """COCO results (`CocoResults`) of whole letterboxed images, with the image and
+    annotation ids seen."""
     dataset = eval_dataset(
         builder, input_size=config.model.input_size, batch_size=config.eval.batch_size, max_images=max_images
     )
     category_ids = [c["id"] for c in builder.info.metadata["categories"]]
-    detections, image_ids, annotation_ids = [], [], []
+    detections, image_ids, annotation_ids = CocoResults(), [], []
     batches = iter(dataset)
     while True:
         with timer("input"):
@@ -232,12 +238,10 @@ def _detections(detect, builder, config, max_images, timer, progress):
         with timer("detect"):
             batch = {k: np.asarray(v) for k, v in detect(images).items()}
         for i, image_id in enumerate(info["image_id"]):
-            with timer("paste"):
-                result = to_original_image(
-                    batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold
-                )
-            with timer("encode"):
-                detections.extend(coco_results(image_id, result, category_ids))
+            with timer("masks"):
+                detections.add(int(image_id), **coco_columns(
+                    batch, i, info["scale"][i], info["original_size"][i], config.model.mask_threshold, category_ids
+                ))
             image_ids.append(int(image_id))
         annotation_ids.extend(info["annotation_ids"].tolist())
         progress.update(len(images))
@@ -245,9 +249,9 @@ def _detections(detect, builder, config, max_images, timer, progress):
 
 
 def _tiled_detections(detect, builder, config, max_images, progress):
-    """COCO results of the validation images cut into `eval.tile` tiles (`inference`), with
-    the image and annotation ids seen. Detections whose mask came out empty are left out, as in
-    `Results.to_coco`."""
+    """COCO results (`CocoResults`) of the validation images cut into `eval.tile` tiles
+    (`inference`), with the image and annotation ids seen. Detections whose mask came out empty
+    are left out, as in `Results.to_coco`."""
     model = config.model
     detector = ImageDetector(detect, model.input_size, builder.info.metadata["categories"], 0.0, model.mask_threshold)
     dataset = builder.as_dataset(split="val", shuffle_files=False)
@@ -262,11 +266,13 @@ def _tiled_detections(detect, builder, config, max_images, progress):
             annotation_ids.extend(ids.tolist())
             yield None, image
 
-    detections = []
+    detections = CocoResults()
     results = detector.stream(images(), batch_size=config.eval.batch_size, tile=config.eval.tile,
                               tile_overlap=config.eval.tile_overlap)
     for k, result in enumerate(results):
-        for entry in result.to_coco(image_ids[k], segmentation="rle"):
-            detections.append({key: entry[key] for key in ("image_id", "category_id", "bbox", "score", "segmentation")})
+        entries = result.to_coco(image_ids[k], segmentation="rle")
+        detections.add(image_ids[k], [e["bbox"] for e in entries], [e["score"] for e in entries],
+                       [e["category_id"] for e in entries],
+                       [e["segmentation"]["counts"].encode("ascii") for e in entries], result.size)
         progress.update(1)
     return detections, image_ids, annotation_ids

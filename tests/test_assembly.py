@@ -210,6 +210,37 @@ def test_paste_instances_equals_paste_masks_on_the_image(rng):
 
 
 
+def test_box_mask_rles_equal_pasting_then_encoding(rng):
+    """Evaluation's RLEs come straight from the box masks (the threshold crossings down each
+    column): equal to pasting every pixel and encoding, over random boxes partly outside the
+    image, boxes smaller than the mask (several cells per pixel), zero-height boxes, full-height
+    boxes (runs joining across columns), masks reaching the last pixel, thresholds of 0 and 1
+    and masks of 1, 2 and 16 cells."""
+    import pycocotools.mask as mask_utils
+
+    from centermask_tf.postprocess import box_mask_rles, encode_instances, paste_instances
+
+    checked = 0
+    for trial in range(150):
+        height, width = (int(v) for v in rng.integers(5, 60, 2))
+        n, cells = int(rng.integers(1, 10)), int(rng.choice([1, 2, 16]))
+        box_masks = rng.uniform(0, 1, (n, cells, cells)).astype(np.float32)
+        if trial % 3 == 0:  # flat tops and zeros, as trained masks have
+            box_masks = np.clip(1.5 - rng.uniform(0, 3, (n, cells, cells)), 0, 1).astype(np.float32)
+        ymin, xmin = rng.uniform(-10, height, n), rng.uniform(-10, width, n)
+        boxes = np.stack([ymin, xmin, ymin + rng.uniform(0, 50, n), xmin + rng.uniform(0, 50, n)], -1)
+        if trial % 4 == 0:
+            boxes[0], box_masks[0] = [-3, -2, height + 5, width + 4], 1.0
+        if trial % 5 == 0:
+            boxes[-1] = [0, 3, height, 9] if trial % 10 else [4, 4, 4, 20]
+        threshold = float(rng.choice([0.5, 0.0, 0.3, 1.0]))
+        expected = encode_instances(paste_instances(box_masks, boxes, height, width, threshold), height, width)
+        got = box_mask_rles(box_masks, boxes, height, width, threshold)
+        assert got == expected, trial
+        checked += int((mask_utils.area(got) > 0).sum())
+    assert checked > 300 and box_mask_rles(np.zeros((0, 4, 4)), np.zeros((0, 4)), 9, 9, 0.5) == []
+
+
 def test_encode_instances_equals_pycocotools_on_full_masks(rng):
     """RLE from the crops alone equals pycocotools' encoding of the full-size masks, also for
     empty crops, crops spanning the full height (runs joining across columns) and crops

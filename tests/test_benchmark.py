@@ -83,11 +83,11 @@ def test_scale_benchmark_quick_builds_three_ways_and_splits_evaluation(tmp_path,
     assert all(r["images"] == 50 and r["images_per_s"] > 0 for r in rows if r["kept"]) and rows[0]["kept"]
     assert all(r["peak_rss_mb"] > 100 for r in rows)
     stages = {r["stage"]: r for r in evaluate["rows"]}
-    for stage in ("input", "forward", "decode", "paste", "encode", "ground_truth", "coco_eval pycocotools",
+    for stage in ("input", "forward", "decode", "masks", "ground_truth", "results", "coco_eval pycocotools",
                   "coco_eval faster_coco_eval", "diagnostics (F1, confusion matrix, plots)"):
         assert stages[stage]["seconds"] > 0 and stages[stage]["images"] == 50, stage
     ours = stages["ours (all but forward and COCO eval)"]["seconds"]
-    parts = ("input", "decode", "paste", "encode", "ground_truth")
+    parts = ("input", "decode", "masks", "ground_truth", "results")
     assert ours == pytest.approx(sum(stages[s]["seconds"] for s in parts))
     assert "ms_per_image" in capsys.readouterr().out
     (folder,) = (tmp_path / "cache").glob("coco-val-50-*")

@@ -176,9 +176,9 @@ def scale(config, *, images=5000, cache=SCALE_CACHE, builds=SCALE_BUILDS):
         return {"stage": stage, "images": n, "seconds": spent, "ms_per_image": 1e3 * spent / n, "peak_rss_mb": peak}
 
     # peak_rss_mb: the evaluating process's peak so far when the stage last ended.
-    loop = ["input", "forward", "decode", "paste", "encode"]
-    rows = [row(stage, seconds[stage], peaks[stage]) for stage in loop + ["ground_truth"]]
-    ours = sum(seconds[stage] for stage in loop + ["ground_truth"] if stage != "forward")
+    loop = ["input", "forward", "decode", "masks"]
+    rows = [row(stage, seconds[stage], peaks[stage]) for stage in loop + ["ground_truth", "results"]]
+    ours = sum(seconds[stage] for stage in loop + ["ground_truth", "results"] if stage != "forward")
     rows.append(row("ours (all but forward and COCO eval)", ours, max(peaks[stage] for stage in loop)))
     rows.append(row("coco_eval pycocotools", seconds["coco_eval"], peaks["coco_eval"]))
     rows.append(row("coco_eval faster_coco_eval", faster["seconds"]["coco_eval"], faster["peaks"]["coco_eval"]))
