@@ -8,6 +8,8 @@ or a file needs them, and are the same dicts, value for value, as `postprocess.c
 made (box values rounded to 3 decimals, scores to 5).
 """
 
+import contextlib
+import gc
 import json
 
 import numpy as np
@@ -81,14 +83,20 @@ class CocoResults:
             counts, ends = chunks["counts"][k], np.cumsum(chunks["lengths"][k]).tolist()
             columns = zip(chunks["image_id"][k].tolist(), chunks["category_id"][k].tolist(), chunks["bbox"][k].tolist(),
                           chunks["score"][k].tolist(), chunks["size"][k].tolist(), [0] + ends[:-1], ends)
-            for image_id, category_id, bbox, score, size, start, end in columns:
-                yield {
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": bbox,
-                    "score": score,
-                    "segmentation": {"size": size, "counts": counts[start:end].decode("ascii")},
-                }
+            # Python's cyclic garbage collector paused while a chunk's dicts are made: they form
+            # no cycles, and its passes over a heap of half a million dicts took half the time.
+            with collector_paused():
+                entries = [
+                    {
+                        "image_id": image_id,
+                        "category_id": category_id,
+                        "bbox": bbox,
+                        "score": score,
+                        "segmentation": {"size": size, "counts": counts[start:end].decode("ascii")},
+                    }
+                    for image_id, category_id, bbox, score, size, start, end in columns
+                ]
+            yield from entries
 
     def write_json(self, path):
         """`path` as the JSON list of the dicts (the bytes `json.dumps(list(self))` gives),
@@ -103,3 +111,15 @@ class CocoResults:
                 f.write("]")
 
         return atomic_write(path, write, expected_size=self.nbytes)
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector paused (dicts by the hundred thousand form no cycles)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from centermask_tf import diagnostics
-from centermask_tf.coco_results import CocoResults
+from centermask_tf.coco_results import CocoResults, collector_paused
 from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations
 from centermask_tf.data.pipeline import decode_example, eval_dataset
@@ -109,7 +109,7 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
     """
     coco_class, evaluator_class = _coco_library(backend)
     timer = timer or Stopwatch()
-    with timer("ground_truth"):
+    with timer("ground_truth"), collector_paused():
         full = load_annotations(annotations)
         if annotation_ids is not None:
             kept = set(int(i) for i in annotation_ids)
@@ -121,7 +121,7 @@ def coco_metrics(annotations, detections, image_ids, backend="pycocotools", anno
             ground_truth = coco_class()
             ground_truth.dataset = data
             ground_truth.createIndex()
-    with timer("results"):
+    with timer("results"), collector_paused():
         detections = list(detections)
     metrics, evaluators = {}, {}
     instances = _instances(data, image_ids)
