@@ -130,26 +130,27 @@ def box_mask_rles(box_masks, boxes, height, width, threshold):
     values = by_column.take(cell, 0)
     values *= 1.0 - frac
     values += by_column.take(right, 0) * frac
-    on = values >= threshold
 
-    # A crossing between row cells i and i + 1 of column g, at cell coordinate i + t. A run
+    # Each column's cells padded with "off" at both ends: its changes of state, in order down
+    # the column, are then every start and end of its runs. A change into the top pad's
+    # neighbour starts a run at the box's first row, one into the bottom pad ends it after its
+    # last; one between cells i and i + 1 is a crossing at cell coordinate i + t, and a run
     # starts at the first row at or past a rising crossing and ends at the first row past a
     # falling one (the value there is still at the threshold).
-    flat = on.reshape(-1)
-    change = np.flatnonzero(flat[1:] != flat[:-1])
-    change = change[(change + 1) % cells != 0]  # not from one column's last cell to the next's first
-    g, i = np.divmod(change, cells)
-    low, high = values.reshape(-1)[change].astype(np.float64), values.reshape(-1)[change + 1].astype(np.float64)
-    threshold = float(np.float32(threshold))  # what `values >= threshold` compared with
-    rows = _first_row_past(boxes, box[g], i + (threshold - low) / (high - low), cells, strict=~on[g, i + 1])
-    starts_on, ends_on = np.flatnonzero(on[:, 0]), np.flatnonzero(on[:, -1])
-    event_column = np.concatenate([starts_on, g, ends_on])
-    order = np.argsort(event_column * (cells + 1) + np.concatenate(
-        [np.zeros(len(starts_on), np.int64), i + 1, np.full(len(ends_on), cells)]), kind="stable")
-    event_column = event_column[order]
+    threshold = float(np.float32(threshold))  # what a float32 comparison compares with
+    padded = np.zeros((len(columns), cells + 2), bool)
+    padded[:, 1:-1] = values >= threshold
+    flat = padded.reshape(-1)
+    event_column, j = np.divmod(np.flatnonzero(flat[1:] != flat[:-1]), cells + 2)
     event_box = box[event_column]
-    event_row = np.concatenate([row_lo[box[starts_on]], rows, row_hi[box[ends_on]]])[order]
-    event_row = np.clip(event_row, row_lo[event_box], row_hi[event_box])
+    event_row = np.where(j == 0, row_lo[event_box], row_hi[event_box])
+    inner = np.flatnonzero((j > 0) & (j < cells))
+    at_cell = event_column[inner] * cells + j[inner] - 1
+    low, high = values.reshape(-1)[at_cell].astype(np.float64), values.reshape(-1)[at_cell + 1].astype(np.float64)
+    inner_box = event_box[inner]
+    rows = _first_row_past(boxes, inner_box, j[inner] - 1 + (threshold - low) / (high - low), cells,
+                           strict=high < threshold)
+    event_row[inner] = np.clip(rows, row_lo[inner_box], row_hi[inner_box])
     # Monotone down each column (rounding could swap two crossings a hair apart).
     stride = height + 1
     event_row = np.maximum.accumulate(event_row + event_column * stride) - event_column * stride
