@@ -44,7 +44,10 @@ def test_detect_video_gives_each_frame_what_detect_gives_its_pixels(clip, untrai
     per_frame = list(detector.detect_video(clip, score_threshold=0.05, batch_size=5))
     assert [r.frame for r in per_frame] == list(range(FRAMES))
     frames = [f for _, _, f in read_frames(clip)]
-    for result, still in zip(per_frame, detector.detect(frames, score_threshold=0.05)):
+    # The same batches of 5: a frame at another batch position rounds differently on some CPUs
+    # (8e-6 px on a box corner on an AVX2-only host).
+    stills = [r for k in range(0, FRAMES, 5) for r in detector.detect(frames[k : k + 5], score_threshold=0.05)]
+    for result, still in zip(per_frame, stills, strict=True):
         assert result.path == str(clip) and result.time == pytest.approx(result.frame / 8.0)
         np.testing.assert_array_equal(result.boxes, still.boxes)
         np.testing.assert_array_equal(result.masks, still.masks)
