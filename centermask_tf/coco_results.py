@@ -4,8 +4,8 @@ A list of COCO result dicts costs about 940 bytes of Python objects per detectio
 a list of four floats, a size list and the RLE string); evaluating 5,000 images at 100
 detections each holds half a million of them. Here each detection is its RLE bytes plus 52
 bytes of numbers, in arrays that grow by chunks. The dicts are made only when the COCO library
-or a file needs them, and are the same dicts, value for value, as `postprocess.coco_results`
-made (box values rounded to 3 decimals, scores to 5).
+or a file needs them, and are the same dicts, value for value, as evaluation made one by one
+before (box values rounded to 3 decimals, scores to 5; `tests/test_coco_results.py`).
 """
 
 import contextlib

@@ -114,8 +114,8 @@ def box_mask_rles(box_masks, boxes, height, width, threshold):
     # [row_lo, row_hi), solved per box.
     top, size = boxes[:, 0].astype(np.float64), np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
     row_lo = np.maximum(first[:, 0], np.ceil(top - 0.5).astype(np.int64))  # (row + 0.5 - top) >= 0, exactly
-    last = np.floor(top + size - 0.5).astype(np.int64)  # (row + 0.5 - top) / size <= 1, up to rounding
-    last += ((last + 1.5 - top) / size <= 1.0) * 1 - ((last + 0.5 - top) / size > 1.0)
+    last = np.floor(top + size - 0.5).astype(np.int64)  # _relative(row) <= 1, up to rounding
+    last += (_relative(last + 1, top, size) <= 1.0) * 1 - (_relative(last, top, size) > 1.0)
     row_hi = np.maximum(np.minimum(last + 1, first[:, 0] + spans[:, 0]), row_lo)
 
     # Each inside column's M values down its box, by the same two-tap interpolation.
@@ -149,7 +149,7 @@ def box_mask_rles(box_masks, boxes, height, width, threshold):
     at_cell = event_column[inner] * cells + j[inner] - 1
     low, high = values.reshape(-1)[at_cell].astype(np.float64), values.reshape(-1)[at_cell + 1].astype(np.float64)
     inner_box = event_box[inner]
-    rows = _first_row_past(boxes, inner_box, j[inner] - 1 + (threshold - low) / (high - low), cells,
+    rows = _first_row_past(top[inner_box], size[inner_box], j[inner] - 1 + (threshold - low) / (high - low), cells,
                            strict=high < threshold)
     event_row[inner] = np.clip(rows, row_lo[inner_box], row_hi[inner_box])
     # Monotone down each column (rounding could swap two crossings a hair apart).
@@ -181,21 +181,25 @@ def box_mask_rles(box_masks, boxes, height, width, threshold):
     return mask_utils.frPyObjects(uncompressed, height, width)
 
 
-def _first_row_past(boxes, box, coordinate, cells, strict):
-    """The first image row of `box` whose row coordinate in its cells (`_span_pixels`) is at or
-    past `coordinate` (past it, where `strict`): the row solved from the coordinate's linear
-    formula. Where that lands within 1e-6 of a row, the rounding of `_span_pixels`' own float
-    arithmetic decides, so it is checked there one row either side."""
-    top, size = boxes[:, 0].astype(np.float64), np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
-    rows_per_cell = size / cells
-    solved = coordinate * rows_per_cell[box] + (0.5 * rows_per_cell + top - 0.5)[box]
+def _relative(row, top, size):
+    """A row's centre in its box's height (0 at the top, 1 at the bottom), by `_span_pixels`'
+    float arithmetic."""
+    return (row + 0.5 - top) / size
+
+
+def _first_row_past(top, size, coordinate, cells, strict):
+    """The first image row whose row coordinate in the cells of its box (top `top`, height
+    `size`; `_span_pixels`) is at or past `coordinate` (past it, where `strict`): the row solved
+    from the coordinate's linear formula. Where that lands within 1e-6 of a row, the rounding of
+    `_span_pixels`' own float arithmetic decides, so it is checked there one row either side."""
+    solved = (coordinate + 0.5) * (size / cells) + top - 0.5
     row = np.ceil(solved).astype(np.int64)
     near = np.flatnonzero(np.abs(solved - np.rint(solved)) < 1e-6)
     if len(near):
-        top, size, coordinate, strict = top[box[near]], size[box[near]], coordinate[near], strict[near]
+        top, size, coordinate, strict = top[near], size[near], coordinate[near], strict[near]
 
         def past(r):
-            at = ((r + 0.5 - top) / size) * cells - 0.5
+            at = _relative(r, top, size) * cells - 0.5
             return (at > coordinate) | ((at == coordinate) & ~strict)
 
         row[near] += ~past(row[near]) * 1 - past(row[near] - 1)
