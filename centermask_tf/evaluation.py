@@ -26,7 +26,7 @@ from centermask_tf.config import ConfigError
 from centermask_tf.data.coco import index_coco, load_annotations
 from centermask_tf.data.pipeline import decode_example, eval_dataset
 from centermask_tf.errors import MissingError
-from centermask_tf.files import write_json
+from centermask_tf.files import remove_stale_temporaries, write_json
 from centermask_tf.inference import ImageDetector
 from centermask_tf.postprocess import coco_columns
 from centermask_tf.tiling import check_tiling
@@ -215,6 +215,7 @@ def evaluate_detector(detect, builder, config, output_dir=None, max_images=None,
         plots_dir=os.path.join(output_dir, "plots") if output_dir else None,
     )
     if output_dir:
+        remove_stale_temporaries(output_dir)  # what killed evaluations left (160 MB at COCO scale)
         detections.write_json(os.path.join(output_dir, "detections.json"))
         write_json(os.path.join(output_dir, "metrics.json"), metrics)
     return metrics
