@@ -278,9 +278,11 @@ def test_evaluate_prints_per_category_results_and_predict_score_auto_uses_its_th
     assert f"--score auto: {threshold:.2f}" in capsys.readouterr().out
 
 
-def test_leftovers_of_killed_exports_and_predictions_are_removed_by_the_next_run(workdir, tmp_path, capsys):
-    """A killed export leaves `.tmp-<pid>-<version>/`, a killed predict `.tmp-<pid>-*.png`; the
-    next run into the same folder removes those of dead processes, and keeps a live one's."""
+def test_leftovers_of_killed_exports_predictions_and_evaluations_are_removed_by_the_next_run(
+        workdir, tmp_path, capsys):
+    """A killed export leaves `.tmp-<pid>-<version>/`, a killed predict `.tmp-<pid>-*.png`, a
+    killed evaluate `.tmp-<pid>-detections.json`; the next run into the same folder removes
+    those of dead processes, and keeps a live one's."""
     directory, _ = workdir
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
@@ -297,6 +299,14 @@ def test_leftovers_of_killed_exports_and_predictions_are_removed_by_the_next_run
     (images / "a.png").write_bytes(b"")  # skipped as empty: the run still writes predictions.json
     assert main(["predict", "--workdir", str(directory), "--input", str(images), "--output", str(tmp_path / "out")]) == 0
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp-")]
+
+    evaluation = directory / "eval"
+    evaluation.mkdir(exist_ok=True)
+    (evaluation / f".tmp-{pid}-detections.json").write_text("[{")
+    (evaluation / f".tmp-{os.getppid()}-metrics.json").write_text("{")
+    assert main(["evaluate", "--workdir", str(directory)]) == 0
+    assert [n for n in os.listdir(evaluation) if n.startswith(".tmp-")] == [f".tmp-{os.getppid()}-metrics.json"]
+    (evaluation / f".tmp-{os.getppid()}-metrics.json").unlink()
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
