@@ -98,10 +98,14 @@ class CenterMask(keras.Model):
     # === Training ===
 
     def call(self, images, training=False):
-        return self.network(images, training=training)
+        # In training, the architecture's view whose loss may run a head sparsely (at the
+        # objects' centres); the outputs are the raw network's otherwise.
+        network = self.arch.training_network(self.network) if training else self.network
+        return network(images, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        losses = self.arch.compute_losses(y_pred, y, self.loss_weights)
+        shape_head = self.network.get_layer("shape") if "shape_features" in y_pred else None
+        losses = self.arch.compute_losses(y_pred, y, self.loss_weights, shape_head=shape_head)
         for name, tracker in self.loss_trackers.items():
             tracker.update_state(losses[name])
         # Gradients are summed over replicas, so each replica's loss is divided by their count.

@@ -285,7 +285,8 @@ def test_flip_test_detections_are_exactly_mirror_symmetric(shapes, workdir):
 def test_native_assembly_pastes_the_output_map_masks(shapes, workdir):
     """`model.assembly=native`: each mask is the native (output-map) mask, upsampled to the
     image; pasting the decoder's windows equals pasting the whole output map."""
-    from centermask_tf.arch.centernet.decoder import CenterMaskDecoder, inference_network
+    from centermask_tf.arch.centernet.decoder import CenterMaskDecoder
+    from centermask_tf.arch.centernet.network import inference_network
     from centermask_tf.images import letterbox_image
     from centermask_tf.model.assembly import paste_masks
 

@@ -241,8 +241,8 @@ def test_hourglass104_has_centernets_parameter_count():
 def test_hourglass_intermediate_heads_train_and_are_left_out_of_inference():
     """Both stacks carry the heads in training (their losses summed); decoding, and so every
     export, runs the last stack only."""
-    from centermask_tf.arch.centernet.decoder import inference_network
     from centermask_tf.arch.centernet.losses import compute_losses
+    from centermask_tf.arch.centernet.network import inference_network
     from centermask_tf.config import Config
     from centermask_tf.detector import CenterMask
     from centermask_tf.export.serving import export_tflite_saved_model

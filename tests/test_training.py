@@ -38,6 +38,48 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("config, extra", [
+    (CONFIG, []),
+    (CONFIG, ["model.head_type=separable", "model.saliency=specific"]),
+    (CONFIG, ["model.mask_factors=shape", "train.saliency_weight=0"]),
+    ("configs/shapes_fcos_tiny.yaml", ["model.mask_samples=16", "train.saliency_weight=1.0"]),
+])
+def test_training_runs_the_shape_head_at_the_supervised_locations_with_the_dense_losses_and_gradients(
+        shapes, config, extra):
+    """`fit` runs the architecture's training network (Shape head features, no dense S*S map) and
+    the loss runs the head at the objects' centres (FCOS: its sampled positives): every loss term
+    and every gradient equal the dense network's."""
+    import tensorflow as tf
+
+    from centermask_tf.data.tfds_builder import prepare_dataset
+    from centermask_tf.detector import CenterMask
+    from centermask_tf.training.setup import config_train_dataset
+
+    _, overrides = shapes
+    config = load_config(config, overrides + extra)
+    images, targets = next(iter(config_train_dataset(config, prepare_dataset(config.data))))
+    detector = CenterMask(config)
+    variables = detector.network.trainable_variables
+
+    def losses_and_gradients(outputs_of, shape_head):
+        with tf.GradientTape() as tape:
+            outputs = outputs_of(images)
+            losses = detector.arch.compute_losses(outputs, targets, detector.loss_weights, shape_head=shape_head)
+        return outputs, losses, tape.gradient(losses["total"], variables)
+
+    sparse_outputs, sparse, sparse_gradients = losses_and_gradients(
+        lambda x: detector(x, training=True), detector.network.get_layer("shape"))
+    dense_outputs, dense, dense_gradients = losses_and_gradients(
+        lambda x: detector.network(x, training=True), None)
+    assert "shape" in dense_outputs and "shape" not in sparse_outputs and "shape_features" in sparse_outputs
+    assert float(dense["mask"]) > 0.1
+    for name in dense:
+        np.testing.assert_allclose(sparse[name], dense[name], rtol=1e-5, err_msg=name)
+    for variable, got, expected in zip(variables, sparse_gradients, dense_gradients):
+        scale = float(tf.reduce_max(tf.abs(expected))) + 1e-12
+        np.testing.assert_allclose(got / scale, expected / scale, atol=1e-5, err_msg=variable.path)
+
+
 def test_sgd_steps_with_momentum_and_weight_decay():
     """FCOS's optimiser: the first step is w - lr * (g + wd * w), the second adds 0.9 x the
     first's velocity."""

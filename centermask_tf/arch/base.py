@@ -51,6 +51,9 @@ class Architecture:
             inference network's outputs, it returns detections with the keys every decoder has.
         inference_network: network -> the network decoding runs (same weights), e.g. one whose
             Shape head runs at the peaks only.
+        training_network: network -> the network `fit` runs (same weights), e.g. one whose
+            Shape head the loss runs at the objects' centres only (`compute_losses` then gets
+            the head as `shape_head`).
         validate: raises `ConfigError` for a `ModelConfig` this architecture cannot build.
     """
 
@@ -62,4 +65,5 @@ class Architecture:
     compute_losses: Callable
     decoder: type
     inference_network: Callable = _unchanged
+    training_network: Callable = _unchanged
     validate: Callable = _no_check

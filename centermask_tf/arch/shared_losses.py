@@ -37,6 +37,12 @@ def bce(prob, truth):
     return -(truth * tf.math.log(prob) + (1.0 - truth) * tf.math.log(1.0 - prob))
 
 
+def output_mask_heads(outputs):
+    """The mask heads ("shape", "saliency") whose outputs a network's `outputs` carry, the Shape
+    head's also as its input features (`shape_features`, a training network's)."""
+    return tuple(head for head in ("shape", "saliency") if head in outputs or f"{head}_features" in outputs)
+
+
 def saliency_target(targets, height, width, channels, boxes=None):
     """`[B, H, W, channels]` 0/1 map: the union of the instance masks (one channel per class
     when `channels` > 1): the output-resolution `map_masks` when the targets have them, else

@@ -4,9 +4,9 @@ plus the Local Shape and Global Saliency heads."""
 import functools
 
 from centermask_tf.arch.base import Architecture
-from centermask_tf.arch.centernet.decoder import CenterMaskDecoder, inference_network
+from centermask_tf.arch.centernet.decoder import CenterMaskDecoder
 from centermask_tf.arch.centernet.losses import LOSS_TERMS, compute_losses
-from centermask_tf.arch.centernet.network import OUTPUT_STRIDE, build_network
+from centermask_tf.arch.centernet.network import OUTPUT_STRIDE, build_network, inference_network, training_network
 from centermask_tf.arch.centernet.targets import encode_targets, target_spec
 from centermask_tf.config import ConfigError
 
@@ -37,5 +37,6 @@ ARCH = Architecture(
     compute_losses=compute_losses,
     decoder=CenterMaskDecoder,
     inference_network=inference_network,
+    training_network=training_network,
     validate=validate,
 )

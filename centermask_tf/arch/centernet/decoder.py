@@ -7,7 +7,6 @@ Outputs keep a static K; entries past `num_detections` (score below the threshol
 import keras
 import tensorflow as tf
 
-from centermask_tf.arch.base import once_per_network
 from centermask_tf.arch.centernet.network import OUTPUT_STRIDE
 from centermask_tf.model.assembly import (
     assemble_box_masks,
@@ -23,18 +22,6 @@ from centermask_tf.ops import (
     mean_probability_logits,
     unflatten_index,
 )
-
-
-@once_per_network
-def inference_network(network):
-    """`network` with the Shape head's input features (`shape_features`) in place of its dense
-    `[B, H, W, S*S]` output, sharing every layer and weight."""
-    names = [layer.name for layer in network.layers]
-    outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")
-               if name in names}
-    if "shape" in names:
-        outputs["shape_features"] = network.get_layer("shape").input
-    return keras.Model(network.input, outputs, name=f"{network.name}_inference")
 
 
 def _mirror(maps):

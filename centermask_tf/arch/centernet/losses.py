@@ -10,6 +10,7 @@ from centermask_tf.arch.shared_losses import (
     check_saliency,
     computed_terms,
     loss_weights,
+    output_mask_heads,
     saliency_loss,
     weighted_total,
 )
@@ -50,18 +51,27 @@ def ground_truth_boxes(targets, output_width):
     return tf.concat([centre, targets["size"]], axis=-1)  # [B, M, 4]
 
 
-def mask_loss(outputs, targets, normalizer):
+def mask_loss(outputs, targets, normalizer, shape_head=None):
     """BCE between masks assembled at the ground-truth boxes and the ground-truth masks.
+
+    The Local Shape vectors are the dense Shape map's at the objects' centres, or, when the
+    outputs carry the head's input `shape_features` (`training_network`), `shape_head` run
+    there.
 
     The mask is made of the factors the network has: Local Shape times saliency, or the one of
     them a `mask_factors` shape / saliency network carries. With `map_masks` targets
     (`model.assembly: native`) it is assembled at output-map resolution and compared pixel by
     pixel inside each box; otherwise on the P x P grid of the box-relative `masks`.
     """
+    def at_centres():
+        if "shape_features" in outputs:
+            return shape_head.call_at(outputs["shape_features"], targets["indices"])
+        return gather_at(outputs["shape"], targets["indices"])
+
     shape_vectors, saliency, classes = mask_inputs(
-        outputs, lambda: gather_at(outputs["shape"], targets["indices"]), outputs.get("saliency"), targets["classes"]
+        output_mask_heads(outputs), at_centres, outputs.get("saliency"), targets["classes"]
     )
-    _, height, width, _ = (outputs.get("saliency", outputs.get("shape"))).shape
+    _, height, width, _ = outputs["heatmap"].shape
     boxes = ground_truth_boxes(targets, width)
     if "map_masks" in targets:
         prob = assemble_masks(shape_vectors, boxes, saliency, classes, map_size=(height, width))  # [B, M, H, W]
@@ -75,7 +85,7 @@ def mask_loss(outputs, targets, normalizer):
     return tf.reduce_sum(per_instance * targets["valid"]) / normalizer
 
 
-def compute_losses(outputs, targets, weights=None):
+def compute_losses(outputs, targets, weights=None, shape_head=None):
     """All loss terms and their weighted sum.
 
     Args:
@@ -83,6 +93,8 @@ def compute_losses(outputs, targets, weights=None):
         targets: a batch of `encode_targets` dicts.
         weights: `LOSS_TERMS` -> lambda; missing ones are the config's defaults (the paper's
             1, 1, 0.1, 1, and no saliency supervision).
+        shape_head: the Shape `Head`, for outputs of `training_network` (`shape_features` in
+            place of the dense `shape` map).
 
     Returns:
         {"heatmap", "offset", "size", "mask", ["saliency",] "total"} scalar float32 tensors,
@@ -92,12 +104,12 @@ def compute_losses(outputs, targets, weights=None):
     valid = tf.cast(targets["valid"], tf.float32)
     normalizer = tf.maximum(tf.reduce_sum(valid), 1.0)
     # Stacked networks (hourglass104): every stack's heads are supervised and the losses summed.
-    stacks = [_stack_losses(stack, targets, weights, valid, normalizer)
+    stacks = [_stack_losses(stack, targets, weights, valid, normalizer, shape_head)
               for stack in (outputs, *outputs.get(INTERMEDIATE, ()))]
     return weighted_total({name: tf.add_n([stack[name] for stack in stacks]) for name in stacks[0]}, weights)
 
 
-def _stack_losses(outputs, targets, weights, valid, normalizer):
+def _stack_losses(outputs, targets, weights, valid, normalizer, shape_head):
     """The loss terms of one set of head outputs."""
     offset = gather_at(tf.cast(outputs["offset"], tf.float32), targets["indices"])
     size = gather_at(tf.cast(outputs["size"], tf.float32), targets["indices"])
@@ -105,7 +117,7 @@ def _stack_losses(outputs, targets, weights, valid, normalizer):
         "heatmap": focal_loss(outputs["heatmap"], targets["heatmap"], normalizer),
         "offset": _masked_l1(offset, targets["offset"], valid, normalizer),
         "size": _masked_l1(size, targets["size"], valid, normalizer),
-        "mask": mask_loss(outputs, targets, normalizer),
+        "mask": mask_loss(outputs, targets, normalizer, shape_head),
     }
     if "saliency" in computed_terms(LOSS_TERMS, weights):
         check_saliency(outputs)

@@ -2,6 +2,7 @@
 
 import keras
 
+from centermask_tf.arch.base import once_per_network
 from centermask_tf.model.backbones import build_backbone
 from centermask_tf.model.heads import HEAD_NAMES, build_heads
 
@@ -50,3 +51,23 @@ def build_network(config) -> keras.Model:
     outputs = heads(features[-1])
     outputs[INTERMEDIATE] = [heads(stack, f"stack{i}_") for i, stack in enumerate(features[:-1])]
     return keras.Model(images, outputs, name=f"centermask_{config.backbone}")
+
+
+@once_per_network
+def inference_network(network):
+    """`network` with the Shape head's input features (`shape_features`) in place of its dense
+    `[B, H, W, S*S]` output, sharing every layer and weight."""
+    names = [layer.name for layer in network.layers]
+    outputs = {name: network.get_layer(name).output for name in ("heatmap", "offset", "size", "saliency")
+               if name in names}
+    if "shape" in names:
+        outputs["shape_features"] = network.get_layer("shape").input
+    return keras.Model(network.input, outputs, name=f"{network.name}_inference")
+
+
+def training_network(network):
+    """The network `fit` runs: `inference_network`'s view, whose Shape head the mask loss runs at
+    the objects' centres only (`Head.call_at`): the loss reads the S*S channels nowhere else, so
+    losses and gradients are the dense head's, without its `[B, H, W, S*S]` map. Stacked
+    networks (hourglass104) keep their dense heads: each stack's loss would need its own head."""
+    return network if INTERMEDIATE in network.output else inference_network(network)

@@ -4,9 +4,9 @@ tower and the Global Saliency at stride 4 (the paper's Table 5 variant)."""
 import functools
 
 from centermask_tf.arch.base import Architecture
-from centermask_tf.arch.fcos.decoder import FcosDecoder, inference_network
+from centermask_tf.arch.fcos.decoder import FcosDecoder
 from centermask_tf.arch.fcos.losses import LOSS_TERMS, compute_fcos_losses
-from centermask_tf.arch.fcos.network import build_fcos_model
+from centermask_tf.arch.fcos.network import build_fcos_model, inference_network, training_network
 from centermask_tf.arch.fcos.targets import encode_fcos_targets, fcos_target_spec
 from centermask_tf.config import ConfigError
 from centermask_tf.model.backbones import PYRAMID_BACKBONES
@@ -44,5 +44,6 @@ ARCH = Architecture(
     compute_losses=compute_fcos_losses,
     decoder=FcosDecoder,
     inference_network=inference_network,
+    training_network=training_network,
     validate=validate,
 )

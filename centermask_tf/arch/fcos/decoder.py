@@ -19,8 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from centermask_tf.arch.base import once_per_network
-from centermask_tf.arch.fcos.network import FCOS_STRIDES, SALIENCY_STRIDE
+from centermask_tf.arch.fcos.network import SALIENCY_STRIDE, shape_at_locations
 from centermask_tf.arch.fcos.targets import fcos_locations, level_sides
 from centermask_tf.model.assembly import (
     assemble_box_masks,
@@ -29,33 +28,6 @@ from centermask_tf.model.assembly import (
 )
 from centermask_tf.model.heads import mask_heads
 from centermask_tf.ops import corners_to_centre, mean_probability_logits
-
-
-@once_per_network
-def inference_network(network):
-    """`network` with the Shape conv's input, the box tower's features over all levels
-    (`shape_features [B, L, C]`), in place of its dense `[B, L, S*S]` Shape output, sharing every
-    layer and weight; a network without a Shape head is returned as it is."""
-    if "shape" not in network.output:
-        return network
-    levels = []
-    for stride in FCOS_STRIDES:
-        # The Shape conv is shared by the levels, so its `input` is only the first level's:
-        # each level's is the input of the call that made that level's flattened output.
-        operation, node_index, _ = network.get_layer(f"shape_flat{stride}").input._keras_history
-        (features,) = operation._inbound_nodes[node_index].input_tensors
-        levels.append(keras.layers.Reshape((-1, features.shape[-1]), name=f"shape_features{stride}")(features))
-    outputs = {name: value for name, value in network.output.items() if name != "shape"}
-    outputs["shape_features"] = keras.layers.Concatenate(axis=1, name="shape_features")(levels)
-    return keras.Model(network.input, outputs, name=f"{network.name}_inference")
-
-
-def shape_at_locations(shape_conv, features, locations):
-    """The 1x1 Shape conv at a few locations only: `[B, L, C]` features and `[B, K]` location
-    indices -> `[B, K, S*S]` float32 logits, equal to the dense output gathered there."""
-    picked = tf.cast(tf.gather(features, locations, batch_dims=1), tf.float32)
-    kernel = tf.cast(shape_conv.kernel, tf.float32)[0, 0]  # [C, S*S]
-    return tf.matmul(picked, kernel) + tf.cast(shape_conv.bias, tf.float32)
 
 
 def sparse_shape(shape_conv, features, mirrored_features=None, input_size=None):

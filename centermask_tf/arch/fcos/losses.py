@@ -4,12 +4,13 @@ GIoU box loss, the mask BCE at sampled positive locations, and the optional sali
 
 import tensorflow as tf
 
-from centermask_tf.arch.fcos.network import SALIENCY_STRIDE
+from centermask_tf.arch.fcos.network import SALIENCY_STRIDE, shape_at_locations
 from centermask_tf.arch.shared_losses import (
     bce,
     check_saliency,
     computed_terms,
     loss_weights,
+    output_mask_heads,
     saliency_loss,
     weighted_total,
 )
@@ -47,16 +48,22 @@ def sigmoid_focal_loss(logits, labels):
     return tf.reduce_sum(alpha * tf.pow(1.0 - p_true, FOCAL_GAMMA) * cross_entropy)
 
 
-def _fcos_mask_loss(outputs, targets, boxes):
+def _fcos_mask_loss(outputs, targets, boxes, shape_head):
     """BCE of masks assembled at the sampled positive locations (their own Shape vector, their
     object's box and saliency crop) against the objects' box-relative masks, averaged over the
-    samples. `boxes`: `[B, M, 4]` (cy, cx, h, w) in saliency-map pixels."""
+    samples. `boxes`: `[B, M, 4]` (cy, cx, h, w) in saliency-map pixels. The Shape vectors are
+    the dense output's at the samples, or `shape_head` run there on `shape_features`
+    (`training_network`)."""
     slots = targets["sample_slots"]
     sample_boxes = tf.gather(boxes, slots, batch_dims=1)
     truth = tf.cast(tf.gather(targets["masks"], slots, batch_dims=1), tf.float32)  # [B, Q, P, P]
+    def at_samples():
+        if "shape_features" in outputs:
+            return shape_at_locations(shape_head, outputs["shape_features"], targets["sample_locations"])
+        return tf.gather(outputs["shape"], targets["sample_locations"], batch_dims=1)
+
     shape_vectors, saliency, classes = mask_inputs(
-        outputs, lambda: tf.gather(outputs["shape"], targets["sample_locations"], batch_dims=1),
-        outputs.get("saliency"), tf.gather(targets["classes"], slots, batch_dims=1),
+        output_mask_heads(outputs), at_samples, outputs.get("saliency"), tf.gather(targets["classes"], slots, batch_dims=1)
     )
     prob = assemble_box_masks(shape_vectors, sample_boxes, saliency, truth.shape[-1], classes)
     per_sample = tf.reduce_mean(bce(prob, truth), axis=[2, 3])
@@ -64,7 +71,7 @@ def _fcos_mask_loss(outputs, targets, boxes):
     return tf.reduce_sum(per_sample * valid) / tf.maximum(tf.reduce_sum(valid), 1.0)
 
 
-def compute_fcos_losses(outputs, targets, weights=None):
+def compute_fcos_losses(outputs, targets, weights=None, shape_head=None):
     """CenterMask-FCOS's loss terms and their weighted sum.
 
     - classification: sigmoid focal loss over every location and class, per positive;
@@ -77,6 +84,8 @@ def compute_fcos_losses(outputs, targets, weights=None):
         targets: a batch of `encode_fcos_targets` dicts.
         weights: `LOSS_TERMS` -> weight; missing ones are the config's defaults (FCOS's equal
             weights for its three terms).
+        shape_head: the 1x1 Shape conv, for outputs of `training_network` (`shape_features` in
+            place of the dense `shape` output).
     """
     weights = {**loss_weights(LOSS_TERMS), **(weights or {})}
     positive = tf.cast(targets["labels"] >= 0, tf.float32)  # [B, L]
@@ -89,7 +98,7 @@ def compute_fcos_losses(outputs, targets, weights=None):
         "classification": sigmoid_focal_loss(outputs["classification"], targets["labels"]) / positives,
         "centerness": tf.reduce_sum(centerness_bce * positive) / positives,
         "box": tf.reduce_sum(giou * centerness * positive) / tf.maximum(tf.reduce_sum(centerness * positive), 1e-6),
-        "mask": _fcos_mask_loss(outputs, targets, corners_to_centre(corners)),
+        "mask": _fcos_mask_loss(outputs, targets, corners_to_centre(corners), shape_head),
     }
     if "saliency" in computed_terms(LOSS_TERMS, weights):
         check_saliency(outputs)

@@ -24,7 +24,9 @@ Outputs are flattened over the levels, level by level and row-major within a lev
 import math
 
 import keras
+import tensorflow as tf
 
+from centermask_tf.arch.base import once_per_network
 from centermask_tf.arch.fcos.targets import FCOS_STRIDES
 from centermask_tf.model.backbones import build_pyramid_backbone
 from centermask_tf.model.heads import Head, mask_heads
@@ -150,3 +152,37 @@ def build_fcos_model(config) -> keras.Model:
             upsampled = keras.layers.UpSampling2D(2, interpolation="bilinear", name="saliency_up")(levels[0])
             outputs["saliency"] = saliency_head(upsampled)
     return keras.Model(images, outputs, name=f"centermask_fcos_{config.backbone}")
+
+
+@once_per_network
+def inference_network(network):
+    """`network` with the Shape conv's input, the box tower's features over all levels
+    (`shape_features [B, L, C]`), in place of its dense `[B, L, S*S]` Shape output, sharing every
+    layer and weight; a network without a Shape head is returned as it is."""
+    if "shape" not in network.output:
+        return network
+    levels = []
+    for stride in FCOS_STRIDES:
+        # The Shape conv is shared by the levels, so its `input` is only the first level's:
+        # each level's is the input of the call that made that level's flattened output.
+        operation, node_index, _ = network.get_layer(f"shape_flat{stride}").input._keras_history
+        (features,) = operation._inbound_nodes[node_index].input_tensors
+        levels.append(keras.layers.Reshape((-1, features.shape[-1]), name=f"shape_features{stride}")(features))
+    outputs = {name: value for name, value in network.output.items() if name != "shape"}
+    outputs["shape_features"] = keras.layers.Concatenate(axis=1, name="shape_features")(levels)
+    return keras.Model(network.input, outputs, name=f"{network.name}_inference")
+
+
+def shape_at_locations(shape_conv, features, locations):
+    """The 1x1 Shape conv at a few locations only: `[B, L, C]` features and `[B, K]` location
+    indices -> `[B, K, S*S]` float32 logits, equal to the dense output gathered there."""
+    picked = tf.cast(tf.gather(features, locations, batch_dims=1), tf.float32)
+    kernel = tf.cast(shape_conv.kernel, tf.float32)[0, 0]  # [C, S*S]
+    return tf.matmul(picked, kernel) + tf.cast(shape_conv.bias, tf.float32)
+
+
+def training_network(network):
+    """The network `fit` runs: `inference_network`'s view, whose Shape conv the mask loss runs at
+    the sampled positive locations only (`shape_at_locations`): the loss reads its S*S channels
+    nowhere else, so losses and gradients are the dense conv's, without its `[B, L, S*S]` output."""
+    return inference_network(network)
