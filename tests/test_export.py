@@ -20,13 +20,13 @@ from centermask_tf.data.tfds_builder import prepare_dataset
 from centermask_tf.detector import CenterMask
 from centermask_tf.export.tflite import non_builtin_ops, run_tflite
 from centermask_tf.images import letterbox_image, load_image
+from centermask_tf.tiling import tile_windows
 from centermask_tf.training.setup import config_train_dataset
 from centermask_tf.workdir import save_run_files
 
 # The plain decoding (the flip test is one of the parametrised export options below).
-# size_weight 0.1: with shapes_tiny's 0.3 the briefly trained network had a 0.178 detection that
-# the SavedModel's tiled results lacked (test_exported_artifacts_...): a near-tie of the uint8
-# rounding, not analysed further; these tests check exports, so their network stays as it was.
+# size_weight 0.1: the briefly trained network the fp16/int8 tolerances below were set on (it was
+# lowered from 0.3 for a near-tie at the top-K cut, which test_exported_artifacts_... now avoids).
 TINY = ["model.width_multiplier=0.125", "model.input_size=64", "model.head_conv=8",
         "model.shape_size=8", "model.mask_size=8", "model.max_detections=20", "eval.flip_test=false",
         "train.size_weight=0.1"]
@@ -145,22 +145,28 @@ def test_exported_artifacts_return_the_results_of_the_keras_detector(workdir, sa
     mask pixels near the threshold)."""
     from centermask_tf.export.runtime import load_exported
 
-    root, _, detector = workdir
+    root, config, detector = workdir
     tflite = tmp_path / "model.tflite"
     assert main(["export", "--workdir", str(root), "--format", "tflite", "--output", str(tflite)]) == 0
     big = np.concatenate([np.concatenate([image] * 3, axis=1)] * 2)  # 100 x 210: 3 x 2 tiles of 70
+    # The threshold clears every canvas's K-th score: where the network's top-K cuts, two
+    # near-tied detections may swap between Keras and an export (as at the threshold, which the
+    # matching below allows for), and the dropped one has no counterpart.
+    views = [image, big] + [big[t : t + h, l : l + w] for t, l, h, w in tile_windows(*big.shape[:2], 70)]
+    canvases = tf.stack([letterbox_image(tf.constant(v), config.model.input_size)[0] for v in views])
+    threshold = float(detector.detect_canvases(canvases)["scores"][:, -1].numpy().max()) + 0.01
     for artifact in (saved_model, tflite):
         exported = load_exported(artifact, root)
         for kwargs in ({}, {"tile": 70}):
-            for want, got in zip(detector.detect([image, big], score_threshold=0.15, **kwargs),
-                                 exported.detect([image, big], score_threshold=0.15, **kwargs)):
+            for want, got in zip(detector.detect([image, big], score_threshold=threshold, **kwargs),
+                                 exported.detect([image, big], score_threshold=threshold, **kwargs)):
                 assert len(want) > 0 and abs(len(got) - len(want)) <= 1  # one may cross the threshold
                 free = set(range(len(got)))
                 for i in range(len(want)):  # near-tied scores may swap places: match by box and class
                     close = [j for j in free if got.class_ids[j] == want.class_ids[i]
                              and np.abs(got.boxes[j] - want.boxes[i]).max() <= 0.5]
                     if not close:
-                        assert want.scores[i] < 0.15 + 3e-3, i  # the one that crossed the threshold
+                        assert want.scores[i] < threshold + 3e-3, i  # the one that crossed the threshold
                         continue
                     j = min(close, key=lambda j: abs(got.scores[j] - want.scores[i]))
                     free.remove(j)
