@@ -57,14 +57,15 @@ def _fcos_mask_loss(outputs, targets, boxes, shape_head):
     slots = targets["sample_slots"]
     sample_boxes = tf.gather(boxes, slots, batch_dims=1)
     truth = tf.cast(tf.gather(targets["masks"], slots, batch_dims=1), tf.float32)  # [B, Q, P, P]
+
     def at_samples():
         if "shape_features" in outputs:
             return shape_at_locations(shape_head, outputs["shape_features"], targets["sample_locations"])
         return tf.gather(outputs["shape"], targets["sample_locations"], batch_dims=1)
 
-    shape_vectors, saliency, classes = mask_inputs(
-        output_mask_heads(outputs), at_samples, outputs.get("saliency"), tf.gather(targets["classes"], slots, batch_dims=1)
-    )
+    classes = tf.gather(targets["classes"], slots, batch_dims=1)
+    heads = output_mask_heads(outputs)
+    shape_vectors, saliency, classes = mask_inputs(heads, at_samples, outputs.get("saliency"), classes)
     prob = assemble_box_masks(shape_vectors, sample_boxes, saliency, truth.shape[-1], classes)
     per_sample = tf.reduce_mean(bce(prob, truth), axis=[2, 3])
     valid = targets["sample_valid"]
