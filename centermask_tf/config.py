@@ -369,10 +369,13 @@ class ExportConfig:
     Attributes:
         quantize: default TFLite quantisation: "none", "fp16" or "int8".
         representative_images: training images used to calibrate int8.
+        float_score_heads: int8 keeps the heads that score detections (CenterNet's heatmap,
+            FCOS's classification and centerness) float32; false quantises them too.
     """
 
     quantize: str = _choice("none", ("none", "fp16", "int8"))
     representative_images: int = _bounded(100, low=1)
+    float_score_heads: bool = True
 
 
 @dataclass

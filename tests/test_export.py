@@ -3,6 +3,7 @@ import http.server
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -237,22 +238,30 @@ def test_tflite_builtins_only_matches_keras(workdir, tmp_path, quantize, min_iou
     assert mask_iou(got["detection_masks"][0, order], ref["masks"][0, :n]) >= min_iou
 
 
-def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path):
-    """int8: uint8 input, convolutions quantised, post-processing float, mean mask IoU >= 0.80
-    over the top detections of the 10 validation images."""
+@pytest.mark.parametrize("float_scores", [True, False])
+def test_tflite_int8_is_full_integer_and_close_to_keras(workdir, tmp_path, float_scores):
+    """int8: uint8 input, the network's convolutions quantised but (`export.float_score_heads`,
+    default true) those of the heads that score detections, post-processing float, mean mask
+    IoU >= 0.80 over the top detections of the 10 validation images."""
     root, config, detector = workdir
     path = tmp_path / "model_int8.tflite"
-    args = ["export", "--workdir", str(root), "--format", "tflite", "--quantize", "int8", "--output", str(path)]
+    args = ["export", "--workdir", str(root), "--format", "tflite", "--quantize", "int8", "--output", str(path),
+            "--set", f"export.float_score_heads={str(float_scores).lower()}"]
     assert main(args) == 0
     content = path.read_bytes()
     assert non_builtin_ops(content) == set()
     interpreter = Interpreter(model_content=content)
     assert interpreter.get_signature_runner().get_input_details()["image"]["dtype"] == np.uint8
-    input_types = {}
+    tensors = interpreter.get_tensor_details()
+    score_head = re.compile(rf"/({'|'.join(detector.arch.score_heads)})(_\d+)?/")
+    input_types, conv_types = {}, {True: set(), False: set()}
     for op in interpreter._get_ops_details():
-        dtype = interpreter.get_tensor_details()[op["inputs"][0]]["dtype"]
-        input_types.setdefault(op["op_name"], set()).add(np.dtype(dtype).name)
-    assert input_types["CONV_2D"] == {"int8"}  # the network is integer
+        dtype = np.dtype(tensors[op["inputs"][0]]["dtype"]).name
+        input_types.setdefault(op["op_name"], set()).add(dtype)
+        if op["op_name"] == "CONV_2D":
+            conv_types[bool(score_head.search(tensors[op["outputs"][0]]["name"]))].add(dtype)
+    assert conv_types[False] == {"int8"}  # the network is integer
+    assert conv_types[True] == {"float32" if float_scores else "int8"}
     # Post-processing stays float32: peaks (FCOS: candidates and NMS), box coordinates and mask
     # assembly (CenterNet: its Shape head at the peaks, a FULLY_CONNECTED).
     last = "NON_MAX_SUPPRESSION_V4" if config.model.type == "fcos" else "FULLY_CONNECTED"

@@ -49,6 +49,8 @@ class Architecture:
         compute_losses: `(outputs, targets, weights)` -> `{term: loss, ..., "total": sum}`.
         decoder: a Keras layer class with `from_model_config(model_config)`; called on the
             inference network's outputs, it returns detections with the keys every decoder has.
+        score_heads: names of the network layers whose outputs make the detections' scores
+            (int8 exports keep them float32, `export.float_score_heads`).
         inference_network: network -> the network decoding runs (same weights), e.g. one whose
             Shape head runs at the peaks only.
         training_network: network -> the network `fit` runs (same weights), e.g. one whose
@@ -64,6 +66,7 @@ class Architecture:
     target_spec: Callable
     compute_losses: Callable
     decoder: type
+    score_heads: tuple[str, ...]
     inference_network: Callable = _unchanged
     training_network: Callable = _unchanged
     validate: Callable = _no_check

@@ -42,7 +42,8 @@ def config_calibration(config):
     return representative_dataset(prepare_dataset(config.data), config.model.input_size, count)
 
 
-def saved_model_to_tflite(saved_model_dir, quantize="none", representative_dataset=None, int8_scope=None):
+def saved_model_to_tflite(saved_model_dir, quantize="none", representative_dataset=None, int8_scope=None,
+                          float_layers=()):
     """Converts a SavedModel to a TFLite flatbuffer using builtin ops only (no Flex, no custom).
 
     Args:
@@ -52,6 +53,8 @@ def saved_model_to_tflite(saved_model_dir, quantize="none", representative_datas
         representative_dataset: callable yielding lists of input arrays, for "int8".
         int8_scope: for "int8", quantise only the ops under this name scope (the network, see
             `serving.network_scope`) and keep the rest float32; None quantises every op.
+        float_layers: with `int8_scope`, names of network layers (e.g. heads) whose ops stay
+            float32 as well.
     """
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -65,7 +68,7 @@ def saved_model_to_tflite(saved_model_dir, quantize="none", representative_datas
         converter.representative_dataset = representative_dataset
         converter.inference_input_type = tf.uint8
         if int8_scope is not None:
-            return _quantize_scope(converter, representative_dataset, int8_scope)
+            return _quantize_scope(converter, representative_dataset, int8_scope, float_layers)
     elif quantize != "none":
         raise ValueError(f"quantize must be none, fp16 or int8; got {quantize!r}.")
     return converter.convert()
@@ -77,8 +80,8 @@ def saved_model_to_tflite(saved_model_dir, quantize="none", representative_datas
 _GROUP_NORM = re.compile(r"(_gn|group_normalization)(_\d+)?/")
 
 
-def _quantize_scope(converter, representative_dataset, scope):
-    """int8 for the ops under `scope`, float32 for the others.
+def _quantize_scope(converter, representative_dataset, scope, float_layers=()):
+    """int8 for the ops under `scope` (but those of `float_layers`), float32 for the others.
 
     Post-processing quantised to int8 costs accuracy and time: box coordinates and peak
     indices in 256 levels, and integer kernels for small gathers and matmuls that XNNPACK does
@@ -91,12 +94,14 @@ def _quantize_scope(converter, representative_dataset, scope):
         converter=converter, debug_dataset=representative_dataset
     )
     inside = re.compile(rf"^{re.escape(scope)}(_\d+)?/")
+    layers = "|".join(re.escape(name) for name in float_layers)
+    stay_float = re.compile(_GROUP_NORM.pattern + (rf"|/({layers})(_\d+)?/" if layers else ""))
     interpreter = Interpreter(model_content=debugger.calibrated_model)
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     outside, inside_types, outside_types = set(), set(), set()
     for op in interpreter._get_ops_details():
         outputs = [names[i] for i in op["outputs"]]
-        if all(inside.match(name) and not _GROUP_NORM.search(name) for name in outputs):
+        if all(inside.match(name) and not stay_float.search(name) for name in outputs):
             inside_types.add(op["op_name"])
         else:
             outside.update(outputs)
@@ -168,6 +173,15 @@ def as_uint8(images):
     return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
 
 
+def float_layers(detector):
+    """The network layers an int8 export keeps float32: the architecture's score heads, unless
+    `export.float_score_heads` is false. The scores rank detections for AP and the top-K cut;
+    in 256 levels they tie and reorder (the edge config on the shapes set lost 0.025 segm AP
+    int8 with its heatmap head quantised, none with it float, at no measured speed cost:
+    docs/experiments.md)."""
+    return detector.arch.score_heads if detector.config.export.float_score_heads else ()
+
+
 def export_tflite(detector, output, quantize="none", calibration=None):
     """Writes `detector` to the file `output` (atomically) as a TFLite model of builtin ops only
     that carries the detector's categories; returns its size in bytes.
@@ -179,7 +193,7 @@ def export_tflite(detector, output, quantize="none", calibration=None):
     remove_stale_temporaries(os.path.dirname(os.path.abspath(output)))  # what killed exports left
     with tempfile.TemporaryDirectory() as tmp:
         source = export_tflite_saved_model(detector, tmp)
-        content = saved_model_to_tflite(source, quantize, calibration, network_scope(detector))
+        content = saved_model_to_tflite(source, quantize, calibration, network_scope(detector), float_layers(detector))
     extra = non_builtin_ops(content)
     if extra:
         raise RuntimeError(f"TFLite model contains non-builtin ops {sorted(extra)}.")

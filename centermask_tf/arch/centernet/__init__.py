@@ -36,6 +36,7 @@ ARCH = Architecture(
     target_spec=lambda config: target_spec(**_target_arguments(config)),
     compute_losses=compute_losses,
     decoder=CenterMaskDecoder,
+    score_heads=("heatmap",),
     inference_network=inference_network,
     training_network=training_network,
     validate=validate,

@@ -43,6 +43,7 @@ ARCH = Architecture(
     target_spec=lambda config: fcos_target_spec(**_target_arguments(config)),
     compute_losses=compute_fcos_losses,
     decoder=FcosDecoder,
+    score_heads=("classification", "centerness"),
     inference_network=inference_network,
     training_network=training_network,
     validate=validate,
