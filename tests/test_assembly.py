@@ -131,15 +131,17 @@ def test_k_at_once_equals_k_single_runs(case, mode):
         np.testing.assert_allclose(together[:, k : k + 1], single, atol=1e-6, rtol=0)
 
 
-def test_class_specific_saliency_uses_each_instance_channel(case, rng):
+@pytest.mark.parametrize("mode", ["full", "box"])
+def test_class_specific_saliency_uses_each_instance_channel(case, rng, mode):
     shape, boxes, _ = case
     saliency = rng.normal(0, 2, (B, H, W, 3)).astype(np.float32)
     classes = rng.integers(0, 3, (B, K)).astype(np.int32)
-    masks = assemble_masks(shape, boxes, saliency, classes).numpy()
+    layer = MaskAssembly(mode=mode, mask_size=M)
+    masks = layer(shape, boxes, saliency, classes).numpy()
     for b in range(B):
         for k in range(K):
             channel = saliency[b : b + 1, :, :, classes[b, k] : classes[b, k] + 1]
-            single = assemble_masks(shape[b : b + 1, k : k + 1], boxes[b : b + 1, k : k + 1], channel)
+            single = layer(shape[b : b + 1, k : k + 1], boxes[b : b + 1, k : k + 1], channel)
             np.testing.assert_allclose(masks[b, k], single.numpy()[0, 0], atol=1e-6, rtol=0)
 
 
