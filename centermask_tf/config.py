@@ -292,6 +292,11 @@ class TrainConfig:
         freeze_backbone_epochs: the backbone's own layers (not the neck) are not trained in the
             first N epochs, their BatchNorm in inference mode; then every layer trains. 0
             (default): nothing is frozen.
+        intra_op_threads: threads one TensorFlow op may use in the training process; null
+            (default): TensorFlow's choice, every core. 1 lets ops of a small network run side
+            by side, one core each, instead of splitting each small op over all cores: the
+            demo network's step ran 15-30% faster so on 2 cores (BENCHMARKS.md). Takes effect
+            only before TensorFlow starts in the process (the CLI sets it first thing).
     """
 
     batch_size: int = _bounded(16, low=1)
@@ -317,6 +322,7 @@ class TrainConfig:
     seed: int = _bounded(0, low=0)
     init_from: Optional[str] = None
     freeze_backbone_epochs: int = _bounded(0, low=0)
+    intra_op_threads: Optional[int] = _bounded(None, low=1)
 
     def validate(self):
         if self.freeze_backbone_epochs > self.epochs:

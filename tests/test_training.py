@@ -113,8 +113,27 @@ def test_mirrored_over_two_logical_cpus_trains_with_falling_loss(shapes, tmp_pat
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "training on 2 replica(s)" in run.stderr
+    assert "1 thread(s) per op" in run.stderr  # train.intra_op_threads of the config
     losses = [epoch["loss"] for epoch in history_of(run.stdout)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_intra_op_threads_apply_before_tensorflow_starts_and_warn_after():
+    """`train.intra_op_threads` sets TensorFlow's threads per op when nothing ran yet; once TF
+    runs, the same number is accepted and another one is refused with a warning naming the field."""
+    script = (
+        "import logging, tensorflow as tf\n"
+        "from centermask_tf.training.strategies import set_op_threads\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "first = set_op_threads(1)\n"
+        "tf.constant(1.0) + 1.0\n"
+        "print('RESULT', first, tf.config.threading.get_intra_op_parallelism_threads(), set_op_threads(1),"
+        " set_op_threads(None), set_op_threads(2), tf.config.threading.get_intra_op_parallelism_threads())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("RESULT ")[1].split() == ["True", "1", "True", "True", "False", "1"]
+    assert "train.intra_op_threads=2 not applied" in run.stderr and "with 1 threads per op" in run.stderr
 
 
 def run_workers(overrides, workdir, count=2):

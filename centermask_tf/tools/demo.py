@@ -18,6 +18,7 @@ from centermask_tf.files import write_json
 from centermask_tf.images import image_files
 from centermask_tf.predict import predict_files
 from centermask_tf.tools.ablation import ablate
+from centermask_tf.training.strategies import set_op_threads
 from centermask_tf.training.train import train
 from centermask_tf.workdir import EXPORTS_RECORD, Workdir, weights_path
 
@@ -27,11 +28,6 @@ TFLITE = os.path.join("saved_models", "shapes_tiny.tflite")
 
 def demo(config_path, workdir, data, overrides=(), overwrite=False):
     start = time.time()
-    if not os.path.exists(os.path.join(data, "annotations", "instances_val.json")):  # written last
-        print(f"[1/6] writing the synthetic shapes set to {data}")
-        make_shapes(data, train=600, val=100, seed=0)
-    else:
-        print(f"[1/6] using the shapes set in {data}")
     config = load_config(config_path, [
         f"data.train.annotations={data}/annotations/instances_train.json",
         f"data.train.images={data}/train",
@@ -39,6 +35,12 @@ def demo(config_path, workdir, data, overrides=(), overwrite=False):
         f"data.val.images={data}/val",
         *overrides,
     ])
+    set_op_threads(config.train.intra_op_threads)  # before writing the set starts TensorFlow
+    if not os.path.exists(os.path.join(data, "annotations", "instances_val.json")):  # written last
+        print(f"[1/6] writing the synthetic shapes set to {data}")
+        make_shapes(data, train=600, val=100, seed=0)
+    else:
+        print(f"[1/6] using the shapes set in {data}")
     reuse = not overwrite and Workdir(workdir).finished(config)
     if reuse:
         print(f"[2/6] {workdir} holds a finished run of {config.train.epochs} epochs: using it "

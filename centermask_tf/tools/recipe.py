@@ -30,6 +30,7 @@ from centermask_tf.detector import CenterMask
 from centermask_tf.errors import UserError
 from centermask_tf.evaluation import evaluate_detector
 from centermask_tf.files import write_json, write_text
+from centermask_tf.training.strategies import set_op_threads
 from centermask_tf.training.train import train
 from centermask_tf.workdir import Workdir
 
@@ -117,6 +118,7 @@ def recipe(config, workdir, sets=tuple(SETS), seeds=SEEDS, data_root="work/recip
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise UserError(f"recipe: unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}.")
+    set_op_threads(config.train.intra_op_threads)  # before generating a set starts TensorFlow
     for name in sets:
         folder = make_set(data_root, name, images)
         for seed in seeds:

@@ -81,7 +81,9 @@ def prepare(config, workdir, strategy):
             "the file has none); training would learn nothing. Check the annotation file."
         )
     steps_per_epoch = config.train.steps_per_epoch or num_train // batch
-    logger.info("training on %d replica(s), %d steps per epoch", strategy.num_replicas_in_sync, steps_per_epoch)
+    threads = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TensorFlow's default
+    logger.info("training on %d replica(s), %d steps per epoch, %s per op", strategy.num_replicas_in_sync,
+                steps_per_epoch, f"{threads} thread(s)" if threads else "every core")
     save_run_files(config, workdir, categories)
     return builder, categories, steps_per_epoch
 

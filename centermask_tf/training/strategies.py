@@ -1,6 +1,7 @@
 """`tf.distribute` strategies by name, and the checks `TF_CONFIG` gets before TF reads it."""
 
 import json
+import logging
 import os
 import re
 
@@ -8,8 +9,27 @@ import tensorflow as tf
 
 from centermask_tf.errors import UserError
 
+logger = logging.getLogger(__name__)
+
 STRATEGIES = ("mirrored", "one_device", "multi_worker")
 
+
+def set_op_threads(threads):
+    """Lets each TensorFlow op use `threads` threads (`train.intra_op_threads`; None keeps
+    TensorFlow's default). TensorFlow fixes the number when it starts: in a process where it
+    already runs with another number, this warns and changes nothing. Returns whether the
+    process now runs with `threads`."""
+    if threads is None:
+        return True
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        current = tf.config.threading.get_intra_op_parallelism_threads() or "its default (every core)"
+        logger.warning("train.intra_op_threads=%d not applied: TensorFlow already runs in this process "
+                       "with %s threads per op; it applies when set before any TensorFlow work, as "
+                       "the centermask commands do.", threads, current)
+        return False
+    return True
 
 
 def make_strategy(name="mirrored"):

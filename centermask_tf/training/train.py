@@ -24,7 +24,7 @@ from centermask_tf.training.setup import (
     prepare,
     set_backbone_trainable,
 )
-from centermask_tf.training.strategies import make_strategy
+from centermask_tf.training.strategies import make_strategy, set_op_threads
 from centermask_tf.workdir import Workdir
 
 
@@ -39,6 +39,7 @@ def train(config, workdir, strategy_name="mirrored", extra_callbacks=(), overwri
         The list of per-epoch logs of the epochs run by this call.
     """
     architecture(config.model)  # a config its architecture cannot build fails before any data work
+    set_op_threads(config.train.intra_op_threads)  # before make_strategy starts TensorFlow
     strategy = make_strategy(strategy_name)
     if strategy_name == "multi_worker":
         return train_multi_worker(config, workdir, strategy, overwrite)
