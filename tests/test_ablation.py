@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from centermask_tf.cli import main
+from centermask_tf.tools import ablation
+from centermask_tf.tools.ablation import METRICS, ablate
 from tests.helpers import train_args
 
 MODES = ("shape", "saliency", "both")
@@ -49,6 +51,18 @@ def test_ablate_decodes_one_model_three_ways(shapes, trained, capsys):
     assert len(masks["both"]) > 0 and len({json.dumps(m) for m in masks.values()}) == 3  # masks do
     grid = Image.open(folder / "ablation.png")
     assert grid.size == (3 * 256, 18 + 2 * 256)
+
+
+def test_ablate_takes_an_evaluation_it_is_given_as_it_is(trained, monkeypatch):
+    """The demo's own evaluation of `both` is not repeated: only the two single factors run."""
+    outputs, evaluate = [], ablation.evaluate_detector
+    monkeypatch.setattr(ablation, "evaluate_detector", lambda *a: outputs.append(a[3]) or evaluate(*a))
+    given = {"segm": dict.fromkeys(METRICS, 0.5), "bbox": dict.fromkeys(METRICS, 0.25)}
+    metrics = ablate(str(trained), images=1, evaluated={"both": given})
+    assert [output.split("/")[-1] for output in outputs] == ["shape", "saliency"]
+    assert metrics["both"] == given
+    assert json.loads((trained / "ablate" / "ablation.json").read_text())["metrics"]["both"] == given
+    assert "| both (CenterMask) | 0.500 | 0.500 |" in (trained / "ablate" / "ablation.md").read_text()
 
 
 def test_ablate_refuses_a_single_factor_model_and_a_stray_config(shapes, tmp_path, capsys):

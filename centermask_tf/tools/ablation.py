@@ -73,7 +73,7 @@ def inference_detectors(workdir, overrides, folder):
     }
 
 
-def ablate(workdir, config=None, train_models=False, overrides=(), images=4):
+def ablate(workdir, config=None, train_models=False, overrides=(), images=4, evaluated=None):
     """Runs the experiment (see the module docstring) and writes its files.
 
     Args:
@@ -83,6 +83,9 @@ def ablate(workdir, config=None, train_models=False, overrides=(), images=4):
         train_models: train one model per mode instead of decoding one model three ways.
         overrides: "key=value" settings for the workdir's config (without `train_models`).
         images: validation images in the grid.
+        evaluated: `{mode: metrics}` of modes already evaluated with the same settings (the
+            demo's own evaluation of `both`): taken as they are, not evaluated again, and no
+            `<mode>/` files are written for them.
 
     Returns:
         `{mode: {"bbox": {...}, "segm": {...}}}`.
@@ -98,6 +101,9 @@ def ablate(workdir, config=None, train_models=False, overrides=(), images=4):
     builder = prepare_dataset(data)
     metrics = {}
     for mode, (detector, output) in detectors.items():
+        if evaluated and mode in evaluated:
+            metrics[mode] = evaluated[mode]
+            continue
         print(f"evaluating {TITLES[mode]}")
         metrics[mode] = evaluate_detector(detector.detect_canvases, builder, detector.config, output,
                                           detector.config.eval.max_images)

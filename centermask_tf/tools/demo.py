@@ -58,7 +58,7 @@ def demo(config_path, workdir, data, overrides=(), overwrite=False):
     print(f"[4/6] overlays of 8 validation images in {overlays}")
     predict_files(detector.image_detector(), image_files(config.data.val.images)[:8], overlays, score_threshold=0.3)
     print("[5/6] mask AP with the Local Shape only, the Global Saliency only, and both")
-    ablation = ablate(workdir)
+    ablation = ablate(workdir, evaluated={"both": metrics})  # [3/6] evaluated "both" already
     print("[6/6] exporting SavedModel and TFLite")
     # Versions are immutable for TF Serving: this run's model is the version it recorded when
     # it exported, else the next one (another run may have exported since).
