@@ -15,6 +15,7 @@ metrics.json) and, when matplotlib is installed (the `plots` extra), draws into 
 Matching is greedy, the highest score first, as COCOeval matches; crowd regions are left out.
 """
 
+import functools
 import logging
 import os
 
@@ -99,6 +100,12 @@ def confusion_matrix(coco, detections, threshold):
     return counts
 
 
+@functools.cache
+def _no_matplotlib_notice():
+    """Said once per process: the demo evaluates three times."""
+    logger.warning("no plots: they need matplotlib (.venv/bin/pip install -e '.[plots]')")
+
+
 def write(data, detections, image_ids, evaluators, plots_dir):
     """The score threshold of the best segm F1 (None without detections) and, with
     matplotlib, the plots of the module docstring in `plots_dir`. The ground truth is
@@ -113,7 +120,7 @@ def write(data, detections, image_ids, evaluators, plots_dir):
     try:
         import matplotlib
     except ImportError:
-        logger.warning("no plots: they need matplotlib (.venv/bin/pip install -e '.[plots]')")
+        _no_matplotlib_notice()
         return best
     matplotlib.use("Agg")  # files only: no display here or on a server
     from matplotlib import pyplot
