@@ -295,7 +295,7 @@ class TrainConfig:
         intra_op_threads: threads one TensorFlow op may use in the training process; null
             (default): TensorFlow's choice, every core. 1 lets ops of a small network run side
             by side, one core each, instead of splitting each small op over all cores: the
-            demo network's step ran 15-30% faster so on 2 cores (BENCHMARKS.md). Takes effect
+            demo network's step ran 1.1-1.5x faster so on 2 cores (BENCHMARKS.md). Takes effect
             only before TensorFlow starts in the process (the CLI sets it first thing).
     """
 
