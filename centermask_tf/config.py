@@ -296,7 +296,8 @@ class TrainConfig:
             (default): TensorFlow's choice, every core. 1 lets ops of a small network run side
             by side, one core each, instead of splitting each small op over all cores: the
             demo network's step ran 1.1-1.5x faster so on 2 cores (BENCHMARKS.md). Takes effect
-            only before TensorFlow starts in the process (the CLI sets it first thing).
+            only before TensorFlow starts in the process: `train`, `demo` and `recipe` set it
+            before any TensorFlow work.
     """
 
     batch_size: int = _bounded(16, low=1)
